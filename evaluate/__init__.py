@@ -1,0 +1,1 @@
+"""boxrefine evaluate stage."""

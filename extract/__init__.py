@@ -1,0 +1,1 @@
+"""boxrefine extract stage."""

@@ -1,0 +1,43 @@
+"""``boxrefine extract``: run the HQ-SAM image encoder once per image into the feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from shared.cli_common import config_option, fail, load_cli_config, set_option
+
+app = typer.Typer(help="Encode images once with HQ-SAM into the Zarr feature store.")
+
+
+@app.callback(invoke_without_command=True)
+def extract(
+    config: Path = config_option(),
+    split: list[str] = typer.Option(None, "--split", help="Split(s) to extract (default: all). Repeatable."),
+    shard: str = typer.Option(None, "--shard", help="Process rows i, i+n, ... ('i/n'); torchrun sets it."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Images per encoder batch."),
+    num_workers: int = typer.Option(None, "--num-workers", min=0, help="DataLoader decode workers."),
+    store: str = typer.Option(None, "--store", help="Store path or fsspec URL (store.path)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="HQ-SAM checkpoint file (model.checkpoint)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    strict: bool = typer.Option(None, "--strict/--no-strict", help="Make bad images fatal."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and rebuild it."),
+    set_: list[str] = set_option(),
+) -> None:
+    """Extract features for every image of the configured splits (incremental, crash-safe)."""
+    cfg = load_cli_config(config, set_, {
+        "extract.splits": split or None, "extract.shard": shard, "extract.batch_size": batch_size,
+        "extract.num_workers": num_workers, "store.path": store,
+        "model.checkpoint": str(checkpoint) if checkpoint else None, "model.device": device,
+        "extract.strict": strict, "extract.overwrite": overwrite or None,
+    })
+    from extract.run import ExtractError, run_extract
+    from shared.records import DataError
+    from shared.sam import CheckpointError
+    from shared.store import StoreError
+
+    try:
+        run_extract(cfg)
+    except (ExtractError, StoreError, DataError, CheckpointError, ValueError) as e:
+        fail(str(e))

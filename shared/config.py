@@ -1,0 +1,209 @@
+"""Typed configuration for ``pipeline.yaml``.
+
+One pydantic model per YAML section; unknown keys are rejected; every error is collected and
+reported with its dotted YAML key (``extract.batch_size: Input should be ...``). Stages receive a
+:class:`PipelineConfig`, never raw YAML.
+
+Relative paths in the file are resolved against the directory holding the YAML file, so a config
+works from any working directory. A store path that is a URL (``s3://...``) is left as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate. ``errors`` holds (yaml_key, message)."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {key}: {msg}" for key, msg in errors)
+        super().__init__(f"{source}: {len(errors)} config error(s):\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """One data split: an image folder and its COCO instances JSON (+ optional detections)."""
+
+    images: Path
+    annotations: Path
+    detections: Path | None = None
+
+
+class DataConfig(_Section):
+    splits: dict[str, SplitConfig] = Field(min_length=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _names(cls, v: dict[str, SplitConfig]) -> dict[str, SplitConfig]:
+        bad = [k for k in v if not _SPLIT_NAME.match(k)]
+        if bad:
+            raise ValueError(f"split names must match [A-Za-z0-9_-]+, got {bad}")
+        return v
+
+
+class ModelConfig(_Section):
+    type: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"] = "vit_tiny"
+    checkpoint: Path | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", v):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class StoreConfig(_Section):
+    path: str
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    clevel: int = Field(3, ge=0, le=9)
+    gt_mask_size: int = Field(256, ge=16, le=1024)
+
+
+class ExtractConfig(_Section):
+    splits: list[str] | None = None
+    batch_size: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=0)
+    write_threads: int = Field(2, ge=1)
+    encoder_precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    shard: str | None = None
+    strict: bool = False
+    overwrite: bool = False
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_shard(v)
+        return v
+
+
+class PipelineConfig(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    store: StoreConfig
+    extract: ExtractConfig = ExtractConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> PipelineConfig:
+        if self.extract.splits is not None:
+            unknown = [s for s in self.extract.splits if s not in self.data.splits]
+            if unknown:
+                raise ValueError(f"extract.splits names unknown split(s) {unknown}; "
+                                 f"data.splits has {sorted(self.data.splits)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able data (saved beside every output)."""
+        return self.model_dump(mode="json")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
+    m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", text)
+    if not m:
+        raise ValueError(f"shard must look like 'i/n', got {text!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError("--set", [(item, "expected KEY=VALUE, e.g. extract.batch_size=4")])
+    key, _, value = item.partition("=")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    for split in cfg.data.splits.values():
+        split.images = fix(split.images)
+        split.annotations = fix(split.annotations)
+        split.detections = fix(split.detections)
+    cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    if not is_url(cfg.store.path):
+        raw = cfg.store.path.removeprefix("file://")
+        cfg.store.path = str(fix(Path(raw)))
+    return cfg
+
+
+def _key_of(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def validate_config(raw: Any, source: str, base: Path) -> PipelineConfig:
+    """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("<root>", "the file must hold a mapping of sections")])
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        errors = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            errors.append((_key_of(err["loc"]), msg))
+        raise ConfigError(source, errors) from None
+    return _resolve_paths(cfg, base)
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read ``path`` with ``yaml.safe_load``, apply dotted ``overrides`` (CLI flags), validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), [("<file>", f"cannot read: {e.strerror or e}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        pos = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(str(path), [("<yaml>", f"not valid YAML{pos}: {getattr(e, 'problem', e)}")]) from None
+    raw = raw if raw is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None and isinstance(raw, dict):
+            _set_dotted(raw, key, value)
+    return validate_config(raw, str(path), path.resolve().parent)

@@ -1,0 +1,56 @@
+"""Image decoding for the extract stage (the only stage that opens image files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+def source_fingerprint(path: Path) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of an image file: cheap change detection without hashing."""
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes to H×W×3 uint8 RGB, as HQ-SAM expects.
+
+    EXIF orientation is applied (the annotation frame is the displayed image); 16-bit images are
+    scaled to 8 bits (÷257); grayscale is replicated to three channels; alpha is dropped.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if arr is None:
+        raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)")
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"{name}: unsupported pixel type {arr.dtype} (need 8- or 16-bit integers)")
+    if arr.ndim == 2:
+        arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+    elif arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    elif arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    else:
+        raise ImageError(f"{name}: unsupported channel count {arr.shape[2]}")
+    return np.ascontiguousarray(arr)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Read an image file to H×W×3 uint8 RGB; :class:`ImageError` names the file and the reason."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    return decode_rgb(data, path)

@@ -1,0 +1,374 @@
+"""The feature store: a self-describing, crash-safe Zarr v3 group (local path or fsspec URL).
+
+Layout::
+
+    <root>                      attrs: boxrefine{schema, tool_version}, identity{...}, codec, config
+      <split>/                  attrs: annotations{path, sha256}, images_root, max_instances
+        keys           (N,)       int64   image_key(file_name) of each row
+        image_ids      (N,)       int64   COCO image id of each row
+        rows           (N, 9)     int64   per-row record, chunk (1, 9) — see ROW_FIELDS; written LAST
+        image_embeddings  (N, 256, 64, 64)  storage dtype, one chunk per row
+        interm_embeddings (N, 64, 64, C)    storage dtype, one chunk per row (C = 160/768/1024/1280)
+        gt_masks       (N, K, S, S) uint8   GT instance masks in SAM's low-res frame (S = gt_mask_size)
+        gt_boxes       (N, K, 4)  float32   GT boxes, xyxy, original pixels (NaN padding)
+        gt_info        (N, K, 3)  int64     [annotation id, category id, iscrowd] (-1 padding)
+        bad_images/shard-<i>-of-<n>   attrs: {key: {"file", "reason"}} per extract shard
+
+Protocol (DESIGN.md invariants 3–5): a writer first clears a row's record (state EMPTY) if it had
+one, then writes the row's chunks, then writes its record with state COMPLETE. Each key is written
+atomically (zarr's LocalStore writes a temp file and renames; object stores PUT whole objects), each
+row lives in its own chunks, so a reader that trusts only COMPLETE records never sees a torn row,
+and processes working on disjoint rows never touch the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from shared import __version__
+from shared.config import StoreConfig, is_url
+from shared.records import ImageRecord
+
+SCHEMA_VERSION = 1
+ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
+              "n_instances")
+F = {name: i for i, name in enumerate(ROW_FIELDS)}
+STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
+STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale"}
+FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
+GT_ARRAYS = ("gt_masks", "gt_boxes", "gt_info")
+_INDEX_CHUNK = 1 << 16
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message names the store and the problem."""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Everything that decides the *values* in a store. Two configs with different identities must
+    never write to, or read from, the same store."""
+
+    model_type: str
+    checkpoint: str  # "sha256:<hex>" or "random-init:seed=<n>"
+    img_size: int
+    pixel_mean: tuple[float, ...]
+    pixel_std: tuple[float, ...]
+    dtype: str
+    encoder_precision: str
+    gt_mask_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pixel_mean"], d["pixel_std"] = list(self.pixel_mean), list(self.pixel_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreIdentity:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["pixel_mean"], d["pixel_std"] = tuple(d["pixel_mean"]), tuple(d["pixel_std"])
+        return cls(**d)
+
+    def differences(self, other: StoreIdentity) -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: store has {a[k]!r}, config gives {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdentity) -> None:
+    diffs = store_id.differences(wanted)
+    if diffs:
+        raise StoreError(f"{store_path}: store was made with a different model/checkpoint/preprocessing: "
+                         + "; ".join(diffs)
+                         + ". Use another store path, or --overwrite to rebuild this one.")
+
+
+def _compressors(codec: str, clevel: int, typesize: int) -> Any:
+    if codec == "none":
+        return None
+    shuffle = BloscShuffle.shuffle if typesize > 1 else BloscShuffle.bitshuffle
+    return BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle, typesize=typesize)
+
+
+def storage_numpy_dtype(dtype: str) -> np.dtype:
+    # numpy has no bfloat16: its bits are stored as uint16 and reinterpreted on read.
+    return np.dtype({"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype])
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast a float tensor to the storage dtype (on its device) and return a CPU numpy array."""
+    if dtype == "bfloat16":
+        t = t.to(torch.bfloat16).view(torch.int16)
+        return t.cpu().numpy().view(np.uint16)
+    t = t.to(torch.float16 if dtype == "float16" else torch.float32)
+    return t.cpu().numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`to_storage`: numpy chunk → torch tensor in float16/bfloat16/float32."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _open_group(path: str, mode: str) -> zarr.Group:
+    kwargs: dict[str, Any] = {"zarr_format": 3}
+    try:
+        return zarr.open_group(path, mode=mode, **kwargs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
+
+
+class SplitStore:
+    """One split of a store. Methods document the row protocol; arrays are opened lazily."""
+
+    def __init__(self, group: zarr.Group, name: str, dtype: str, store_path: str):
+        self.group, self.name, self.dtype, self.store_path = group, name, dtype, store_path
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.array("keys").shape[0])
+
+    @property
+    def max_instances(self) -> int:
+        return int(self.array("gt_info").shape[1])
+
+    def keys(self) -> np.ndarray:
+        return self.array("keys")[:]
+
+    def image_ids(self) -> np.ndarray:
+        return self.array("image_ids")[:]
+
+    def read_rows(self) -> np.ndarray:
+        """All per-row records, N×len(ROW_FIELDS) int64 (one small chunk per row)."""
+        if self.n_rows == 0:
+            return np.zeros((0, len(ROW_FIELDS)), np.int64)
+        return self.array("rows")[:]
+
+    def complete_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.read_rows()[:, F["state"]] == STATE_COMPLETE)
+
+    # ---- writing (extract only) -------------------------------------------------------------
+    def clear_row(self, i: int) -> None:
+        """Step 1 of rewriting a row: readers stop trusting it before any chunk changes."""
+        self.array("rows")[i] = np.zeros(len(ROW_FIELDS), np.int64)
+
+    def write_features(self, i: int, image_embeddings: np.ndarray, interm_embeddings: np.ndarray) -> None:
+        self.array("image_embeddings")[i] = image_embeddings
+        self.array("interm_embeddings")[i] = interm_embeddings
+
+    def write_gt(self, i: int, masks: np.ndarray, boxes: np.ndarray, info: np.ndarray) -> None:
+        """masks k×S×S uint8, boxes k×4 xyxy, info k×3 — padded here to the split's K."""
+        k_max, k = self.max_instances, len(boxes)
+        if k > k_max:
+            raise StoreError(f"{self.store_path}/{self.name}: row {i} has {k} instances, layout holds {k_max}")
+        s = self.array("gt_masks").shape[-1]
+        pm = np.zeros((k_max, s, s), np.uint8)
+        pb = np.full((k_max, 4), np.nan, np.float32)
+        pi = np.full((k_max, 3), -1, np.int64)
+        pm[:k], pb[:k], pi[:k] = masks, boxes, info
+        self.array("gt_masks")[i] = pm
+        self.array("gt_boxes")[i] = pb
+        self.array("gt_info")[i] = pi
+
+    def commit_row(self, i: int, record: dict[str, int]) -> None:
+        """Last step: the row's record, with its state, becomes visible in one atomic write."""
+        row = np.zeros(len(ROW_FIELDS), np.int64)
+        for k, v in record.items():
+            row[F[k]] = int(v)
+        self.array("rows")[i] = row
+
+    # ---- reading ----------------------------------------------------------------------------
+    def read_features(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings 256×64×64 and interm_embeddings 64×64×C in the storage dtype."""
+        emb = from_storage(self.array("image_embeddings")[i], self.dtype)
+        interm = from_storage(self.array("interm_embeddings")[i], self.dtype)
+        return emb, interm
+
+    def read_gt(self, i: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``n`` instances of row ``i``: masks n×S×S, boxes n×4 (xyxy px), info n×3."""
+        return (self.array("gt_masks")[i, :n], self.array("gt_boxes")[i, :n], self.array("gt_info")[i, :n])
+
+    def bad_images(self) -> dict[int, dict[str, str]]:
+        """Bad-image reports from every extract shard, for rows still marked bad."""
+        try:
+            grp = self.group["bad_images"]
+        except KeyError:
+            return {}
+        reports: dict[int, dict[str, str]] = {}
+        for _, sub in sorted(grp.groups()):
+            for k, v in sub.attrs.asdict().items():
+                reports[int(k)] = v
+        if not reports:
+            return {}
+        rows, keys = self.read_rows(), self.keys()
+        bad_keys = set(keys[rows[:, F["state"]] == STATE_BAD].tolist())
+        return {k: v for k, v in reports.items() if k in bad_keys}
+
+    def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
+        grp = self.group.require_group("bad_images")
+        sub = grp.require_group(shard)
+        sub.attrs.put({str(k): v for k, v in sorted(reports.items())})
+
+
+class FeatureStore:
+    """A feature store opened for reading (``mode='r'``) or extraction (``mode='a'``)."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path, self.group = path, group
+        attrs = group.attrs.asdict()
+        meta = attrs.get("boxrefine")
+        if not isinstance(meta, dict) or "identity" not in attrs:
+            raise StoreError(f"{path}: not a boxrefine feature store (no 'boxrefine' attributes)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {meta.get('schema_version')} but this boxrefine "
+                             f"reads schema {SCHEMA_VERSION}; re-run extract with --overwrite")
+        self.attrs = attrs
+        self.identity = StoreIdentity.from_dict(attrs["identity"])
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> FeatureStore:
+        return cls(path, _open_group(path, mode))
+
+    @classmethod
+    def open_or_create(cls, cfg: StoreConfig, identity: StoreIdentity, checkpoint: dict[str, Any],
+                       config: dict[str, Any], overwrite: bool = False) -> FeatureStore:
+        """Open the configured store for writing, creating it if absent. Refuses (StoreError) a store
+        whose identity differs from ``identity``, naming both."""
+        path = cfg.path
+        if overwrite:
+            group = zarr.open_group(path, mode="w", zarr_format=3)
+        else:
+            group = zarr.open_group(path, mode="a", zarr_format=3)
+        attrs = group.attrs.asdict()
+        if "boxrefine" in attrs:
+            store = cls(path, group)
+            check_identity(path, store.identity, identity)
+            return store
+        if any(True for _ in group.members()):
+            raise StoreError(f"{path}: a Zarr group with content but no boxrefine attributes; refusing to "
+                             "write into it")
+        group.attrs.put({
+            "boxrefine": {"schema_version": SCHEMA_VERSION, "tool_version": __version__},
+            "identity": identity.to_dict(),
+            "checkpoint": checkpoint,
+            "storage": {"dtype": cfg.dtype, "numpy_dtype": str(storage_numpy_dtype(cfg.dtype)),
+                        "codec": cfg.codec, "clevel": cfg.clevel},
+            "config": config,
+        })
+        return cls(path, group)
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(name for name, _ in self.group.groups())
+
+    def split(self, name: str) -> SplitStore:
+        try:
+            grp = self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: no split {name!r} in the store (has {self.splits})") from None
+        return SplitStore(grp, name, self.identity.dtype, self.path)
+
+    def layout_split(self, name: str, records: Iterable[ImageRecord], annotations: dict[str, str],
+                     images_root: str, interm_channels: int) -> SplitStore:
+        """Create or extend a split's arrays so every record has a row; rows of images no longer in
+        the annotations are marked STALE. Idempotent: concurrent shards computing the same layout
+        write identical metadata."""
+        records = list(records)
+        storage = self.attrs["storage"]
+        dt = storage_numpy_dtype(storage["dtype"])
+        comp = _compressors(storage["codec"], storage["clevel"], dt.itemsize)
+        comp_i64 = _compressors(storage["codec"], storage["clevel"], 8)
+        comp_mask = _compressors(storage["codec"], storage["clevel"], 1)
+        s = self.identity.gt_mask_size
+        k_needed = max([len(r.instances) for r in records] + [1])
+        grp = self.group.require_group(name)
+        if name not in [n for n, _ in self.group.groups()]:
+            raise StoreError(f"{self.path}: cannot create split group {name!r}")
+
+        def require(arr_name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
+                    fill: Any, compressors: Any) -> zarr.Array:
+            try:
+                return grp.create_array(arr_name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                                        compressors=compressors, overwrite=False)
+            except (ContainsArrayError, ContainsGroupError, FileExistsError):
+                return grp[arr_name]
+
+        existing = grp["keys"][:] if "keys" in grp else np.zeros(0, np.int64)
+        known = {int(k): i for i, k in enumerate(existing.tolist())}
+        new = [r for r in records if r.key not in known]
+        n_old, n = len(existing), len(existing) + len(new)
+        k_old = int(grp["gt_info"].shape[1]) if "gt_info" in grp else 0
+        k_max = max(k_old, k_needed)
+
+        specs = {
+            "keys": ((n,), (_INDEX_CHUNK,), np.int64, 0, comp_i64),
+            "image_ids": ((n,), (_INDEX_CHUNK,), np.int64, -1, comp_i64),
+            "rows": ((n, len(ROW_FIELDS)), (1, len(ROW_FIELDS)), np.int64, 0, None),
+            "image_embeddings": ((n, 256, 64, 64), (1, 256, 64, 64), dt, 0, comp),
+            "interm_embeddings": ((n, 64, 64, interm_channels), (1, 64, 64, interm_channels), dt, 0, comp),
+            "gt_masks": ((n, k_max, s, s), (1, k_max, s, s), np.uint8, 0, comp_mask),
+            "gt_boxes": ((n, k_max, 4), (1, k_max, 4), np.float32, np.nan, None),
+            "gt_info": ((n, k_max, 3), (1, k_max, 3), np.int64, -1, None),
+        }
+        for arr_name, (shape, chunks, dtype, fill, compressors) in specs.items():
+            arr = require(arr_name, shape, chunks, dtype, fill, compressors)
+            if arr_name == "interm_embeddings" and arr.shape[-1] != interm_channels:
+                raise StoreError(f"{self.path}/{name}: interm_embeddings has {arr.shape[-1]} channels, "
+                                 f"model gives {interm_channels}")
+            if tuple(arr.shape) != shape:
+                arr.resize(shape)
+        if new:
+            grp["keys"][n_old:n] = np.array([r.key for r in new], np.int64)
+            grp["image_ids"][n_old:n] = np.array([r.image_id for r in new], np.int64)
+        # ids of existing rows may change with a new annotation file
+        wanted = {r.key: r.image_id for r in records}
+        ids = grp["image_ids"][:]
+        keys = grp["keys"][:]
+        new_ids = np.array([wanted.get(int(k), -1) for k in keys], np.int64)
+        if not np.array_equal(ids, new_ids):
+            grp["image_ids"][:] = new_ids
+        rows = grp["rows"][:] if n else np.zeros((0, len(ROW_FIELDS)), np.int64)
+        for i, k in enumerate(keys.tolist()):
+            if k not in wanted and rows[i, F["state"]] != STATE_STALE:
+                grp["rows"][i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
+        grp.attrs.update({"annotations": annotations, "images_root": images_root, "max_instances": k_max})
+        return SplitStore(grp, name, self.identity.dtype, self.path)
+
+    def bytes_on_disk(self) -> int | None:
+        """Total size of the store's objects (None where the filesystem cannot say)."""
+        try:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.path)
+            return int(fs.du(root, total=True))
+        except Exception:  # advisory figure only
+            return None
+
+
+def open_store(path: str) -> FeatureStore:
+    """Open a store read-only (train/evaluate/info)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FeatureStore.open(path, "r")
+
+
+__all__ = ["FeatureStore", "SplitStore", "StoreIdentity", "StoreError", "open_store", "is_url", "ROW_FIELDS",
+           "STATE_EMPTY", "STATE_COMPLETE", "STATE_BAD", "STATE_STALE", "check_identity", "to_storage",
+           "from_storage"]

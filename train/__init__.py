@@ -1,0 +1,1 @@
+"""boxrefine train stage."""
