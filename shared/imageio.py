@@ -27,6 +27,10 @@ def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
     """
     if not data:
         raise ImageError(f"{name}: empty file")
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
+        # libjpeg decodes a truncated JPEG to a grey-filled image with only a warning; refuse it.
+        # (0xFF in entropy-coded data is stuffed as FF00, so FFD9 near the end is the EOI marker.)
+        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker)")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if arr is None:
         raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)")

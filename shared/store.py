@@ -24,6 +24,8 @@ and processes working on disjoint rows never touch the same object.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -127,6 +129,10 @@ def _open_group(path: str, mode: str) -> zarr.Group:
         return zarr.open_group(path, mode=mode, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
+
+
+def _keys_digest(keys: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()
 
 
 class SplitStore:
@@ -262,6 +268,12 @@ class FeatureStore:
             check_identity(path, store.identity, identity)
             return store
         if any(True for _ in group.members()):
+            time.sleep(0.5)  # another extract process may be creating this store right now
+            group = zarr.open_group(path, mode="a", zarr_format=3)
+            if "boxrefine" in group.attrs.asdict():
+                store = cls(path, group)
+                check_identity(path, store.identity, identity)
+                return store
             raise StoreError(f"{path}: a Zarr group with content but no boxrefine attributes; refusing to "
                              "write into it")
         group.attrs.put({
@@ -310,12 +322,22 @@ class FeatureStore:
             except (ContainsArrayError, ContainsGroupError, FileExistsError):
                 return grp[arr_name]
 
-        existing = grp["keys"][:] if "keys" in grp else np.zeros(0, np.int64)
+        # Only a *published* layout counts: arrays another shard is creating right now may still hold
+        # fill values. From the published layout and the records, every process computes the same
+        # new layout (new images appended in file-name order), so concurrent writes are identical.
+        published = grp.attrs.get("layout")
+        if published and "keys" in grp:
+            existing = grp["keys"][: int(published["n_rows"])]
+            if _keys_digest(existing) != published["keys_sha256"]:
+                raise StoreError(f"{self.path}/{name}: row keys do not match the published layout; "
+                                 "the store was changed by something else — rebuild it with --overwrite")
+        else:
+            existing = np.zeros(0, np.int64)
         known = {int(k): i for i, k in enumerate(existing.tolist())}
         new = [r for r in records if r.key not in known]
         n_old, n = len(existing), len(existing) + len(new)
-        k_old = int(grp["gt_info"].shape[1]) if "gt_info" in grp else 0
-        k_max = max(k_old, k_needed)
+        k_old = int(grp["gt_info"].shape[1]) if (published and "gt_info" in grp) else 0
+        k_max = max(k_old, k_needed, int(published.get("max_instances", 0)) if published else 0)
 
         specs = {
             "keys": ((n,), (_INDEX_CHUNK,), np.int64, 0, comp_i64),
@@ -334,21 +356,20 @@ class FeatureStore:
                                  f"model gives {interm_channels}")
             if tuple(arr.shape) != shape:
                 arr.resize(shape)
+        keys = np.concatenate([existing, np.array([r.key for r in new], np.int64)])
         if new:
-            grp["keys"][n_old:n] = np.array([r.key for r in new], np.int64)
-            grp["image_ids"][n_old:n] = np.array([r.image_id for r in new], np.int64)
-        # ids of existing rows may change with a new annotation file
+            grp["keys"][n_old:n] = keys[n_old:]
+        # image ids of existing rows may change with a new annotation file
         wanted = {r.key: r.image_id for r in records}
-        ids = grp["image_ids"][:]
-        keys = grp["keys"][:]
-        new_ids = np.array([wanted.get(int(k), -1) for k in keys], np.int64)
-        if not np.array_equal(ids, new_ids):
+        new_ids = np.array([wanted.get(int(k), -1) for k in keys.tolist()], np.int64)
+        if n and not np.array_equal(grp["image_ids"][:], new_ids):
             grp["image_ids"][:] = new_ids
-        rows = grp["rows"][:] if n else np.zeros((0, len(ROW_FIELDS)), np.int64)
-        for i, k in enumerate(keys.tolist()):
-            if k not in wanted and rows[i, F["state"]] != STATE_STALE:
-                grp["rows"][i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
-        grp.attrs.update({"annotations": annotations, "images_root": images_root, "max_instances": k_max})
+        rows_arr = grp["rows"]
+        for i in (i for i, k in enumerate(keys.tolist()) if k not in wanted):
+            if rows_arr[i][F["state"]] != STATE_STALE:  # image left the annotations: never served again
+                rows_arr[i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
+        grp.attrs.update({"annotations": annotations, "images_root": images_root, "max_instances": k_max,
+                          "layout": {"n_rows": n, "keys_sha256": _keys_digest(keys), "max_instances": k_max}})
         return SplitStore(grp, name, self.identity.dtype, self.path)
 
     def bytes_on_disk(self) -> int | None:

@@ -1,0 +1,63 @@
+# boxrefine — `make help` lists the targets. The first target that needs Python creates .venv and
+# installs the pinned dependencies (requirements.txt) plus this project in editable mode.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= pipeline.yaml
+DEMO    ?= data/demo
+FAST    ?=
+ARGS    ?=
+STAMP   := $(VENV)/.installed
+
+TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo-data extract train evaluate demo test test-fast bench lint clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv with the pinned dependencies (automatic for every other target)
+
+demo-data: $(STAMP) ## Generate the synthetic demo dataset in data/demo
+	$(BIN)/boxrefine demo-data --out $(DEMO) $(ARGS)
+
+extract: $(STAMP) ## Encode images once into the feature store (boxrefine extract)
+	@test -f $(DEMO)/annotations/instances_train.json || test "$(CONFIG)" != "pipeline.yaml" || \
+		$(BIN)/boxrefine demo-data --out $(DEMO)
+	$(BIN)/boxrefine extract --config $(CONFIG) $(ARGS)
+
+train: $(STAMP) ## Train the refiner from the store (FAST=1 applies the fast: block)
+	$(BIN)/boxrefine train --config $(CONFIG) $(TRAIN_FLAGS) $(ARGS)
+
+evaluate: $(STAMP) ## Score checkpoints on the cached ground truth
+	$(BIN)/boxrefine evaluate --config $(CONFIG) $(ARGS)
+
+demo: $(STAMP) ## demo-data → extract → store info on the built-in demo data
+	$(BIN)/boxrefine demo-data --out $(DEMO)
+	$(BIN)/boxrefine extract --config $(CONFIG)
+	$(BIN)/boxrefine store info $(DEMO)/features.zarr
+
+test: $(STAMP) ## Run the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP) ## Extract overhead: extract wall time / pure encoder time on demo data
+	$(BIN)/python bench/extract_overhead.py $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+clean: ## Remove generated data, runs and caches (keeps .venv)
+	rm -rf data runs bench/out .pytest_cache .ruff_cache

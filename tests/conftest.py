@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny seeded demo dataset, one random-init vit_tiny, and a reference store
+built once per session (the encoder costs ~2 s per image on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["BOXREFINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 train images (JPEG, grayscale PNG, RGBA PNG, 16-bit PNG) + 1 val image. Read-only: copy it."""
+    from shared.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root, num_train=4, num_val=1, seed=3)
+    return root
+
+
+def config_dict(data_root: Path, store_path: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "data": {"splits": {
+            split: {"images": str(data_root / "images" / split),
+                    "annotations": str(data_root / "annotations" / f"instances_{split}.json"),
+                    "detections": str(data_root / "annotations" / f"detections_{split}.json")}
+            for split in ("train", "val")}},
+        "model": {"type": "vit_tiny", "checkpoint": None, "seed": 0, "device": "cpu"},
+        "store": {"path": str(store_path)},
+        "extract": {"num_workers": 0, "batch_size": 1},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def make_config(data_root: Path, store_path: Path | str, **sections: dict[str, Any]):
+    from shared.config import validate_config
+
+    return validate_config(config_dict(data_root, store_path, **sections), "<test>", Path.cwd())
+
+
+def write_config(path: Path, data_root: Path, store_path: Path | str, **sections: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config_dict(data_root, store_path, **sections)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sam():
+    from shared.sam import build_hq_sam
+
+    return build_hq_sam("vit_tiny", None, 0, "cpu", announce=False)
+
+
+@pytest.fixture(scope="session")
+def reference_store(demo_root: Path, sam, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted extract of the demo data. Read-only: copy it before changing anything."""
+    from extract.run import run_extract
+
+    store = tmp_path_factory.mktemp("ref") / "features.zarr"
+    res = run_extract(make_config(demo_root, store, extract={"num_workers": 2}), model=sam)
+    assert res.encoded == 5
+    return store
+
+
+@pytest.fixture
+def data_copy(demo_root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(demo_root, dst)
+    return dst
+
+
+def run_cli(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "true", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"boxrefine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
