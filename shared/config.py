@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -101,14 +101,15 @@ class PipelineConfig(_Section):
     store: StoreConfig
     extract: ExtractConfig = ExtractConfig()
 
-    @model_validator(mode="after")
-    def _cross(self) -> PipelineConfig:
+    def cross_errors(self) -> list[tuple[str, str]]:
+        """Checks that span sections, as (yaml_key, message)."""
+        errors = []
         if self.extract.splits is not None:
             unknown = [s for s in self.extract.splits if s not in self.data.splits]
             if unknown:
-                raise ValueError(f"extract.splits names unknown split(s) {unknown}; "
-                                 f"data.splits has {sorted(self.data.splits)}")
-        return self
+                errors.append(("extract.splits", f"names unknown split(s) {unknown}; "
+                                                 f"data.splits has {sorted(self.data.splits)}"))
+        return errors
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (saved beside every output)."""
@@ -186,6 +187,9 @@ def validate_config(raw: Any, source: str, base: Path) -> PipelineConfig:
                 msg = "unknown key"
             errors.append((_key_of(err["loc"]), msg))
         raise ConfigError(source, errors) from None
+    cross = cfg.cross_errors()
+    if cross:
+        raise ConfigError(source, cross)
     return _resolve_paths(cfg, base)
 
 

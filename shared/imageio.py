@@ -19,6 +19,28 @@ def source_fingerprint(path: Path) -> tuple[int, int]:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
+def _jpeg_truncated(data: bytes) -> bool:
+    """True when a JPEG has no end-of-image marker after its first scan. Segments before the scan
+    are skipped by their lengths (an EXIF thumbnail holds markers of its own); inside entropy-coded
+    data 0xFF is stuffed as FF00, so an FFD9 after the scan start is the real EOI. Data appended
+    after EOI (e.g. "motion photos") is fine."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False  # not a marker where one should be: let the decoder judge
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", pos) == -1
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return True  # ran out of data before the scan
+
+
 def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to H×W×3 uint8 RGB, as HQ-SAM expects.
 
@@ -27,10 +49,9 @@ def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
     """
     if not data:
         raise ImageError(f"{name}: empty file")
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
+    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
         # libjpeg decodes a truncated JPEG to a grey-filled image with only a warning; refuse it.
-        # (0xFF in entropy-coded data is stuffed as FF00, so FFD9 near the end is the EOI marker.)
-        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker)")
+        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker after the image data)")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if arr is None:
         raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)")

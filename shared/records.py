@@ -104,6 +104,10 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
 
+def _is_int(x: Any) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+
+
 def load_coco(path: Path) -> SplitRecords:
     """Read and validate a COCO instances file."""
     try:
@@ -146,6 +150,9 @@ def load_coco(path: Path) -> SplitRecords:
         _need(isinstance(ann, dict), path, where, "not an object")
         for k in ("id", "image_id", "category_id", "bbox"):
             _need(k in ann, path, where, f"missing '{k}'")
+        for k in ("id", "image_id", "category_id"):
+            _need(_is_int(ann[k]), path, where, f"{k} must be an integer, got {ann[k]!r}")
+        _need(ann.get("iscrowd", 0) in (0, 1), path, where, f"iscrowd must be 0 or 1, got {ann.get('iscrowd')!r}")
         _need(ann["image_id"] in images, path, where, f"image_id {ann['image_id']!r} is not in 'images'")
         bbox = ann["bbox"]
         _need(isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox),

@@ -110,8 +110,11 @@ def checkpoint_info(model_type: str, checkpoint: Path | None, seed: int) -> Chec
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available (under torchrun, the rank's own GPU, ``cuda:$LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"model.device is {name!r} but CUDA is not available on this machine")
@@ -145,8 +148,8 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
                           f"{len(result.unexpected_keys)} unexpected key(s)[/yellow]"
                           + (f"; missing e.g. {result.missing_keys[:3]}" if result.missing_keys else "")
                           + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""))
-        if len(result.missing_keys) > len(state):
-            raise CheckpointError(f"{checkpoint}: almost no keys match HQ-SAM {model_type}; wrong model.type?")
+        if len(state) - len(result.unexpected_keys) == 0:
+            raise CheckpointError(f"{checkpoint}: no key matches HQ-SAM {model_type}; wrong model.type?")
     sam.eval()
     for p in sam.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,216 @@
+"""shared/imageio.py: every supported file comes back as H×W×3 uint8 RGB in the displayed frame;
+every unusable file raises ImageError naming the file and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.imageio import ImageError, decode_rgb, read_rgb, source_fingerprint
+
+
+def _check_rgb(a: np.ndarray, h: int, w: int) -> None:
+    assert a.shape == (h, w, 3)
+    assert a.dtype == np.uint8
+    assert a.flags.c_contiguous
+
+
+def test_grayscale_png(tmp_path: Path) -> None:
+    gray = np.arange(5 * 7, dtype=np.uint8).reshape(5, 7) * 7
+    p = tmp_path / "g.png"
+    assert cv2.imwrite(str(p), gray)
+    a = read_rgb(p)
+    _check_rgb(a, 5, 7)
+    for c in range(3):
+        np.testing.assert_array_equal(a[..., c], gray)
+
+
+def test_rgb_png_channel_order(tmp_path: Path) -> None:
+    bgr = np.zeros((2, 3, 3), np.uint8)
+    bgr[0, 0] = (255, 0, 0)  # blue in BGR
+    bgr[0, 1] = (0, 255, 0)  # green
+    bgr[0, 2] = (0, 0, 255)  # red
+    bgr[1, :] = (10, 20, 30)
+    p = tmp_path / "c.png"
+    assert cv2.imwrite(str(p), bgr)
+    a = read_rgb(p)
+    _check_rgb(a, 2, 3)
+    assert a[0, 0].tolist() == [0, 0, 255]
+    assert a[0, 1].tolist() == [0, 255, 0]
+    assert a[0, 2].tolist() == [255, 0, 0]
+    assert a[1, 0].tolist() == [30, 20, 10]
+
+
+def test_rgba_png_drops_alpha(tmp_path: Path) -> None:
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[0, 0] = (0, 0, 255, 255)  # opaque red
+    bgra[0, 1] = (255, 0, 0, 128)  # half-transparent blue
+    bgra[1, 0] = (10, 200, 30, 0)  # fully transparent: colour kept, alpha dropped (not premultiplied)
+    bgra[1, 1] = (1, 2, 3, 255)
+    p = tmp_path / "a.png"
+    assert cv2.imwrite(str(p), bgra)
+    a = read_rgb(p)
+    _check_rgb(a, 2, 2)
+    assert a[0, 0].tolist() == [255, 0, 0]
+    assert a[0, 1].tolist() == [0, 0, 255]
+    assert a[1, 0].tolist() == [30, 200, 10]
+    assert a[1, 1].tolist() == [3, 2, 1]
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
+    # every 16-bit value once, in a different place for each channel (so the order is checked too)
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    bgr = np.stack([v, v[::-1], v.T], axis=-1)  # B, G, R
+    p = tmp_path / "d.png"
+    assert cv2.imwrite(str(p), bgr)
+    a = read_rgb(p)
+    _check_rgb(a, 256, 256)
+    want_rgb = np.stack([bgr[..., 2], bgr[..., 1], bgr[..., 0]], axis=-1)
+    want = np.round(want_rgb.astype(np.float64) / 257).astype(np.uint8)
+    np.testing.assert_array_equal(a, want)
+    # 8-bit × 257 (how 16-bit images are often made) comes back exactly
+    exact = (v.T % 257) == 0
+    assert exact.sum() == 256
+    np.testing.assert_array_equal(a[..., 0][exact], (v.T[exact] // 257).astype(np.uint8))
+    assert a[255, 255].tolist() == [255, 1, 255]  # R = 65535, G = 255 (→ 0.99), B = 65535
+
+
+def test_16bit_grayscale_png(tmp_path: Path) -> None:
+    g = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000 + 100)
+    p = tmp_path / "g16.png"
+    assert cv2.imwrite(str(p), g)
+    a = read_rgb(p)
+    _check_rgb(a, 3, 4)
+    want = np.round(g / 257).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(a[..., c], want)
+
+
+def test_jpeg_matches_pil(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rgb = cv2.GaussianBlur(rng.integers(0, 255, (48, 64, 3), np.uint8), (0, 0), 2)
+    p = tmp_path / "x.jpg"
+    Image.fromarray(rgb).save(p, quality=92)
+    a = read_rgb(p)
+    _check_rgb(a, 48, 64)
+    want = np.asarray(Image.open(p).convert("RGB")).astype(int)
+    assert np.abs(a.astype(int) - want).max() <= 3  # different IDCTs, same colours and orientation
+
+
+def test_exif_rotated_jpeg(tmp_path: Path) -> None:
+    """EXIF orientation 6 = display rotated 90° clockwise: the annotation frame is the displayed image."""
+    stored = np.full((40, 60, 3), 20, np.uint8)
+    stored[:12, :12] = (250, 10, 10)  # red marker top-left in the stored pixels
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    p = tmp_path / "rot.jpg"
+    im.save(p, exif=exif, quality=95)
+
+    a = read_rgb(p)
+    _check_rgb(a, 60, 40)  # width and height swapped
+    want = np.rot90(stored, k=-1)  # 90° clockwise: top-left → top-right
+    assert np.abs(a.astype(int) - want.astype(int)).mean() < 3
+    assert a[:10, -10:, 0].mean() > 200 and a[:10, -10:, 1].mean() < 50  # marker top-right, red
+    assert a[:10, :10, 0].mean() < 50
+    assert a[-10:, -10:, 0].mean() < 50
+
+
+# --------------------------------------------------------------------------------------- bad files
+
+
+def _jpeg_bytes() -> bytes:
+    rng = np.random.default_rng(0)
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (64, 64, 3), np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    data = _jpeg_bytes()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as ei:
+        read_rgb(p)
+    assert str(ei.value).startswith(f"{p}: ")
+    assert "truncated" in str(ei.value)
+    # the intact file decodes
+    p.write_bytes(data)
+    _check_rgb(read_rgb(p), 64, 64)
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    p = tmp_path / "cut.png"
+    p.write_bytes(buf.tobytes()[:-20])
+    with pytest.raises(ImageError, match="cannot decode") as ei:
+        read_rgb(p)
+    assert str(ei.value).startswith(str(p))
+
+
+@pytest.mark.parametrize("data", [b"this is not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+                                  b"GIF89a-broken"])
+def test_garbage_bytes(tmp_path: Path, data: bytes) -> None:
+    p = tmp_path / "garbage.jpg"
+    p.write_bytes(data)
+    with pytest.raises(ImageError) as ei:
+        read_rgb(p)
+    assert str(ei.value).startswith(f"{p}: ")
+    assert "\n" not in str(ei.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "nope.png"
+    with pytest.raises(ImageError) as ei:
+        read_rgb(p)
+    assert str(ei.value) == f"{p}: file not found"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="cannot read") as ei:
+        read_rgb(tmp_path)
+    assert str(ei.value).startswith(str(tmp_path))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(ImageError) as ei:
+        read_rgb(p)
+    assert str(ei.value) == f"{p}: empty file"
+
+
+def test_float_tiff_refused(tmp_path: Path) -> None:
+    p = tmp_path / "f.tiff"
+    assert cv2.imwrite(str(p), np.full((4, 5, 3), 0.5, np.float32))
+    with pytest.raises(ImageError, match="unsupported pixel type float32"):
+        read_rgb(p)
+
+
+def test_decode_rgb_names_given_source() -> None:
+    with pytest.raises(ImageError, match=r"^<bytes>: empty file$"):
+        decode_rgb(b"")
+    with pytest.raises(ImageError, match=r"^photo\.jpg: "):
+        decode_rgb(b"junk", "photo.jpg")
+
+
+def test_source_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc")
+    size, mtime = source_fingerprint(p)
+    assert size == 3 and mtime > 0
+    p.write_bytes(b"abcd")
+    assert source_fingerprint(p)[0] == 4
+
+
+def test_jpeg_with_data_appended_after_eoi_is_accepted(tmp_path):
+    """'Motion photos' append a video after the JPEG's end marker: still a whole image."""
+    img = np.full((32, 48, 3), 120, np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    data = buf.tobytes() + b"\x00" * 2000 + b"ftypmp42" + bytes(range(256)) * 8
+    assert decode_rgb(data, "motion.jpg").shape == (32, 48, 3)
