@@ -40,8 +40,6 @@ from shared.records import (
 from shared.sam import (
     IMG_SIZE,
     INTERM_CHANNELS,
-    PIXEL_MEAN,
-    PIXEL_STD,
     build_hq_sam,
     checkpoint_info,
     encode,
@@ -55,7 +53,7 @@ from shared.store import (
     FeatureStore,
     SplitStore,
     StoreError,
-    StoreIdentity,
+    identity_for,
     to_storage,
 )
 
@@ -155,12 +153,6 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def store_identity(cfg: PipelineConfig, ckpt_fingerprint: str) -> StoreIdentity:
-    return StoreIdentity(model_type=cfg.model.type, checkpoint=ckpt_fingerprint, img_size=IMG_SIZE,
-                         pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=cfg.store.dtype,
-                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size)
-
-
 def _shard(cfg: PipelineConfig) -> tuple[int, int]:
     if cfg.extract.shard:
         return parse_shard(cfg.extract.shard)
@@ -256,7 +248,7 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
     t_start = time.perf_counter()
     ecfg = cfg.extract
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
-    identity = store_identity(cfg, ckpt.fingerprint)
+    identity = identity_for(cfg, ckpt.fingerprint)
     ckpt_attrs = {"kind": ckpt.kind, "fingerprint": ckpt.fingerprint, "sha256": ckpt.sha256,
                   "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
     store = FeatureStore.open_or_create(cfg.store, identity, ckpt_attrs, cfg.to_dict(), overwrite=ecfg.overwrite)

@@ -25,11 +25,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_cli_config(path: Path, sets: list[str] | None, flags: dict[str, Any]) -> PipelineConfig:
-    """Config file + ``--set`` overrides + explicit flags (flags win); exits with every error listed."""
+def load_cli_config(path: Path, sets: list[str] | None, flags: dict[str, Any], fast: bool = False) -> PipelineConfig:
+    """Config file (+ its ``fast:`` block) + ``--set`` overrides + explicit flags (flags win); exits
+    with every error listed."""
     try:
         overrides = dict(parse_set_option(s) for s in (sets or []))
         overrides.update({k: v for k, v in flags.items() if v is not None})
-        return load_config(path, overrides)
+        return load_config(path, overrides, fast=fast)
     except ConfigError as e:
         fail(str(e), code=2)

@@ -10,6 +10,7 @@ works from any working directory. A store path that is a URL (``s3://...``) is l
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -95,15 +96,84 @@ class ExtractConfig(_Section):
         return v
 
 
+class RefinerConfig(_Section):
+    roi_size: int = Field(7, ge=2, le=32)
+    hidden: int = Field(256, ge=8, multiple_of=8)
+    context: float = Field(1.5, ge=1.0, le=4.0)
+    use_mask: bool = True
+
+
+class TrainConfig(_Section):
+    train_split: str = "train"
+    val_split: str | None = None  # None: the split named "val" when data.splits has one
+    runs_dir: Path = Path("runs")
+    name: str | None = None
+    epochs: int = Field(20, ge=1)
+    batch_images: int = Field(2, ge=1)
+    boxes_per_image: int = Field(8, ge=1)
+    jitter: float = Field(0.25, gt=0.0, le=0.5)
+    use_detections: bool = True
+    match_iou: float = Field(0.5, gt=0.0, le=1.0)
+    sample_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    resample_each_epoch: bool = False
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    l1_weight: float = Field(1.0, ge=0.0)
+    giou_weight: float = Field(1.0, ge=0.0)
+    amp: Literal["auto"] | bool = "auto"
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    eval_every: int = Field(1, ge=1)
+    save_every: int = Field(5, ge=1)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _SPLIT_NAME.match(v):
+            raise ValueError("run names must match [A-Za-z0-9_-]+")
+        return v
+
+
+class EvaluateConfig(_Section):
+    split: str | None = None  # None: train's validation split
+    checkpoint: Path | None = None
+    jitter: float = Field(0.25, gt=0.0, le=0.5)
+    seed: int = 1234
+    batch_images: int = Field(2, ge=1)
+    vis: bool = False
+    vis_count: int = Field(6, ge=1)
+
+
 class PipelineConfig(_Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     store: StoreConfig
     extract: ExtractConfig = ExtractConfig()
+    refiner: RefinerConfig = RefinerConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    fast: dict[str, dict[str, Any]] = {}
+    fast_applied: dict[str, Any] = {}  # filled by load_config(fast=True): what FAST changed
+
+    def val_split(self) -> str | None:
+        """The split train evaluates on (``train.val_split``, else "val" if configured)."""
+        if self.train.val_split is not None:
+            return self.train.val_split
+        return "val" if "val" in self.data.splits else None
+
+    def eval_split(self) -> str | None:
+        return self.evaluate.split if self.evaluate.split is not None else self.val_split()
 
     def cross_errors(self) -> list[tuple[str, str]]:
         """Checks that span sections, as (yaml_key, message)."""
         errors = []
+        for key, split in (("train.train_split", self.train.train_split), ("train.val_split", self.train.val_split),
+                           ("evaluate.split", self.evaluate.split)):
+            if split is not None and split not in self.data.splits:
+                errors.append((key, f"split {split!r} is not in data.splits {sorted(self.data.splits)}"))
         if self.extract.splits is not None:
             unknown = [s for s in self.extract.splits if s not in self.data.splits]
             if unknown:
@@ -163,6 +233,8 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         split.annotations = fix(split.annotations)
         split.detections = fix(split.detections)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    cfg.train.runs_dir = fix(cfg.train.runs_dir)
+    cfg.evaluate.checkpoint = fix(cfg.evaluate.checkpoint)
     if not is_url(cfg.store.path):
         raw = cfg.store.path.removeprefix("file://")
         cfg.store.path = str(fix(Path(raw)))
@@ -173,10 +245,7 @@ def _key_of(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
-def validate_config(raw: Any, source: str, base: Path) -> PipelineConfig:
-    """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem."""
-    if not isinstance(raw, dict):
-        raise ConfigError(source, [("<root>", "the file must hold a mapping of sections")])
+def _validate(raw: dict[str, Any]) -> tuple[PipelineConfig | None, list[tuple[str, str]]]:
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
@@ -186,15 +255,61 @@ def validate_config(raw: Any, source: str, base: Path) -> PipelineConfig:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             errors.append((_key_of(err["loc"]), msg))
-        raise ConfigError(source, errors) from None
-    cross = cfg.cross_errors()
-    if cross:
-        raise ConfigError(source, cross)
+        return None, errors
+    return cfg, cfg.cross_errors()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
+                    overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem.
+
+    The ``fast:`` block holds dotted overrides (``train: {sample_ratio: 0.1}``) that ``fast=True``
+    applies before ``overrides`` (CLI flags). It is validated in every case, its errors reported
+    under ``fast.<key>``.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("<root>", "the file must hold a mapping of sections")])
+    raw = copy.deepcopy(raw)
+    cfg, errors = _validate(raw)
+    block = raw.get("fast") if isinstance(raw.get("fast"), dict) else {}
+    fast_keys = _flatten(block)
+    merged = copy.deepcopy(raw)
+    merged.pop("fast", None)
+    for key, value in fast_keys.items():
+        _set_dotted(merged, key, value)
+    if not errors and fast_keys:
+        _, fast_errors = _validate(merged)
+        errors += [(f"fast.{k}", m) for k, m in fast_errors if any(k.startswith(f) for f in fast_keys)]
+        errors += [(k, m) for k, m in fast_errors if not any(k.startswith(f) for f in fast_keys)]
+    if errors:
+        raise ConfigError(source, errors)
+    if fast or overrides:
+        final = merged if fast else raw
+        for key, value in (overrides or {}).items():
+            _set_dotted(final, key, value)
+        cfg, errors = _validate(final)
+        if errors:
+            raise ConfigError(source, errors)
+        assert cfg is not None
+        if fast:
+            cfg.fast_applied = fast_keys
+    assert cfg is not None
     return _resolve_paths(cfg, base)
 
 
-def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read ``path`` with ``yaml.safe_load``, apply dotted ``overrides`` (CLI flags), validate."""
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None, fast: bool = False) -> PipelineConfig:
+    """Read ``path`` with ``yaml.safe_load``, apply the ``fast:`` block if ``fast``, then dotted
+    ``overrides`` (CLI flags), and validate."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -207,7 +322,5 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Pi
         pos = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(str(path), [("<yaml>", f"not valid YAML{pos}: {getattr(e, 'problem', e)}")]) from None
     raw = raw if raw is not None else {}
-    for key, value in (overrides or {}).items():
-        if value is not None and isinstance(raw, dict):
-            _set_dotted(raw, key, value)
-    return validate_config(raw, str(path), path.resolve().parent)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return validate_config(raw, str(path), path.resolve().parent, fast=fast, overrides=overrides)

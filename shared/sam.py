@@ -139,6 +139,10 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             sam = sam_model_registry[model_type](checkpoint=None)
+        # The prompt encoder and mask decoder get their own seeded stream, so train/evaluate can
+        # rebuild exactly these weights without constructing the image encoder (build_sam_heads).
+        heads = _random_heads(model_type, seed)
+        sam.prompt_encoder, sam.mask_decoder = heads.prompt_encoder, heads.mask_decoder
     else:
         sam = sam_model_registry[model_type](checkpoint=None)
         state = load_state_dict_file(Path(checkpoint))
@@ -156,10 +160,11 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
     return sam.to(device)
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line errors."""
+def load_state_dict_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line errors. ``mmap``
+    maps the file instead of reading it, so tensors that are never used are never loaded."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as e:  # torch raises many types for truncated/corrupt/unsafe files
@@ -196,3 +201,74 @@ def encode(sam: torch.nn.Module, images: list[torch.Tensor], precision: str = "f
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         emb, interm = sam.image_encoder(batch)
     return emb.float(), interm[0].float()
+
+
+class SamHeads(torch.nn.Module):
+    """HQ-SAM's frozen prompt encoder + HQ mask decoder, without the image encoder: all that
+    train/evaluate need next to cached features."""
+
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
+
+    def forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for box prompts on ONE image.
+
+        Args:
+          image_embeddings: 1×256×64×64; interm_embeddings: 1×64×64×C (float, on the heads' device).
+          boxes: n×4 xyxy in the 1024-px model input frame.
+        Returns:
+          low-res mask logits n×1×256×256 (frame of the padded 1024 input, /4) and IoU scores n×1.
+        """
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return self.mask_decoder(image_embeddings=image_embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=False, hq_token_only=False,
+                                 interm_embeddings=[interm_embeddings])
+
+
+def _new_heads(model_type: str) -> SamHeads:
+    """The package's PromptEncoder and MaskDecoderHQ with the hyper-parameters its build_sam uses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder, TwoWayTransformer
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
+                           input_image_size=(IMG_SIZE, IMG_SIZE), mask_in_chans=16)
+    decoder = MaskDecoderHQ(num_multimask_outputs=3,
+                            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                            vit_dim=INTERM_CHANNELS[model_type])
+    return SamHeads(prompt, decoder)
+
+
+def _random_heads(model_type: str, seed: int) -> SamHeads:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1_000_003)
+        return _new_heads(model_type)
+
+
+def build_sam_heads(model_type: str, checkpoint: Path | None, seed: int, device: torch.device | str = "cpu",
+                    announce: bool = True) -> SamHeads:
+    """Frozen prompt encoder + HQ mask decoder (eval mode) with exactly the weights
+    :func:`build_hq_sam` would give them. The image encoder is never built, and with a checkpoint
+    file its encoder tensors are never read (the file is memory-mapped)."""
+    if checkpoint is None:
+        if announce:
+            warn_loud("random weights", f"HQ-SAM {model_type} prompt encoder/mask decoder are RANDOMLY "
+                      f"INITIALISED (seed {seed}): no model.checkpoint is set (tests/demo only).")
+        heads = _random_heads(model_type, seed)
+    else:
+        heads = _new_heads(model_type)
+        state = load_state_dict_file(Path(checkpoint), mmap=True)
+        sub = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        result = heads.load_state_dict(sub, strict=False)
+        if not sub:
+            raise CheckpointError(f"{checkpoint}: no prompt_encoder/mask_decoder weights in this file")
+        if result.missing_keys:
+            console.print(f"[yellow]{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
+                          f"e.g. {result.missing_keys[:3]}[/yellow]")
+    heads.eval()
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    return heads.to(device)

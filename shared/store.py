@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from shared import __version__
-from shared.config import StoreConfig, is_url
+from shared.config import PipelineConfig, StoreConfig, is_url
 from shared.records import ImageRecord
 
 SCHEMA_VERSION = 1
@@ -85,6 +85,15 @@ class StoreIdentity:
     def differences(self, other: StoreIdentity) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: store has {a[k]!r}, config gives {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdentity:
+    """The identity a store made (or read) with this config must have."""
+    from shared.sam import IMG_SIZE, PIXEL_MEAN, PIXEL_STD
+
+    return StoreIdentity(model_type=cfg.model.type, checkpoint=checkpoint_fingerprint, img_size=IMG_SIZE,
+                         pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=cfg.store.dtype,
+                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size)
 
 
 def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdentity) -> None:

@@ -92,3 +92,23 @@ def test_random_init_is_seeded_and_announced(capsys):
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         checkpoint_info("vit_tiny", tmp_path / "nope.pth", 0)
+
+
+def test_heads_without_encoder_equal_the_full_models(tmp_path, sam):
+    """train/evaluate build only the prompt encoder + HQ decoder; they must hold the same weights
+    the full model (used by extract) has — for random init and from a checkpoint file."""
+    from shared.sam import build_sam_heads
+
+    def same(heads, full):
+        hs = heads.state_dict()
+        fs = {k: v for k, v in full.state_dict().items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        assert set(hs) == set(fs)
+        assert all(torch.equal(hs[k], fs[k]) for k in hs)
+
+    same(build_sam_heads("vit_tiny", None, 0, announce=False), sam)
+    other = build_hq_sam("vit_tiny", None, 9, announce=False)
+    ckpt = tmp_path / "w.pth"
+    torch.save(other.state_dict(), ckpt)
+    same(build_sam_heads("vit_tiny", ckpt, 0, announce=False), other)
+    with pytest.raises(AssertionError):
+        same(build_sam_heads("vit_tiny", None, 1, announce=False), sam)

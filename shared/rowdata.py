@@ -1,0 +1,76 @@
+"""A torch Dataset over rows of a feature store: what train and evaluate feed on (never images)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shared.store import F, SplitStore, open_store
+
+
+class StoreRows(Dataset):
+    """Complete rows of one split. The Zarr handle is opened lazily in each process, so the dataset
+    is safe to use from forked DataLoader workers.
+
+    Each item: ``row``, ``key``, ``image_embeddings`` 256×64×64 and ``interm_embeddings`` 64×64×C
+    (storage dtype), ``gt_boxes`` n×4 (xyxy, original px), ``gt_info`` n×3, ``orig_hw``, ``input_hw``,
+    and with ``with_masks`` ``gt_masks`` n×S×S uint8 (already in the low-res mask frame).
+    """
+
+    def __init__(self, store_path: str, split: str, rows: Sequence[int], records: np.ndarray, keys: np.ndarray,
+                 with_masks: bool = False):
+        self.store_path, self.split_name = store_path, split
+        self.rows = [int(r) for r in rows]
+        self.records, self.keys = records, keys
+        self.with_masks = with_masks
+        self._split: SplitStore | None = None
+        self._pid: int | None = None
+
+    @classmethod
+    def from_store(cls, store_path: str, split: str, rows: Sequence[int] | None = None,
+                   with_masks: bool = False) -> StoreRows:
+        sp = open_store(store_path).split(split)
+        all_records, keys = sp.read_rows(), sp.keys()
+        if rows is None:
+            rows = sp.complete_indices().tolist()
+        return cls(store_path, split, rows, all_records, keys, with_masks)
+
+    def split(self) -> SplitStore:
+        if self._split is None or self._pid != os.getpid():
+            self._split = open_store(self.store_path).split(self.split_name)
+            self._pid = os.getpid()
+        return self._split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.rows[k]
+        sp = self.split()
+        rec = self.records[i]
+        n = int(rec[F["n_instances"]])
+        emb, interm = sp.read_features(i)
+        item = {
+            "row": i, "key": int(self.keys[i]),
+            "image_embeddings": emb, "interm_embeddings": interm,
+            "gt_boxes": torch.from_numpy(np.asarray(sp.array("gt_boxes")[i, :n], np.float32)),
+            "gt_info": torch.from_numpy(np.asarray(sp.array("gt_info")[i, :n], np.int64)),
+            "orig_hw": (int(rec[F["orig_h"]]), int(rec[F["orig_w"]])),
+            "input_hw": (int(rec[F["input_h"]]), int(rec[F["input_w"]])),
+        }
+        if self.with_masks:
+            item["gt_masks"] = torch.from_numpy(np.asarray(sp.array("gt_masks")[i, :n]))
+        return item
+
+
+def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the per-image features (same shape for every row); keep the rest as lists."""
+    out: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
+    out["image_embeddings"] = torch.stack(out["image_embeddings"])
+    out["interm_embeddings"] = torch.stack(out["interm_embeddings"])
+    return out

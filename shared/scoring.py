@@ -1,0 +1,167 @@
+"""Run the refiner (and the frozen HQ-SAM heads) over store rows and score the result.
+
+One implementation, called by train's periodic evaluation and by the evaluate stage. Everything is
+computed from the store: boxes against cached GT boxes, masks against GT masks that extract already
+resized into SAM's low-res frame — nothing is resized here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from torch.utils.data import DataLoader
+
+from shared.boxes import clip_boxes, mask_logits_to_boxes, scale_boxes
+from shared.evalboxes import CoarseBoxes
+from shared.metrics import box_metrics, mask_iou
+from shared.refiner import BoxRefiner, refine_loss
+from shared.rowdata import StoreRows, collate_rows
+from shared.sam import SamHeads
+
+
+@dataclass
+class ImagePrediction:
+    """All boxes xyxy in original pixels; ``gt`` is NaN where a coarse box matches no GT."""
+
+    row: int
+    key: int
+    coarse: torch.Tensor
+    gt: torch.Tensor
+    gt_index: torch.Tensor
+    scores: torch.Tensor
+    category_id: torch.Tensor
+    refined: torch.Tensor | None = None
+    zero_shot: torch.Tensor | None = None
+    mask_iou_coarse: torch.Tensor | None = None
+    mask_iou_refined: torch.Tensor | None = None
+    loss_terms: dict[str, float] = field(default_factory=dict)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.device, *,
+            refiner: BoxRefiner | None, heads: SamHeads | None, amp_dtype: torch.dtype | None = None,
+            batch_images: int = 2, num_workers: int = 0, zero_shot: bool = False, masks: bool = False,
+            loss_weights: tuple[float, float] = (1.0, 1.0),
+            on_batch: Callable[[int], None] | None = None) -> list[ImagePrediction]:
+    """Coarse boxes (keyed by row key) → refined / zero-shot boxes and mask IoUs, per image.
+
+    ``heads`` (frozen prompt encoder + HQ decoder) is needed when the refiner uses mask logits, for
+    ``zero_shot`` (box of HQ-SAM's mask from the coarse prompt) and for ``masks`` (mask IoU).
+    """
+    loader = DataLoader(dataset, batch_size=batch_images, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_rows, pin_memory=device.type == "cuda")
+    out: list[ImagePrediction] = []
+    if refiner is not None:
+        refiner.eval()
+    for batch in loader:
+        emb = batch["image_embeddings"].to(device, non_blocking=True).float()
+        interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
+        preds, boxes_in, logits_all = [], [], []
+        for b in range(len(batch["row"])):
+            cb = coarse[batch["key"][b]]
+            orig_hw, input_hw = batch["orig_hw"][b], batch["input_hw"][b]
+            gt_boxes = batch["gt_boxes"][b]
+            gt = torch.full((len(cb), 4), float("nan"))
+            matched = cb.gt_index >= 0
+            gt[matched] = gt_boxes[cb.gt_index[matched]]
+            p = ImagePrediction(batch["row"][b], batch["key"][b], cb.boxes, gt, cb.gt_index, cb.scores,
+                                cb.category_id)
+            box_in = scale_boxes(cb.boxes, orig_hw, input_hw).to(device)
+            boxes_in.append(box_in)
+            logits = None
+            if heads is not None and len(cb) and (zero_shot or masks or (refiner is not None and refiner.use_mask)):
+                with autocast_context(device, amp_dtype):
+                    logits, _ = heads(emb[b:b + 1], interm[b:b + 1], box_in)
+                logits = logits.float()
+                if zero_shot:
+                    zs = mask_logits_to_boxes(logits[:, 0], box_in)
+                    p.zero_shot = clip_boxes(scale_boxes(zs, input_hw, orig_hw).cpu(), orig_hw)
+                if masks:
+                    p.mask_iou_coarse = _mask_iou(logits, batch["gt_masks"][b], cb.gt_index)
+            logits_all.append(logits)
+            preds.append(p)
+        if refiner is not None:
+            mask_in = None
+            if refiner.use_mask:
+                mask_in = torch.cat([lg for lg in logits_all if lg is not None]) if any(
+                    lg is not None for lg in logits_all) else None
+            with autocast_context(device, amp_dtype):
+                refined = refiner(emb, interm, boxes_in, mask_in)
+            refined = refined.float()
+            start = 0
+            for b, p in enumerate(preds):
+                n = len(p.coarse)
+                r_in = refined[start:start + n]
+                start += n
+                orig_hw, input_hw = batch["orig_hw"][b], batch["input_hw"][b]
+                p.refined = clip_boxes(scale_boxes(r_in, input_hw, orig_hw).cpu(), orig_hw)
+                ok = p.gt_index >= 0
+                if ok.any():
+                    tgt_in = scale_boxes(p.gt[ok], orig_hw, input_hw).to(device)
+                    _, terms = refine_loss(r_in[ok.to(device)], tgt_in, boxes_in[b][ok.to(device)], *loss_weights)
+                    p.loss_terms = {**terms, "n": int(ok.sum())}
+                if masks and heads is not None and n:
+                    with autocast_context(device, amp_dtype):
+                        lg, _ = heads(emb[b:b + 1], interm[b:b + 1], r_in)
+                    p.mask_iou_refined = _mask_iou(lg.float(), batch["gt_masks"][b], p.gt_index)
+        out.extend(preds)
+        if on_batch is not None:
+            on_batch(len(batch["row"]))
+    return out
+
+
+def _mask_iou(logits: torch.Tensor, gt_masks: torch.Tensor, gt_index: torch.Tensor) -> torch.Tensor:
+    """IoU of each box's predicted low-res mask with its GT mask (NaN when unmatched). GT masks are
+    stored at the evaluation resolution; predictions are compared in their own 256×256 frame."""
+    out = torch.full((len(gt_index),), float("nan"))
+    ok = gt_index >= 0
+    if not ok.any():
+        return out
+    pred = logits[ok.to(logits.device), 0] > 0
+    gt = gt_masks[gt_index[ok]].to(pred.device).bool()
+    if gt.shape[-1] != pred.shape[-1]:  # only when store.gt_mask_size != 256
+        pred = nnf.interpolate(pred[:, None].float(), size=gt.shape[-2:], mode="nearest")[:, 0] > 0.5
+    out[ok] = mask_iou(pred, gt).cpu()
+    return out
+
+
+def summarize(preds: list[ImagePrediction]) -> dict[str, Any]:
+    """Metrics over all matched boxes, side by side on the same boxes."""
+    def cat(attr: str) -> torch.Tensor | None:
+        parts = [getattr(p, attr) for p in preds]
+        if any(x is None for x in parts) or not parts:
+            return None
+        return torch.cat(parts)
+
+    coarse, gt = cat("coarse"), cat("gt")
+    out: dict[str, Any] = {"images": len(preds)}
+    if coarse is None or gt is None:
+        return out
+    ok = ~torch.isnan(gt).any(1)
+    out["boxes"], out["unmatched"] = int(ok.sum()), int((~ok).sum())
+    out["coarse"] = box_metrics(coarse[ok], gt[ok])
+    for name in ("zero_shot", "refined"):
+        v = cat(name)
+        if v is not None:
+            out[name] = box_metrics(v[ok], gt[ok])
+    for name in ("mask_iou_coarse", "mask_iou_refined"):
+        v = cat(name)
+        if v is not None:
+            out[name] = float(v[ok].mean()) if ok.any() else float("nan")
+    terms = [p.loss_terms for p in preds if p.loss_terms]
+    if terms:
+        n = sum(t["n"] for t in terms)
+        out["loss_l1"] = sum(t["l1"] * t["n"] for t in terms) / n
+        out["loss_giou"] = sum(t["giou"] * t["n"] for t in terms) / n
+    return out
