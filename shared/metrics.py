@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from shared.boxes import paired_iou
@@ -29,3 +36,30 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     inter = (p & g).sum(1).float()
     union = (p | g).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def coco_box_ap(annotations: str | Path | Any, results: list[dict[str, Any]],
+                image_ids: Iterable[int] | None = None) -> dict[str, float]:
+    """COCO box AP / AP50 / AP75 of ``results`` (COCO results format: image_id, category_id,
+    bbox [x, y, w, h], score) against ``annotations`` (a COCO instances JSON path, or a loaded
+    ``pycocotools.coco.COCO``), by pycocotools' own ``loadRes`` + ``COCOeval(iouType="bbox")``,
+    restricted to ``image_ids`` (default: every image of the annotations). pycocotools' printing
+    is silenced; ``results`` is not modified. No results at all gives 0.0 everywhere."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        gt = annotations if isinstance(annotations, COCO) else COCO(str(annotations))
+        ids = sorted(int(i) for i in image_ids) if image_ids is not None else sorted(gt.getImgIds())
+        wanted = set(ids)
+        res = [copy.deepcopy(r) for r in results if int(r["image_id"]) in wanted]
+        if not res or not ids:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        dt = gt.loadRes(res)  # loadRes adds area/id/segmentation to the dicts it is given: copies
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}

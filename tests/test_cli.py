@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import config_dict, write_config
 from typer.testing import CliRunner, Result
@@ -38,11 +37,26 @@ def test_no_args_shows_help() -> None:
     assert "Usage" in out
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate"])
-def test_unbuilt_stages_fail(stage: str) -> None:
-    res, out = invoke(stage)
-    assert res.exit_code != 0
-    assert f"boxrefine {stage} is not built yet" in out
+def test_train_fast_via_cli_and_resume(reference_store: Path, demo_root: Path, tmp_path: Path) -> None:
+    """`boxrefine train --fast` applies the fast: block (printed and saved); `--resume` continues the run
+    from its own saved config, and a config error exits 2 naming the key."""
+    raw = config_dict(demo_root, reference_store)
+    raw["train"] = {"runs_dir": str(tmp_path / "runs"), "epochs": 1, "num_workers": 0, "boxes_per_image": 2}
+    raw["refiner"] = {"use_mask": False, "hidden": 16}
+    raw["fast"] = {"train": {"sample_ratio": 0.5, "eval_every": 3}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res, out = invoke("train", "--config", str(cfg), "--fast", "--name", "f")
+    assert res.exit_code == 0, out
+    assert "FAST mode:" in out and "train.sample_ratio=0.5" in out and "train.eval_every=3" in out
+    saved = yaml.safe_load((tmp_path / "runs" / "f" / "config.yaml").read_text())
+    assert saved["fast_applied"] == {"train.sample_ratio": 0.5, "train.eval_every": 3}
+    assert saved["train"]["sample_ratio"] == 0.5
+    res, out = invoke("train", "--resume", str(tmp_path / "runs" / "f"), "--epochs", "2")
+    assert res.exit_code == 0, out
+    assert "train.epochs: checkpoint 1, now 2" in out and "2 epoch(s)" in out
+    res, out = invoke("train", "--config", str(cfg), "--set", "train.lr=-1")
+    assert res.exit_code == 2 and "train.lr" in out
 
 
 def test_extract_config_errors_listed_by_key(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import torch
 import yaml
 from conftest import make_config
 
+from shared.checkpoints import load_checkpoint
 from shared.config import load_config
 from shared.evalboxes import sample_subset
 from shared.store import StoreError
-from shared.checkpoints import load_checkpoint
 from train.run import TrainError, run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_amp_bf16_autocast_on_cpu(demo_root, reference_store, tmp_path, monkeypa
         return real(self, *a, **k)
 
     monkeypatch.setattr(BoxRefiner, "forward", spy)
-    cfg = _cfg(demo_root, reference_store, tmp_path, epochs=1, amp=True)
+    cfg = _cfg(demo_root, reference_store, tmp_path, epochs=1, amp=True, amp_dtype="bfloat16")
     run_train(cfg)
     assert seen and all(on and dt == torch.bfloat16 for on, dt in seen)
     assert np.isfinite(_metrics(tmp_path / "run")[0]["loss"])
@@ -216,3 +216,17 @@ def test_existing_run_folder_and_bad_checkpoint(demo_root, reference_store, tmp_
     last.write_bytes(last.read_bytes()[:200])
     with pytest.raises(TrainError, match="last.pt: not a readable checkpoint"):
         run_train(cfg, resume=res.run_dir)
+
+
+def test_amp_resolution():
+    from shared.scoring import amp_setting, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert amp_setting("auto", "auto", cpu)[0] is None
+    assert amp_setting(False, "bfloat16", cpu)[0] is None
+    assert amp_setting(True, "bfloat16", cpu)[:2] == (torch.bfloat16, False)  # forced
+    dt, scaler, why = amp_setting(True, "auto", cpu)
+    assert scaler is False
+    assert dt == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    if dt is None:
+        assert "no native bfloat16" in why

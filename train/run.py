@@ -33,7 +33,7 @@ from shared.evalboxes import CoarseBoxes, detection_pairs, fixed_coarse_boxes, l
 from shared.refiner import BoxRefiner, refine_loss
 from shared.rowdata import StoreRows, collate_rows
 from shared.sam import INTERM_CHANNELS, build_sam_heads, checkpoint_info, resolve_device
-from shared.scoring import autocast_context, predict, summarize
+from shared.scoring import amp_setting, autocast_context, predict, summarize
 from shared.store import F, FeatureStore, check_identity, identity_for, open_store
 
 
@@ -64,19 +64,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def amp_setting(cfg: PipelineConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler)."""
-    t = cfg.train
-    on = (device.type == "cuda") if t.amp == "auto" else bool(t.amp)
-    if not on:
-        return None, False
-    if t.amp_dtype == "float16":
-        return torch.float16, device.type == "cuda"
-    if t.amp_dtype == "bfloat16" or device.type != "cuda" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 def _generator(*parts: int) -> torch.Generator:
     h = 0
     for p in parts:
@@ -173,6 +160,35 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- training
+def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: torch.device,
+               amp_dtype: torch.dtype | None, tc: Any, det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               epoch: int) -> tuple[torch.Tensor | None, dict[str, float], int]:
+    """Loss of one batch of store rows (features stacked by ``collate_rows``): draw this epoch's
+    coarse boxes per image, run the frozen HQ-SAM heads on them (no grad), then the refiner."""
+    emb = batch["image_embeddings"].to(device, non_blocking=True).float()
+    interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
+    coarse_in, target_in, logits = [], [], []
+    for b, row in enumerate(batch["row"]):
+        g = _generator(tc.seed, epoch, batch["key"][b])
+        c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
+                              batch["orig_hw"][b], tc.boxes_per_image, tc.jitter, g)
+        oh, ih = batch["orig_hw"][b], batch["input_hw"][b]
+        coarse_in.append(scale_boxes(c, oh, ih).to(device))
+        target_in.append(scale_boxes(t, oh, ih).to(device))
+        if heads is not None and len(c):
+            with torch.no_grad(), autocast_context(device, amp_dtype):
+                lg, _ = heads(emb[b:b + 1], interm[b:b + 1], coarse_in[-1])
+            logits.append(lg.float())
+    n_boxes = int(sum(len(c) for c in coarse_in))
+    if n_boxes == 0:
+        return None, {}, 0
+    with autocast_context(device, amp_dtype):
+        refined = refiner(emb, interm, coarse_in, torch.cat(logits) if logits else None)
+    loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
+                              tc.l1_weight, tc.giou_weight)
+    return loss, terms, n_boxes
+
+
 def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
     t_start = time.perf_counter()
     tc = cfg.train
@@ -198,7 +214,8 @@ def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
     if ck is not None and ck["store_identity"] != store.identity.to_dict():
         raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
     device = resolve_device(cfg.model.device)
-    amp_dtype, use_scaler = amp_setting(cfg, device)
+    amp_dtype, use_scaler, amp_note = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
+    console.print(f"precision: {amp_note}", markup=False)
     if cfg.fast_applied:
         console.print(f"FAST mode: {', '.join(f'{k}={v}' for k, v in cfg.fast_applied.items())}", markup=False)
 
@@ -288,28 +305,11 @@ def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
             with progress(f"epoch {epoch + 1}/{tc.epochs}", len(order), unit="img") as bar:
                 bar.advance(skip)
                 for batch in loader:
-                    emb = batch["image_embeddings"].to(device, non_blocking=True).float()
-                    interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
-                    coarse_in, target_in, logits = [], [], []
-                    for b, row in enumerate(batch["row"]):
-                        g = _generator(tc.seed, epoch, batch["key"][b])
-                        c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
-                                              batch["orig_hw"][b], tc.boxes_per_image, tc.jitter, g)
-                        oh, ih = batch["orig_hw"][b], batch["input_hw"][b]
-                        coarse_in.append(scale_boxes(c, oh, ih).to(device))
-                        target_in.append(scale_boxes(t, oh, ih).to(device))
-                        if heads is not None and len(c):
-                            with torch.no_grad(), autocast_context(device, amp_dtype):
-                                lg, _ = heads(emb[b:b + 1], interm[b:b + 1], coarse_in[-1])
-                            logits.append(lg.float())
-                    if sum(len(c) for c in coarse_in) == 0:
+                    loss, terms, n_boxes = batch_loss(batch, refiner, heads, device, amp_dtype, tc, det_pairs, epoch)
+                    if loss is None:
                         step += 1
                         bar.advance(len(batch["row"]))
                         continue
-                    with autocast_context(device, amp_dtype):
-                        refined = refiner(emb, interm, coarse_in, torch.cat(logits) if logits else None)
-                    loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
-                                              tc.l1_weight, tc.giou_weight)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     if tc.grad_clip:
@@ -324,7 +324,7 @@ def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
                     partial["l1"] += terms["l1"] * nb
                     partial["giou"] += terms["giou"] * nb
                     partial["n"] += nb
-                    partial["boxes"] += int(sum(len(c) for c in coarse_in))
+                    partial["boxes"] += n_boxes
                     bar.advance(nb, postfix=f"loss {partial['loss'] / partial['n']:.4f}")
             n = max(partial["n"], 1)
             dt = time.perf_counter() - t_epoch

@@ -1,0 +1,124 @@
+"""Train throughput on the demo data, measured side by side in one process.
+
+(a) data path: one epoch streamed from the store (DataLoader workers over StoreRows) vs the same
+    epoch from batches already in memory — same rows, same steps (``train.run.batch_loss`` +
+    optimizer). Target: store ≥ 0.9× the in-memory throughput.
+(b) caching: an epoch with the HQ-SAM image encoder in the loop (decode, resize, encode every image
+    every step — the naive pipeline) vs the cached epoch over the same images, and vs the FAST epoch
+    (the fast: block of pipeline.yaml).
+
+    python bench/train_throughput.py [--config pipeline.yaml] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from extract.run import run_extract  # noqa: E402
+from shared.config import load_config  # noqa: E402
+from shared.demo import generate_demo  # noqa: E402
+from shared.evalboxes import sample_subset  # noqa: E402
+from shared.imageio import read_rgb  # noqa: E402
+from shared.records import load_coco, resolve_image  # noqa: E402
+from shared.refiner import BoxRefiner  # noqa: E402
+from shared.rowdata import StoreRows, collate_rows  # noqa: E402
+from shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
+from shared.scoring import amp_setting  # noqa: E402
+from train.run import batch_loss  # noqa: E402
+
+
+def make_refiner(cfg, device):
+    torch.manual_seed(0)
+    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
+                   cfg.refiner.context, cfg.refiner.use_mask).to(device)
+    return r, torch.optim.AdamW(r.parameters(), lr=cfg.train.lr)
+
+
+def run_epoch(batches, cfg, heads, device, amp_dtype) -> float:
+    refiner, opt = make_refiner(cfg, device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        loss, _, _ = batch_loss(batch, refiner, heads, device, amp_dtype, cfg.train, {}, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=REPO / "pipeline.yaml")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    fast = load_config(args.config, fast=True)
+    split = cfg.train.train_split
+    scfg = cfg.data.splits[split]
+    if not scfg.annotations.exists():
+        generate_demo(scfg.annotations.parent.parent)
+    run_extract(cfg)  # no-op when the store is complete
+    device = torch.device("cpu")
+    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
+    heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, device, announce=False) \
+        if cfg.refiner.use_mask else None
+    ds = StoreRows.from_store(cfg.store.path, split)
+    bs = cfg.train.batch_images
+
+    def store_loader(dataset):
+        return DataLoader(dataset, batch_size=bs, num_workers=cfg.train.num_workers, collate_fn=collate_rows)
+
+    in_memory = list(DataLoader(ds, batch_size=bs, num_workers=0, collate_fn=collate_rows))
+    fast_rows = [ds.rows[i] for i in sample_subset(len(ds), fast.train.sample_ratio, fast.train.seed)]
+    fast_ds = StoreRows(cfg.store.path, split, fast_rows, ds.records, ds.keys)
+
+    # naive: decode + resize + encode each image inside the step (what boxrefine avoids)
+    sam = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, device, announce=False)
+    from segment_anything_hq.utils.transforms import ResizeLongestSide
+
+    tf = ResizeLongestSide(1024)
+    names = {r.key: r.file_name for r in load_coco(scfg.annotations).images}
+
+    def naive_batches():
+        for batch in in_memory:
+            ims = [to_input_tensor(tf.apply_image(read_rgb(resolve_image(scfg.images, names[k]))))
+                   for k in batch["key"]]
+            emb, interm = encode(sam, ims)
+            yield {**batch, "image_embeddings": emb, "interm_embeddings": interm}
+
+    rows = []
+    for r in range(args.repeats):
+        t_store = run_epoch(store_loader(ds), cfg, heads, device, amp_dtype)
+        t_mem = run_epoch(in_memory, cfg, heads, device, amp_dtype)
+        t_fast = run_epoch(store_loader(fast_ds), fast, heads, device, amp_dtype)
+        rows.append({"store_s": t_store, "memory_s": t_mem, "fast_s": t_fast})
+        print(f"repeat {r}: epoch from store {t_store:.2f}s, from memory {t_mem:.2f}s "
+              f"(store throughput = {t_mem / t_store:.3f}x memory), FAST epoch {t_fast:.2f}s", flush=True)
+    t_naive = run_epoch(naive_batches(), cfg, heads, device, amp_dtype)
+    med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
+    n, nf = len(ds), len(fast_ds)
+    print(f"\n{n} training images ({nf} in FAST), batch {bs}, {cfg.train.boxes_per_image} boxes/image, "
+          f"use_mask={cfg.refiner.use_mask}, {torch.get_num_threads()} torch threads")
+    print(f"(a) store vs in-memory throughput: {statistics.median(x['memory_s'] / x['store_s'] for x in rows):.3f}"
+          f"  (median of {len(rows)}; target ≥ 0.9)")
+    print(f"(b) naive epoch with the encoder in the loop: {t_naive:.1f}s; cached epoch, same images: "
+          f"{med['store_s']:.1f}s → {t_naive / med['store_s']:.1f}x; cached FAST epoch: {med['fast_s']:.2f}s → "
+          f"{t_naive / med['fast_s']:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"repeats": rows, "naive_s": t_naive, "images": n, "fast_images": nf,
+                                         "median": med}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
