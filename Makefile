@@ -42,10 +42,12 @@ train: $(STAMP) ## Train the refiner from the store (FAST=1 applies the fast: bl
 evaluate: $(STAMP) ## Score checkpoints on the cached ground truth
 	$(BIN)/boxrefine evaluate --config $(CONFIG) $(ARGS)
 
-demo: $(STAMP) ## demo-data → extract → store info on the built-in demo data
+demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate on the built-in demo data
 	$(BIN)/boxrefine demo-data --out $(DEMO)
 	$(BIN)/boxrefine extract --config $(CONFIG)
 	$(BIN)/boxrefine store info $(DEMO)/features.zarr
+	$(BIN)/boxrefine train --config $(CONFIG) --fast
+	$(BIN)/boxrefine evaluate --config $(CONFIG)
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -53,8 +55,10 @@ test: $(STAMP) ## Run the whole test suite (what CI runs)
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## Extract overhead: extract wall time / pure encoder time on demo data
+bench: $(STAMP) ## Benchmarks on the demo data (extract overhead, train throughput, cached-GT evaluation)
 	$(BIN)/python bench/extract_overhead.py $(ARGS)
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/eval_gt_cache.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -1,16 +1,35 @@
-"""``boxrefine evaluate``: not built yet (its issue has not landed)."""
+"""``boxrefine evaluate``: score checkpoints on the cached ground truth (no images except --vis)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from shared.console import console
+from shared.cli_common import config_option, fail, load_cli_config, set_option
 
-app = typer.Typer(help="(evaluate stage: not built yet)")
+app = typer.Typer(help="Score checkpoints on cached ground truth: coarse vs zero-shot HQ-SAM vs refined.")
 
 
 @app.callback(invoke_without_command=True)
-def evaluate() -> None:
-    """Not built yet: exits non-zero."""
-    console.print("[bold red]boxrefine evaluate is not built yet[/bold red] (see the evaluate-stage issue).")
-    raise typer.Exit(3)
+def evaluate(
+    config: Path = config_option(),
+    checkpoint: Path = typer.Option(
+        None, "--checkpoint",
+        help="A checkpoint file, or a run folder (every *.pt, natural order). Default: evaluate.checkpoint, "
+             "else best.pt of the latest run in train.runs_dir."),
+    split: str = typer.Option(None, "--split", help="evaluate.split (default: train's validation split)"),
+    vis: bool = typer.Option(None, "--vis/--no-vis", help="evaluate.vis: also draw overlays (reads images)."),
+    set_: list[str] = set_option(),
+) -> None:
+    """Writes <run folder>/eval/: metrics.json/.csv, refined_<split>.json, iou_hist.png (and vis/)."""
+    cfg = load_cli_config(config, set_, {"evaluate.split": split, "evaluate.vis": vis})
+    from evaluate.run import EvaluateError, run_evaluate
+    from shared.records import DataError
+    from shared.sam import CheckpointError
+    from shared.store import StoreError
+
+    try:
+        run_evaluate(cfg, checkpoint=checkpoint, split=cfg.evaluate.split, vis=cfg.evaluate.vis)
+    except (EvaluateError, StoreError, DataError, CheckpointError, ValueError) as e:
+        fail(str(e))

@@ -1,0 +1,84 @@
+"""Overlays for ``boxrefine evaluate --vis``: ground truth, coarse and refined boxes over the image.
+
+This is the one place outside ``extract`` that opens image files (DESIGN.md invariant 1 names it
+as the single exception); ``evaluate/run.py`` imports it only when ``--vis`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from shared.console import console
+from shared.imageio import ImageError, read_rgb
+from shared.records import DataError, load_coco, resolve_image
+from shared.scoring import ImagePrediction
+
+# RGB
+GT_COLOUR = (0, 200, 0)
+COARSE_COLOUR = (230, 30, 30)
+REFINED_COLOUR = (30, 90, 255)
+
+
+def _draw_boxes(img: np.ndarray, boxes: np.ndarray, colour: tuple[int, int, int], thickness: int) -> None:
+    for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        if not np.isfinite([x0, y0, x1, y1]).all():
+            continue
+        cv2.rectangle(img, (int(round(x0)), int(round(y0))), (int(round(x1)) - 1, int(round(y1)) - 1), colour,
+                      thickness, lineType=cv2.LINE_AA)
+
+
+def _legend(img: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> None:
+    scale = max(0.4, min(img.shape[:2]) / 900)
+    th = max(1, int(round(scale * 2)))
+    y = 0
+    for text, colour in items:
+        (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, th)
+        cv2.rectangle(img, (0, y), (w + 8, y + h + base + 6), (255, 255, 255), -1)
+        cv2.putText(img, text, (4, y + h + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, th, cv2.LINE_AA)
+        y += h + base + 6
+
+
+def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePrediction],
+                  gt_of: Callable[[ImagePrediction], np.ndarray], out_dir: Path, count: int, split: str,
+                  label: str) -> list[Path]:
+    """Write up to ``count`` PNGs (first images with boxes, in store order): GT green, coarse red,
+    refined blue. An image that cannot be read is reported and skipped."""
+    try:
+        records = {r.key: r for r in load_coco(annotations).images}
+    except DataError as e:
+        console.print(f"[yellow]--vis: {e}; no overlays[/yellow]", soft_wrap=True)
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for p in preds:
+        if len(written) >= count:
+            break
+        rec = records.get(p.key)
+        if rec is None or len(p.coarse) == 0:
+            continue
+        path = resolve_image(Path(images_root), rec.file_name)
+        try:
+            img = read_rgb(path)
+        except ImageError as e:
+            console.print(f"[yellow]--vis: {e}; skipped[/yellow]", soft_wrap=True)
+            continue
+        if img.shape[:2] != (rec.height, rec.width):
+            console.print(f"[yellow]--vis: {path}: image is {img.shape[1]}x{img.shape[0]}, annotations say "
+                          f"{rec.width}x{rec.height}; skipped[/yellow]", soft_wrap=True)
+            continue
+        img = np.ascontiguousarray(img)
+        t = max(2, int(round(max(img.shape[:2]) / 320)))
+        _draw_boxes(img, gt_of(p), GT_COLOUR, t)
+        _draw_boxes(img, p.coarse.numpy(), COARSE_COLOUR, 2 * t)  # wider: stays visible under a refined box
+        if p.refined is not None:
+            _draw_boxes(img, p.refined.numpy(), REFINED_COLOUR, t)
+        _legend(img, [("ground truth", GT_COLOUR), ("coarse", COARSE_COLOUR), (f"refined ({label})", REFINED_COLOUR)])
+        dst = out_dir / f"{split}_{rec.image_id}_{Path(rec.file_name).stem}.png"
+        if not cv2.imwrite(str(dst), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{dst}: cannot write overlay")
+        written.append(dst)
+    return written

@@ -1,0 +1,102 @@
+"""Metrics on hand-made inputs with known answers, and COCO box AP against pycocotools run directly."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from shared.metrics import box_metrics, coco_box_ap, mask_iou
+
+
+def test_box_metrics_known_answers() -> None:
+    pred = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [100, 100, 110, 110.]])
+    gt = torch.tensor([[0, 0, 10, 10],  # IoU 1, side errors 0
+                       [0, 0, 10, 20],  # IoU 100/200 = 0.5, |Δy1| = 10
+                       [5, 0, 15, 10],  # IoU 50/150 = 1/3, |Δx0| = |Δx1| = 5
+                       [102, 100, 110, 110.]])  # IoU 80/100 = 0.8, |Δx0| = 2
+    m = box_metrics(pred, gt)
+    assert m["n"] == 4
+    assert m["mean_iou"] == pytest.approx((1 + 0.5 + 1 / 3 + 0.8) / 4)
+    assert m["acc@0.5"] == pytest.approx(3 / 4)  # the threshold is inclusive: IoU 0.5 counts
+    assert m["acc@0.75"] == pytest.approx(2 / 4)
+    assert m["acc@0.9"] == pytest.approx(1 / 4)
+    assert m["side_err_px"] == pytest.approx((10 + 5 + 5 + 2) / 16)
+
+
+def test_box_metrics_empty_is_nan() -> None:
+    m = box_metrics(torch.zeros((0, 4)), torch.zeros((0, 4)))
+    assert m["n"] == 0 and math.isnan(m["mean_iou"]) and math.isnan(m["acc@0.5"]) and math.isnan(m["side_err_px"])
+
+
+def test_mask_iou_known_answers() -> None:
+    a = torch.zeros((4, 4, 4), dtype=torch.bool)
+    b = torch.zeros((4, 4, 4), dtype=torch.bool)
+    a[0, :2, :2] = True  # 4 px
+    b[0, :2, :4] = True  # 8 px, 4 shared → 4 / 8
+    a[1, :, :] = True
+    b[1, :, :] = True  # identical → 1
+    a[2, 0, 0] = True  # disjoint → 0
+    b[2, 3, 3] = True
+    # [3]: both empty → 1 by convention
+    iou = mask_iou(a, b)
+    assert iou.tolist() == pytest.approx([0.5, 1.0, 0.0, 1.0])
+    # uint8 masks (as stored) give the same answer
+    assert mask_iou(a.to(torch.uint8), b.to(torch.uint8)).tolist() == pytest.approx([0.5, 1.0, 0.0, 1.0])
+
+
+def _direct_coco_ap(ann: Path, results: Path | list, image_ids: list[int] | None = None) -> list[float]:
+    """pycocotools on its own, as its README runs it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        dt = gt.loadRes(str(results) if isinstance(results, Path) else copy.deepcopy(results))
+        ev = COCOeval(gt, dt, iouType="bbox")
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(x) for x in ev.stats[:3]]
+
+
+def test_coco_box_ap_equals_pycocotools_on_demo_files(demo_root: Path, capsys) -> None:
+    ann = demo_root / "annotations" / "instances_train.json"
+    det_path = demo_root / "annotations" / "detections_train.json"
+    dets = json.loads(det_path.read_text())
+    before = copy.deepcopy(dets)
+    ours = coco_box_ap(ann, dets)
+    direct = _direct_coco_ap(ann, det_path)
+    assert [ours["AP"], ours["AP50"], ours["AP75"]] == pytest.approx(direct, abs=1e-12)
+    assert 0 < ours["AP"] < 1  # noisy demo detections: neither trivial nor perfect
+    assert dets == before  # loadRes adds keys to what it is given: the wrapper passes copies
+    assert capsys.readouterr().out == ""  # pycocotools' printing silenced
+    # restricted to some image ids, against pycocotools restricted the same way
+    ids = [2, 4]
+    sub = coco_box_ap(ann, dets, ids)
+    assert [sub["AP"], sub["AP50"], sub["AP75"]] == pytest.approx(_direct_coco_ap(ann, det_path, ids), abs=1e-12)
+    assert sub["AP"] != pytest.approx(ours["AP"])
+    # with a loaded COCO object too
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(ann))
+    assert coco_box_ap(coco, dets) == ours
+
+
+def test_coco_box_ap_of_ground_truth_is_one(demo_root: Path) -> None:
+    """GT boxes as results (xywh, real category ids) score AP 1: no xyxy/xywh or id mix-up."""
+    ann = demo_root / "annotations" / "instances_val.json"
+    doc = json.loads(ann.read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in doc["annotations"]]
+    assert coco_box_ap(ann, perfect) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+    as_xyxy = [{**r, "bbox": [r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]}
+               for r in perfect]
+    assert coco_box_ap(ann, as_xyxy)["AP"] < 0.9  # the wrong box format is visible
+    assert coco_box_ap(ann, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
