@@ -41,9 +41,9 @@ from shared.evalboxes import CoarseBoxes, fixed_coarse_boxes
 from shared.metrics import IOU_THRESHOLDS, coco_box_ap
 from shared.refiner import BoxRefiner
 from shared.rowdata import StoreRows
-from shared.sam import build_sam_heads, checkpoint_info, resolve_device
+from shared.sam import build_sam_heads, resolve_device
 from shared.scoring import ImagePrediction, amp_setting, predict, summarize
-from shared.store import F, FeatureStore, check_identity, identity_for, open_store
+from shared.store import F, FeatureStore, open_checked_store
 
 BOX_KEYS = ("mean_iou", *(f"acc@{t}" for t in IOU_THRESHOLDS), "side_err_px")
 AP_KEYS = ("AP", "AP50", "AP75")
@@ -160,13 +160,6 @@ def amp_dtype(cfg: PipelineConfig, device: torch.device) -> torch.dtype | None:
     if cfg.train.amp is not False and why != "amp off":
         console.print(f"amp: {why}", markup=False)
     return dtype
-
-
-def _check_store(cfg: PipelineConfig) -> FeatureStore:
-    store = open_store(cfg.store.path)
-    ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
-    check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
-    return store
 
 
 def _boxes_meta(path: Path) -> dict[str, Any]:
@@ -372,7 +365,7 @@ def run_evaluate(cfg: PipelineConfig, checkpoint: Path | None = None, split: str
         raise EvaluateError(f"split {split!r} is not in data.splits {sorted(cfg.data.splits)}")
     paths, out_dir = resolve_checkpoints(cfg, checkpoint)
 
-    store = _check_store(cfg)
+    store = open_checked_store(cfg)
     sp = store.split(split)
     ds = StoreRows.from_store(cfg.store.path, split, with_masks=True)
     if len(ds) == 0:

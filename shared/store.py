@@ -96,6 +96,17 @@ def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdent
                          encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size)
 
 
+def open_checked_store(cfg: PipelineConfig) -> FeatureStore:
+    """Open the configured store read-only and refuse it unless it was made with the configured
+    model, checkpoint and preprocessing (what train and evaluate need before using any feature)."""
+    from shared.sam import checkpoint_info
+
+    store = open_store(cfg.store.path)
+    ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
+    check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
+    return store
+
+
 def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdentity) -> None:
     diffs = store_id.differences(wanted)
     if diffs:

@@ -94,3 +94,26 @@ def run_cli(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedPr
     if check and proc.returncode != 0:
         raise AssertionError(f"boxrefine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the demo data WITHOUT its images, in a process where the image encoder cannot be
+    built and images/GT masks cannot be decoded: what train and evaluate must cope with."""
+    import segment_anything_hq  # noqa: F401
+
+    import shared.records as records
+    import shared.sam as sm
+
+    data = tmp_path / "store-only-data"
+    shutil.copytree(demo_root, data)
+    shutil.rmtree(data / "images")
+    bs = sys.modules["segment_anything_hq.build_sam"]
+    monkeypatch.setattr(sm, "build_hq_sam", lambda *a, **k: pytest.fail("image encoder built"))
+    for cls in ("TinyViT", "ImageEncoderViT"):
+        monkeypatch.setattr(bs, cls, lambda *a, **k: pytest.fail("an image encoder was constructed"))
+    monkeypatch.setattr("cv2.imread", lambda *a, **k: pytest.fail("image opened"))
+    monkeypatch.setattr("cv2.imdecode", lambda *a, **k: pytest.fail("image decoded"))
+    monkeypatch.setattr(records, "instance_mask", lambda *a, **k: pytest.fail("GT mask decoded again"))
+    monkeypatch.setattr(records, "resize_gt_masks", lambda *a, **k: pytest.fail("GT masks resized again"))
+    return data

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -262,26 +261,11 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns)
 
 
-def test_runs_without_images_and_without_image_encoder(demo_root: Path, reference_store: Path, trained: Path,
+def test_runs_without_images_and_without_image_encoder(store_only: Path, reference_store: Path, trained: Path,
                                                        small_dets: Path, tmp_path: Path, monkeypatch) -> None:
     """Real heads; the image folder is gone, the image encoder cannot be built, and GT masks cannot be
     decoded or resized: everything comes from the store."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_root, data)
-    shutil.rmtree(data / "images")
-    import segment_anything_hq  # noqa: F401
-
-    import shared.records as records
-    import shared.sam as sm
-
-    bs = sys.modules["segment_anything_hq.build_sam"]
-    monkeypatch.setattr(sm, "build_hq_sam", lambda *a, **k: pytest.fail("image encoder built"))
-    for cls in ("TinyViT", "ImageEncoderViT"):
-        monkeypatch.setattr(bs, cls, lambda *a, **k: pytest.fail("an image encoder was constructed"))
-    monkeypatch.setattr("cv2.imread", lambda *a, **k: pytest.fail("image opened"))
-    monkeypatch.setattr("cv2.imdecode", lambda *a, **k: pytest.fail("image decoded"))
-    monkeypatch.setattr(records, "instance_mask", lambda *a, **k: pytest.fail("GT mask decoded again"))
-    monkeypatch.setattr(records, "resize_gt_masks", lambda *a, **k: pytest.fail("GT masks resized again"))
+    data = store_only
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained / "best.pt", run / "best.pt")

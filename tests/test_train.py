@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,21 @@ def _cfg(demo_root, store, runs, **train):
             "eval_every": 1, "name": "run"}
     base.update(train)
     return make_config(demo_root, store, train=base, refiner={"use_mask": False, "hidden": 32})
+
+
+def _interrupt_at_call(monkeypatch, n: int) -> None:
+    """Simulate Ctrl-C at the n-th loss computation (after n-1 optimizer steps)."""
+    import train.run as tr
+
+    real, calls = tr.refine_loss, {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "refine_loss", interrupting)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -58,23 +72,12 @@ def test_resume_after_ctrl_c_mid_epoch_equals_straight_run(demo_root, reference_
     """torchtune-style: 2 epochs straight == interrupted in epoch 2 + --resume, same weights and losses."""
     straight = run_train(_cfg(demo_root, reference_store, tmp_path / "a"))
 
-    import train.run as tr
-
-    real = tr.refine_loss
-    calls = {"n": 0}
-
-    def interrupting(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2, first batch (2 batches per epoch)
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "refine_loss", interrupting)
+    _interrupt_at_call(monkeypatch, 3)  # epoch 2, first batch (2 batches per epoch)
     first = run_train(_cfg(demo_root, reference_store, tmp_path / "b"))
     assert first.interrupted and first.epochs_done == 1
     ck = load_checkpoint(first.run_dir / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 0)
-    monkeypatch.setattr(tr, "refine_loss", real)
+    monkeypatch.undo()
     resumed = run_train(_cfg(demo_root, reference_store, tmp_path / "b"), resume=first.run_dir)
     assert resumed.epochs_done == 2
 
@@ -88,24 +91,13 @@ def test_resume_after_ctrl_c_mid_epoch_equals_straight_run(demo_root, reference_
 
 
 def test_resume_mid_epoch_after_a_step(demo_root, reference_store, tmp_path, monkeypatch):
-    import train.run as tr
-
     cfg = _cfg(demo_root, reference_store, tmp_path / "a", epochs=1, batch_images=1)
     straight = run_train(cfg)
-    real = tr.refine_loss
-    calls = {"n": 0}
-
-    def interrupting(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "refine_loss", interrupting)
+    _interrupt_at_call(monkeypatch, 3)
     cfg_b = _cfg(demo_root, reference_store, tmp_path / "b", epochs=1, batch_images=1)
     first = run_train(cfg_b)
     assert (load_checkpoint(first.run_dir / "last.pt")["step"]) == 2
-    monkeypatch.setattr(tr, "refine_loss", real)
+    monkeypatch.undo()
     resumed = run_train(cfg_b, resume=first.run_dir)
     wa = load_checkpoint(straight.run_dir / "last.pt")["refiner"]
     wb = load_checkpoint(resumed.run_dir / "last.pt")["refiner"]
@@ -144,21 +136,8 @@ def test_sample_ratio_in_a_run_and_per_epoch(demo_root, reference_store, tmp_pat
     assert [x["images"] for x in _metrics(tmp_path / "run") if x["kind"] == "epoch"] == [2]
 
 
-def test_train_runs_without_images_and_without_image_encoder(demo_root, reference_store, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    shutil.copytree(demo_root, data)
-    shutil.rmtree(data / "images")
-    import sys
-
-    import segment_anything_hq  # noqa: F401
-
-    import shared.sam as sm
-
-    bs = sys.modules["segment_anything_hq.build_sam"]
-    monkeypatch.setattr(sm, "build_hq_sam", lambda *a, **k: pytest.fail("image encoder built"))
-    for cls in ("TinyViT", "ImageEncoderViT"):
-        monkeypatch.setattr(bs, cls, lambda *a, **k: pytest.fail("an image encoder was constructed"))
-    monkeypatch.setattr("cv2.imread", lambda *a, **k: pytest.fail("image opened"))
+def test_train_runs_without_images_and_without_image_encoder(store_only, reference_store, tmp_path):
+    data = store_only
     cfg = make_config(data, reference_store, train={"runs_dir": str(tmp_path / "runs"), "epochs": 1,
                                                     "num_workers": 0, "name": "noimg", "boxes_per_image": 2},
                       refiner={"use_mask": True, "hidden": 32})

@@ -32,9 +32,9 @@ from shared.console import console, progress
 from shared.evalboxes import CoarseBoxes, detection_pairs, fixed_coarse_boxes, load_detections, sample_subset
 from shared.refiner import BoxRefiner, refine_loss
 from shared.rowdata import StoreRows, collate_rows
-from shared.sam import INTERM_CHANNELS, build_sam_heads, checkpoint_info, resolve_device
+from shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from shared.scoring import amp_setting, autocast_context, predict, summarize
-from shared.store import F, FeatureStore, check_identity, identity_for, open_store
+from shared.store import F, open_checked_store
 
 
 class TrainError(RuntimeError):
@@ -98,13 +98,6 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
         progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
     return f
-
-
-def _check_store(cfg: PipelineConfig) -> FeatureStore:
-    store = open_store(cfg.store.path)
-    ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
-    check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
-    return store
 
 
 def _run_dir(cfg: PipelineConfig) -> Path:
@@ -210,7 +203,7 @@ def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
         run = _run_dir(cfg)
         _dump_config(cfg, run)
 
-    store = _check_store(cfg)
+    store = open_checked_store(cfg)
     if ck is not None and ck["store_identity"] != store.identity.to_dict():
         raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
     device = resolve_device(cfg.model.device)
