@@ -42,6 +42,16 @@ def _interrupt_at_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(tr, "refine_loss", interrupting)
 
 
+def _assert_same_training(a: Path, b: Path) -> None:
+    """Same final refiner weights and the same logged epoch losses."""
+    wa, wb = load_checkpoint(a / "last.pt")["refiner"], load_checkpoint(b / "last.pt")["refiner"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    la = [x["loss"] for x in _metrics(a) if x["kind"] == "epoch"]
+    lb = [x["loss"] for x in _metrics(b) if x["kind"] == "epoch"]
+    assert len(la) == len(lb) and np.allclose(la, lb, rtol=1e-5)
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,13 +91,7 @@ def test_resume_after_ctrl_c_mid_epoch_equals_straight_run(demo_root, reference_
     resumed = run_train(_cfg(demo_root, reference_store, tmp_path / "b"), resume=first.run_dir)
     assert resumed.epochs_done == 2
 
-    wa = load_checkpoint(straight.run_dir / "last.pt")["refiner"]
-    wb = load_checkpoint(resumed.run_dir / "last.pt")["refiner"]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
-    la = [x["loss"] for x in _metrics(straight.run_dir) if x["kind"] == "epoch"]
-    lb = [x["loss"] for x in _metrics(resumed.run_dir) if x["kind"] == "epoch"]
-    assert np.allclose(la, lb, rtol=1e-5)
+    _assert_same_training(straight.run_dir, resumed.run_dir)
 
 
 def test_resume_mid_epoch_after_a_step(demo_root, reference_store, tmp_path, monkeypatch):
@@ -99,13 +103,7 @@ def test_resume_mid_epoch_after_a_step(demo_root, reference_store, tmp_path, mon
     assert (load_checkpoint(first.run_dir / "last.pt")["step"]) == 2
     monkeypatch.undo()
     resumed = run_train(cfg_b, resume=first.run_dir)
-    wa = load_checkpoint(straight.run_dir / "last.pt")["refiner"]
-    wb = load_checkpoint(resumed.run_dir / "last.pt")["refiner"]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
-    la = [x["loss"] for x in _metrics(straight.run_dir) if x["kind"] == "epoch"]
-    lb = [x["loss"] for x in _metrics(resumed.run_dir) if x["kind"] == "epoch"]
-    assert np.allclose(la, lb, rtol=1e-5)
+    _assert_same_training(straight.run_dir, resumed.run_dir)
 
 
 def test_head_overfits_one_image(demo_root, reference_store, tmp_path):
