@@ -14,7 +14,7 @@ Prints medians and ratios (recomputed ÷ cached). Usage::
     python bench/eval_gt_cache.py [--data data/demo] [--store DATA/features.zarr] [--split val]
                                   [--checkpoint runs/x/best.pt] [--repeats 3] [--json bench/out/eval_gt_cache.json]
 
-Missing demo data is generated (shared.demo) and a missing store extracted (only the split used).
+Missing demo data is generated (shared.dev.demo) and a missing store extracted (only the split used).
 Without --checkpoint an untrained refiner with the default refiner settings is saved and used: the
 refiner's weights do not change the cost.
 """
@@ -37,27 +37,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import evaluate.run as er  # noqa: E402
-from shared.checkpoints import CKPT_FORMAT, atomic_save  # noqa: E402
-from shared.config import PipelineConfig, validate_config  # noqa: E402
-from shared.console import console  # noqa: E402
-from shared.demo import generate_demo  # noqa: E402
-from shared.records import instance_mask, load_coco, resize_gt_masks  # noqa: E402
-from shared.refiner import BoxRefiner  # noqa: E402
-from shared.rowdata import StoreRows  # noqa: E402
-from shared.sam import INTERM_CHANNELS  # noqa: E402
-from shared.store import F, open_store  # noqa: E402
+import boxrefine.evaluate.run as er  # noqa: E402
+from boxrefine.extract.plan import gt_arrays  # noqa: E402
+from boxrefine.shared.checkpoints import CKPT_FORMAT  # noqa: E402
+from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
+from boxrefine.shared.console import console  # noqa: E402
+from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
+from boxrefine.shared.records import load_coco  # noqa: E402
+from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
+from boxrefine.shared.rowdata import StoreRows  # noqa: E402
+from boxrefine.shared.sam import INTERM_CHANNELS  # noqa: E402
+from boxrefine.shared.store import F, open_store  # noqa: E402
 
 
 def recompute_gt(records: dict[int, Any], key: int, size: int) -> np.ndarray:
     """What evaluation without the cache would do per image: decode every instance mask at full
-    resolution and resize it into SAM's low-res frame."""
-    rec = records[key]
-    if rec.instances:
-        masks = np.stack([instance_mask(a, rec.height, rec.width) for a in rec.instances])
-    else:
-        masks = np.zeros((0, rec.height, rec.width), np.uint8)
-    return resize_gt_masks(masks, size)
+    resolution and resize it into SAM's low-res frame (extract's own GT code)."""
+    return gt_arrays(records[key], size)[0]
 
 
 class RecomputedGTRows(StoreRows):
@@ -94,10 +90,10 @@ def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     torch.manual_seed(0)
     refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
                          cfg.refiner.context, cfg.refiner.use_mask)
-    atomic_save({"format": CKPT_FORMAT, "refiner": refiner.state_dict(), "epoch": 0, "config": cfg.to_dict(),
-                 "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,
-                 "refiner_args": {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}},
-                path)
+    torch.save({"format": CKPT_FORMAT, "refiner": refiner.state_dict(), "state": {"epoch": 0},
+                "config": cfg.to_dict(), "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,
+                "refiner_args": {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}},
+               path)
     return path
 
 
@@ -135,7 +131,7 @@ def main() -> None:
         generate_demo(args.data)
     cfg = make_config(args)
     if not args.store.exists():
-        from extract.run import run_extract
+        from boxrefine.extract.run import run_extract
 
         run_extract(cfg)
     ds = StoreRows.from_store(cfg.store.path, args.split)

@@ -29,12 +29,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from extract.run import run_extract  # noqa: E402
-from shared.config import validate_config  # noqa: E402
-from shared.demo import generate_demo  # noqa: E402
-from shared.imageio import read_rgb  # noqa: E402
-from shared.records import load_coco, resolve_image  # noqa: E402
-from shared.sam import build_hq_sam, encode, to_input_tensor  # noqa: E402
+from boxrefine.extract.run import run_extract  # noqa: E402
+from boxrefine.shared.config import validate_config  # noqa: E402
+from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
+from boxrefine.shared.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
+from boxrefine.shared.sam import build_hq_sam, encode, to_input_tensor  # noqa: E402
 
 
 def main() -> None:

@@ -25,17 +25,17 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from extract.run import run_extract  # noqa: E402
-from shared.config import load_config  # noqa: E402
-from shared.demo import generate_demo  # noqa: E402
-from shared.evalboxes import sample_subset  # noqa: E402
-from shared.imageio import read_rgb  # noqa: E402
-from shared.records import load_coco, resolve_image  # noqa: E402
-from shared.refiner import BoxRefiner  # noqa: E402
-from shared.rowdata import StoreRows, collate_rows  # noqa: E402
-from shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
-from shared.scoring import amp_setting  # noqa: E402
-from train.run import batch_loss  # noqa: E402
+from boxrefine.extract.run import run_extract  # noqa: E402
+from boxrefine.shared.config import load_config  # noqa: E402
+from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
+from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
+from boxrefine.shared.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
+from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
+from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
+from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
+from boxrefine.shared.scoring import amp_setting  # noqa: E402
+from boxrefine.train.steps import batch_loss  # noqa: E402
 
 
 def make_refiner(cfg, device):

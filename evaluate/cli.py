@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from shared.cli_common import config_option, fail, load_cli_config, set_option
+from boxrefine.shared.cli.common import config_option, load_cli_config, set_option, stage_command
 
 app = typer.Typer(help="Score checkpoints on cached ground truth: coarse vs zero-shot HQ-SAM vs refined.")
 
 
-@app.callback(invoke_without_command=True)
+@stage_command(app)
 def evaluate(
     config: Path = config_option(),
     checkpoint: Path = typer.Option(
@@ -24,12 +24,6 @@ def evaluate(
 ) -> None:
     """Writes <run folder>/eval/: metrics.json/.csv, refined_<split>.json, iou_hist.png (and vis/)."""
     cfg = load_cli_config(config, set_, {"evaluate.split": split, "evaluate.vis": vis})
-    from evaluate.run import EvaluateError, run_evaluate
-    from shared.records import DataError
-    from shared.sam import CheckpointError
-    from shared.store import StoreError
+    from boxrefine.evaluate.run import run_evaluate
 
-    try:
-        run_evaluate(cfg, checkpoint=checkpoint, split=cfg.evaluate.split, vis=cfg.evaluate.vis)
-    except (EvaluateError, StoreError, DataError, CheckpointError, ValueError) as e:
-        fail(str(e))
+    run_evaluate(cfg, checkpoint=checkpoint, split=cfg.evaluate.split, vis=cfg.evaluate.vis)

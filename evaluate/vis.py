@@ -1,6 +1,6 @@
 """Overlays for ``boxrefine evaluate --vis``: ground truth, coarse and refined boxes over the image.
 
-This is the one place outside ``extract`` that opens image files (DESIGN.md invariant 1 names it
+This is the one place outside ``extract`` that opens image files (docs/architecture.md, invariant 1, names it
 as the single exception); ``evaluate/run.py`` imports it only when ``--vis`` is given.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.console import console
-from shared.imageio import ImageError, read_rgb
-from shared.records import DataError, load_coco, resolve_image
-from shared.scoring import ImagePrediction
+from boxrefine.shared.console import console
+from boxrefine.shared.imageio import ImageError, read_rgb
+from boxrefine.shared.records import DataError, load_coco, resolve_image
+from boxrefine.shared.scoring import ImagePrediction
 
 # RGB
 GT_COLOUR = (0, 200, 0)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from shared.cli_common import config_option, fail, load_cli_config, set_option
+from boxrefine.shared.cli.common import config_option, device_option, load_cli_config, set_option, stage_command
 
 app = typer.Typer(help="Encode images once with HQ-SAM into the Zarr feature store.")
 
 
-@app.callback(invoke_without_command=True)
+@stage_command(app)
 def extract(
     config: Path = config_option(),
     split: list[str] = typer.Option(None, "--split", help="Split(s) to extract (default: all). Repeatable."),
@@ -20,7 +20,7 @@ def extract(
     num_workers: int = typer.Option(None, "--num-workers", min=0, help="DataLoader decode workers."),
     store: str = typer.Option(None, "--store", help="Store path or fsspec URL (store.path)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="HQ-SAM checkpoint file (model.checkpoint)."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    device: str = device_option(),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Make bad images fatal."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and rebuild it."),
     set_: list[str] = set_option(),
@@ -32,12 +32,6 @@ def extract(
         "model.checkpoint": str(checkpoint) if checkpoint else None, "model.device": device,
         "extract.strict": strict, "extract.overwrite": overwrite or None,
     })
-    from extract.run import ExtractError, run_extract
-    from shared.records import DataError
-    from shared.sam import CheckpointError
-    from shared.store import StoreError
+    from boxrefine.extract.run import run_extract
 
-    try:
-        run_extract(cfg)
-    except (ExtractError, StoreError, DataError, CheckpointError, ValueError) as e:
-        fail(str(e))
+    run_extract(cfg)

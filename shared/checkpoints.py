@@ -1,36 +1,85 @@
-"""Training checkpoints: atomic writes (timm CheckpointSaver style) and safe loading."""
+"""Training checkpoints: safe loading, and a saver in the style of timm's ``CheckpointSaver``.
+
+A run folder keeps ``last.pt`` (every save), ``best.pt`` (the best validation metric so far) and
+``epoch_NNN.pt`` for the top-k epochs by that metric (``train.keep_top_k``); an epoch that drops
+out of the top k has its file deleted. Every file is written through
+:func:`boxrefine.shared.fileio.atomic_write_bytes`, and loaded with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
-import os
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.fileio import atomic_write_bytes, read_bytes
+
 CKPT_FORMAT = 1
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(BoxrefineError, ValueError):
     """A file that is not a usable boxrefine checkpoint; the message names it (one line)."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write a temp file in the same folder, then ``os.replace``: a crash never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a boxrefine checkpoint with ``weights_only=True``; one-line errors."""
+    data = read_bytes(path, CheckpointFileError, "checkpoint")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointFileError(f"{path}: checkpoint not found") from None
+        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+        raise CheckpointFileError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "refiner" not in ck:
         raise CheckpointFileError(f"{path}: not a boxrefine training checkpoint")
     return ck
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
+
+
+class CheckpointSaver:
+    """Keeps last, best and the top-k epochs of one run folder (higher metric is better).
+
+    Its bookkeeping (:meth:`state`) is saved inside every checkpoint, so a resumed run prunes
+    exactly as an uninterrupted one would.
+    """
+
+    def __init__(self, folder: Path, keep_top_k: int, state: dict[str, Any] | None = None):
+        self.folder, self.keep_top_k = Path(folder), keep_top_k
+        state = state or {}
+        self.top: list[tuple[float, int]] = [(float(m), int(e)) for m, e in state.get("top", [])]
+        self.best: float | None = state.get("best")
+
+    def state(self) -> dict[str, Any]:
+        return {"top": [[m, e] for m, e in self.top], "best": self.best}
+
+    def save(self, payload: Callable[[dict[str, Any]], dict[str, Any]], epoch: int,
+             metric: float | None = None) -> list[Path]:
+        """Write ``payload(saver_state)`` to last.pt and, given ``metric``, to best.pt and
+        ``epoch_NNN.pt`` as they qualify. Returns the files written."""
+        is_best = metric is not None and (self.best is None or metric > self.best)
+        keep = (metric is not None and self.keep_top_k > 0
+                and (len(self.top) < self.keep_top_k or metric > self.top[-1][0]))
+        dropped: list[tuple[float, int]] = []
+        if keep:
+            assert metric is not None
+            self.top = sorted([*self.top, (metric, epoch)], key=lambda x: (-x[0], x[1]))
+            self.top, dropped = self.top[:self.keep_top_k], self.top[self.keep_top_k:]
+        if is_best:
+            self.best = metric
+        buf = io.BytesIO()
+        torch.save(payload(self.state()), buf)
+        data = buf.getvalue()
+        names = ["last.pt"] + ([epoch_file(epoch)] if keep else []) + (["best.pt"] if is_best else [])
+        written = [atomic_write_bytes(self.folder / n, data) for n in names]
+        for _, e in dropped:
+            (self.folder / epoch_file(e)).unlink(missing_ok=True)
+        return written

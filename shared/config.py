@@ -18,11 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from boxrefine.shared.errors import BoxrefineError
+
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(BoxrefineError, ValueError):
     """A config file or override that does not validate. ``errors`` holds (yaml_key, message)."""
 
     def __init__(self, source: str, errors: list[tuple[str, str]]):
@@ -30,6 +32,8 @@ class ConfigError(ValueError):
         self.errors = errors
         lines = "\n".join(f"  {key}: {msg}" for key, msg in errors)
         super().__init__(f"{source}: {len(errors)} config error(s):\n{lines}")
+
+    exit_code = 2
 
 
 class _Section(BaseModel):
@@ -125,7 +129,7 @@ class TrainConfig(_Section):
     amp: Literal["auto"] | bool = "auto"
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     eval_every: int = Field(1, ge=1)
-    save_every: int = Field(5, ge=1)
+    keep_top_k: int = Field(3, ge=0)
     num_workers: int = Field(2, ge=0)
     seed: int = 0
 
@@ -184,6 +188,24 @@ class PipelineConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (saved beside every output)."""
         return self.model_dump(mode="json")
+
+
+def dict_differences(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("a", "b"),
+                     prefix: str = "") -> list[str]:
+    """Every dotted key whose value differs between two nested dicts, as
+    ``"train.lr: checkpoint 0.001, now 0.0003"`` (``names`` label the two sides). Lists and tuples
+    compare equal when their items do."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += dict_differences(x, y, names, f"{prefix}{k}.")
+            continue
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            x, y = list(x), list(y)
+        if x != y:
+            out.append(f"{prefix}{k}: {names[0]} {x!r}, {names[1]} {y!r}")
+    return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -19,7 +19,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, highlight=False)
+
+def _make_console() -> Console:
+    c = Console(stderr=True, highlight=False)
+    if not c.is_terminal:
+        # CI logs and files: one line per message at any length, never rich's 80-column wrapping
+        c = Console(stderr=True, highlight=False, soft_wrap=True, width=1000)
+    return c
+
+
+console = _make_console()
 
 
 def is_interactive() -> bool:

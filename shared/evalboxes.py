@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from shared.boxes import jitter_boxes
-from shared.config import PipelineConfig
-from shared.records import DataError
-from shared.rowdata import StoreRows
-from shared.store import F
+from boxrefine.shared.boxes import jitter_boxes
+from boxrefine.shared.config import PipelineConfig
+from boxrefine.shared.fileio import atomic_write_json, read_bytes
+from boxrefine.shared.records import DataError
+from boxrefine.shared.rowdata import StoreRows
+from boxrefine.shared.store import F
 
 
 @dataclass
@@ -41,11 +42,9 @@ class CoarseBoxes:
 def load_detections(path: Path) -> dict[int, list[tuple[list[float], float, int]]]:
     """COCO results JSON → {image_id: [(xyxy, score, category_id), ...]}."""
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: detections file not found") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read detections: {e}") from None
+        data = json.loads(read_bytes(path, DataError, "detections file"))
+    except ValueError as e:
+        raise DataError(f"{path}: detections are not valid JSON: {e}") from None
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
     if not isinstance(data, list):
@@ -97,13 +96,11 @@ def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, hw: tuple[i
 
 def save_coarse_boxes(path: Path, boxes: dict[int, CoarseBoxes], image_ids: dict[int, int], source: str,
                       meta: dict[str, Any]) -> None:
-    """Write {key: boxes} as JSON (temp file + replace)."""
+    """Write {key: boxes} as JSON, atomically."""
     doc = {"source": source, **meta, "images": {
         str(k): {"image_id": image_ids[k], "boxes": b.boxes.tolist(), "gt_index": b.gt_index.tolist(),
                  "scores": b.scores.tolist(), "category_id": b.category_id.tolist()} for k, b in boxes.items()}}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)
+    atomic_write_json(path, doc)
 
 
 def load_coarse_boxes(path: Path) -> tuple[dict[int, CoarseBoxes], dict[str, Any]]:
@@ -150,9 +147,8 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
     out, image_ids = {}, {}
     for i in ds.rows:
         rec = ds.records[i]
-        n = int(rec[F["n_instances"]])
-        gt_boxes = torch.from_numpy(np.asarray(sp.array("gt_boxes")[i, :n], np.float32))
-        gt_info = torch.from_numpy(np.asarray(sp.array("gt_info")[i, :n], np.int64))
+        _, boxes_np, info_np = ds.read_gt(i)
+        gt_boxes, gt_info = torch.from_numpy(boxes_np), torch.from_numpy(info_np)
         key = int(ds.keys[i])
         hw = (int(rec[F["orig_h"]]), int(rec[F["orig_w"]]))
         det = dets.get(int(ids[i]), []) if dets is not None else None

@@ -8,8 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.fileio import read_bytes
 
-class ImageError(ValueError):
+
+class ImageError(BoxrefineError, ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
@@ -72,10 +75,4 @@ def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image file to H×W×3 uint8 RGB; :class:`ImageError` names the file and the reason."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
-    return decode_rgb(data, path)
+    return decode_rgb(read_bytes(path, ImageError), path)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from shared.boxes import paired_iou
+from boxrefine.shared.boxes import paired_iou
 
 IOU_THRESHOLDS = (0.5, 0.75, 0.9)
 

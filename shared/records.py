@@ -18,8 +18,11 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.fileio import read_bytes
 
-class DataError(ValueError):
+
+class DataError(BoxrefineError, ValueError):
     """Bad input data: the message names the file and the problem on one line."""
 
 
@@ -100,6 +103,12 @@ def _need(cond: bool, path: Path, where: str, problem: str) -> None:
         raise DataError(f"{path}: {where}: {problem}")
 
 
+def _need_fields(obj: Any, keys: tuple[str, ...], path: Path, where: str) -> None:
+    _need(isinstance(obj, dict), path, where, "not an object")
+    for k in keys:
+        _need(k in obj, path, where, f"missing '{k}'")
+
+
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
@@ -110,12 +119,7 @@ def _is_int(x: Any) -> bool:
 
 def load_coco(path: Path) -> SplitRecords:
     """Read and validate a COCO instances file."""
-    try:
-        data_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotations file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read annotations: {e.strerror or e}") from None
+    data_bytes = read_bytes(path, DataError, "annotations file")
     try:
         data = json.loads(data_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -130,9 +134,7 @@ def load_coco(path: Path) -> SplitRecords:
     names: dict[str, int] = {}
     for i, im in enumerate(data["images"]):
         where = f"images[{i}]"
-        _need(isinstance(im, dict), path, where, "not an object")
-        for k in ("id", "file_name", "width", "height"):
-            _need(k in im, path, where, f"missing '{k}'")
+        _need_fields(im, ("id", "file_name", "width", "height"), path, where)
         _need(isinstance(im["id"], int) and not isinstance(im["id"], bool), path, where, "id must be an integer")
         _need(im["id"] not in images, path, where, f"duplicate image id {im['id']}")
         for k in ("width", "height"):
@@ -147,9 +149,7 @@ def load_coco(path: Path) -> SplitRecords:
 
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]"
-        _need(isinstance(ann, dict), path, where, "not an object")
-        for k in ("id", "image_id", "category_id", "bbox"):
-            _need(k in ann, path, where, f"missing '{k}'")
+        _need_fields(ann, ("id", "image_id", "category_id", "bbox"), path, where)
         for k in ("id", "image_id", "category_id"):
             _need(_is_int(ann[k]), path, where, f"{k} must be an integer, got {ann[k]!r}")
         _need(ann.get("iscrowd", 0) in (0, 1), path, where, f"iscrowd must be 0 or 1, got {ann.get('iscrowd')!r}")

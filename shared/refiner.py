@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
-from shared.boxes import expand_boxes
+from boxrefine.shared.boxes import expand_boxes
 
 EMBED_STRIDE = 16.0  # 1024 input px per 64×64 embedding cell
 MASK_STRIDE = 4.0  # 1024 input px per 256×256 low-res mask pixel

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared.store import F, SplitStore, open_store
+from boxrefine.shared.store import F, SplitStore, open_store
 
 
 class StoreRows(Dataset):
@@ -49,22 +49,25 @@ class StoreRows(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def read_gt(self, i: int, masks: bool = False) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Ground truth of store row ``i`` (see ``SplitStore.read_gt``), sized by its record."""
+        return self.split().read_gt(i, int(self.records[i][F["n_instances"]]), masks=masks)
+
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.rows[k]
         sp = self.split()
         rec = self.records[i]
-        n = int(rec[F["n_instances"]])
         emb, interm = sp.read_features(i)
+        gt_masks, gt_boxes, gt_info = self.read_gt(i, masks=self.with_masks)
         item = {
             "row": i, "key": int(self.keys[i]),
             "image_embeddings": emb, "interm_embeddings": interm,
-            "gt_boxes": torch.from_numpy(np.asarray(sp.array("gt_boxes")[i, :n], np.float32)),
-            "gt_info": torch.from_numpy(np.asarray(sp.array("gt_info")[i, :n], np.int64)),
+            "gt_boxes": torch.from_numpy(gt_boxes), "gt_info": torch.from_numpy(gt_info),
             "orig_hw": (int(rec[F["orig_h"]]), int(rec[F["orig_w"]])),
             "input_hw": (int(rec[F["input_h"]]), int(rec[F["input_w"]])),
         }
-        if self.with_masks:
-            item["gt_masks"] = torch.from_numpy(np.asarray(sp.array("gt_masks")[i, :n]))
+        if gt_masks is not None:
+            item["gt_masks"] = torch.from_numpy(gt_masks)
         return item
 
 

@@ -14,17 +14,21 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from shared.console import console, warn_loud
-from shared.records import file_sha256
+from boxrefine.shared.console import console, warn_loud
+from boxrefine.shared.errors import BoxrefineError, DeviceError
+from boxrefine.shared.fileio import atomic_write_json
+from boxrefine.shared.records import file_sha256
 
 IMG_SIZE = 1024
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+M = TypeVar("M", bound=torch.nn.Module)
 INTERM_CHANNELS = {"vit_tiny": 160, "vit_b": 768, "vit_l": 1024, "vit_h": 1280}
 
 # From the HQ-SAM model card: name a known file by its content.
@@ -36,7 +40,7 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BoxrefineError, ValueError):
     """A checkpoint file that cannot be used; the message names the file."""
 
 
@@ -85,9 +89,7 @@ def checkpoint_sha256(path: Path) -> str:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache[str(path)] = {"stamp": stamp, "sha256": digest}
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)
+        atomic_write_json(cache_file, cache, indent=1)
     except OSError:
         pass
     return digest
@@ -117,7 +119,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device is {name!r} but CUDA is not available on this machine")
+        raise DeviceError(f"model.device is {name!r} but CUDA is not available on this machine")
     return dev
 
 
@@ -154,10 +156,14 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
                           + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""))
         if len(state) - len(result.unexpected_keys) == 0:
             raise CheckpointError(f"{checkpoint}: no key matches HQ-SAM {model_type}; wrong model.type?")
-    sam.eval()
-    for p in sam.parameters():
-        p.requires_grad_(False)
-    return sam.to(device)
+    return _frozen(sam, device)
+
+
+def _frozen(module: M, device: torch.device | str) -> M:
+    """Eval mode, no gradients, on ``device``: how every HQ-SAM part is used here."""
+    module.eval()
+    module.requires_grad_(False)
+    return module.to(device)
 
 
 def load_state_dict_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -268,7 +274,4 @@ def build_sam_heads(model_type: str, checkpoint: Path | None, seed: int, device:
         if result.missing_keys:
             console.print(f"[yellow]{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
                           f"e.g. {result.missing_keys[:3]}[/yellow]")
-    heads.eval()
-    for p in heads.parameters():
-        p.requires_grad_(False)
-    return heads.to(device)
+    return _frozen(heads, device)

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as nnf
 from torch.utils.data import DataLoader
 
-from shared.boxes import clip_boxes, mask_logits_to_boxes, scale_boxes
-from shared.evalboxes import CoarseBoxes
-from shared.metrics import box_metrics, mask_iou
-from shared.refiner import BoxRefiner, refine_loss
-from shared.rowdata import StoreRows, collate_rows
-from shared.sam import SamHeads
+from boxrefine.shared.boxes import clip_boxes, mask_logits_to_boxes, scale_boxes
+from boxrefine.shared.evalboxes import CoarseBoxes
+from boxrefine.shared.metrics import box_metrics, mask_iou
+from boxrefine.shared.refiner import BoxRefiner, refine_loss
+from boxrefine.shared.rowdata import StoreRows, collate_rows
+from boxrefine.shared.sam import SamHeads
 
 
 @dataclass
@@ -83,7 +83,8 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
             refiner: BoxRefiner | None, heads: SamHeads | None, amp_dtype: torch.dtype | None = None,
             batch_images: int = 2, num_workers: int = 0, zero_shot: bool = False, masks: bool = False,
             coarse_masks: bool | None = None, loss_weights: tuple[float, float] = (1.0, 1.0),
-            on_batch: Callable[[int], None] | None = None) -> list[ImagePrediction]:
+            on_batch: Callable[[int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[ImagePrediction]:
     """Coarse boxes (keyed by row key) → refined / zero-shot boxes and mask IoUs, per image.
 
     ``heads`` (frozen prompt encoder + HQ decoder) is needed when the refiner uses mask logits, for
@@ -91,6 +92,7 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
     ``coarse_masks`` (default: ``masks``) says whether to score the coarse-prompt mask too; it does
     not depend on the refiner, so evaluate computes it once and passes False per checkpoint.
     Images without coarse boxes get empty tensors, never None, so they do not hide a metric.
+    ``should_stop`` is asked after every batch; when it says yes, what is done so far is returned.
     """
     coarse_masks = masks if coarse_masks is None else coarse_masks
     loader = DataLoader(dataset, batch_size=batch_images, shuffle=False, num_workers=num_workers,
@@ -161,6 +163,8 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
         out.extend(preds)
         if on_batch is not None:
             on_batch(len(batch["row"]))
+        if should_stop is not None and should_stop():
+            break
     return out
 
 

@@ -14,7 +14,7 @@ Layout::
         gt_info        (N, K, 3)  int64     [annotation id, category id, iscrowd] (-1 padding)
         bad_images/shard-<i>-of-<n>   attrs: {key: {"file", "reason"}} per extract shard
 
-Protocol (DESIGN.md invariants 3–5): a writer first clears a row's record (state EMPTY) if it had
+Protocol (docs/architecture.md, "Crash protocol"): a writer first clears a row's record (state EMPTY) if it had
 one, then writes the row's chunks, then writes its record with state COMPLETE. Each key is written
 atomically (zarr's LocalStore writes a temp file and renames; object stores PUT whole objects), each
 row lives in its own chunks, so a reader that trusts only COMPLETE records never sees a torn row,
@@ -24,7 +24,6 @@ and processes working on disjoint rows never touch the same object.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 import warnings
 from collections.abc import Iterable
@@ -34,12 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
-from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from shared import __version__
-from shared.config import PipelineConfig, StoreConfig, is_url
-from shared.records import ImageRecord
+from boxrefine.shared import __version__
+from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_differences, is_url
+from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.records import ImageRecord
+from boxrefine.shared.storage import from_storage, storage_numpy_dtype, to_storage
 
 SCHEMA_VERSION = 1
 ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
@@ -49,10 +48,10 @@ STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
 STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale"}
 FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
 GT_ARRAYS = ("gt_masks", "gt_boxes", "gt_info")
-_INDEX_CHUNK = 1 << 16
+INDEX_CHUNK = 1 << 16  # rows per chunk of the small per-split index arrays (keys, image_ids)
 
 
-class StoreError(ValueError):
+class StoreError(BoxrefineError, ValueError):
     """A store that cannot be used as asked; the message names the store and the problem."""
 
 
@@ -83,13 +82,12 @@ class StoreIdentity:
         return cls(**d)
 
     def differences(self, other: StoreIdentity) -> list[str]:
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: store has {a[k]!r}, config gives {b[k]!r}" for k in a if a[k] != b[k]]
+        return dict_differences(self.to_dict(), other.to_dict(), ("store has", "config gives"))
 
 
 def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdentity:
     """The identity a store made (or read) with this config must have."""
-    from shared.sam import IMG_SIZE, PIXEL_MEAN, PIXEL_STD
+    from boxrefine.shared.sam import IMG_SIZE, PIXEL_MEAN, PIXEL_STD
 
     return StoreIdentity(model_type=cfg.model.type, checkpoint=checkpoint_fingerprint, img_size=IMG_SIZE,
                          pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=cfg.store.dtype,
@@ -99,7 +97,7 @@ def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdent
 def open_checked_store(cfg: PipelineConfig) -> FeatureStore:
     """Open the configured store read-only and refuse it unless it was made with the configured
     model, checkpoint and preprocessing (what train and evaluate need before using any feature)."""
-    from shared.sam import checkpoint_info
+    from boxrefine.shared.sam import checkpoint_info
 
     store = open_store(cfg.store.path)
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
@@ -115,44 +113,12 @@ def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdenti
                          + ". Use another store path, or --overwrite to rebuild this one.")
 
 
-def _compressors(codec: str, clevel: int, typesize: int) -> Any:
-    if codec == "none":
-        return None
-    shuffle = BloscShuffle.shuffle if typesize > 1 else BloscShuffle.bitshuffle
-    return BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle, typesize=typesize)
-
-
-def storage_numpy_dtype(dtype: str) -> np.dtype:
-    # numpy has no bfloat16: its bits are stored as uint16 and reinterpreted on read.
-    return np.dtype({"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype])
-
-
-def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """Cast a float tensor to the storage dtype (on its device) and return a CPU numpy array."""
-    if dtype == "bfloat16":
-        t = t.to(torch.bfloat16).view(torch.int16)
-        return t.cpu().numpy().view(np.uint16)
-    t = t.to(torch.float16 if dtype == "float16" else torch.float32)
-    return t.cpu().numpy()
-
-
-def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Inverse of :func:`to_storage`: numpy chunk → torch tensor in float16/bfloat16/float32."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
 def _open_group(path: str, mode: str) -> zarr.Group:
     kwargs: dict[str, Any] = {"zarr_format": 3}
     try:
         return zarr.open_group(path, mode=mode, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
-
-
-def _keys_digest(keys: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()
 
 
 class SplitStore:
@@ -227,9 +193,13 @@ class SplitStore:
         interm = from_storage(self.array("interm_embeddings")[i], self.dtype)
         return emb, interm
 
-    def read_gt(self, i: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The first ``n`` instances of row ``i``: masks n×S×S, boxes n×4 (xyxy px), info n×3."""
-        return (self.array("gt_masks")[i, :n], self.array("gt_boxes")[i, :n], self.array("gt_info")[i, :n])
+    def read_gt(self, i: int, n: int, masks: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The first ``n`` instances of row ``i`` (``n`` from its record): masks n×S×S uint8 in SAM's
+        low-res frame (None unless ``masks``), boxes n×4 float32 (xyxy, original px), info n×3 int64
+        ([annotation id, category id, iscrowd])."""
+        boxes = np.asarray(self.array("gt_boxes")[i, :n], np.float32).reshape(-1, 4)
+        info = np.asarray(self.array("gt_info")[i, :n], np.int64).reshape(-1, 3)
+        return (np.asarray(self.array("gt_masks")[i, :n]) if masks else None), boxes, info
 
     def bad_images(self) -> dict[int, dict[str, str]]:
         """Bad-image reports from every extract shard, for rows still marked bad."""
@@ -319,78 +289,10 @@ class FeatureStore:
 
     def layout_split(self, name: str, records: Iterable[ImageRecord], annotations: dict[str, str],
                      images_root: str, interm_channels: int) -> SplitStore:
-        """Create or extend a split's arrays so every record has a row; rows of images no longer in
-        the annotations are marked STALE. Idempotent: concurrent shards computing the same layout
-        write identical metadata."""
-        records = list(records)
-        storage = self.attrs["storage"]
-        dt = storage_numpy_dtype(storage["dtype"])
-        comp = _compressors(storage["codec"], storage["clevel"], dt.itemsize)
-        comp_i64 = _compressors(storage["codec"], storage["clevel"], 8)
-        comp_mask = _compressors(storage["codec"], storage["clevel"], 1)
-        s = self.identity.gt_mask_size
-        k_needed = max([len(r.instances) for r in records] + [1])
-        grp = self.group.require_group(name)
-        if name not in [n for n, _ in self.group.groups()]:
-            raise StoreError(f"{self.path}: cannot create split group {name!r}")
+        """Create or extend a split's arrays so every record has a row (``shared/store_layout.py``)."""
+        from boxrefine.shared.store_layout import layout_split
 
-        def require(arr_name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
-                    fill: Any, compressors: Any) -> zarr.Array:
-            try:
-                return grp.create_array(arr_name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                                        compressors=compressors, overwrite=False)
-            except (ContainsArrayError, ContainsGroupError, FileExistsError):
-                return grp[arr_name]
-
-        # Only a *published* layout counts: arrays another shard is creating right now may still hold
-        # fill values. From the published layout and the records, every process computes the same
-        # new layout (new images appended in file-name order), so concurrent writes are identical.
-        published = grp.attrs.get("layout")
-        if published and "keys" in grp:
-            existing = grp["keys"][: int(published["n_rows"])]
-            if _keys_digest(existing) != published["keys_sha256"]:
-                raise StoreError(f"{self.path}/{name}: row keys do not match the published layout; "
-                                 "the store was changed by something else — rebuild it with --overwrite")
-        else:
-            existing = np.zeros(0, np.int64)
-        known = {int(k): i for i, k in enumerate(existing.tolist())}
-        new = [r for r in records if r.key not in known]
-        n_old, n = len(existing), len(existing) + len(new)
-        k_old = int(grp["gt_info"].shape[1]) if (published and "gt_info" in grp) else 0
-        k_max = max(k_old, k_needed, int(published.get("max_instances", 0)) if published else 0)
-
-        specs = {
-            "keys": ((n,), (_INDEX_CHUNK,), np.int64, 0, comp_i64),
-            "image_ids": ((n,), (_INDEX_CHUNK,), np.int64, -1, comp_i64),
-            "rows": ((n, len(ROW_FIELDS)), (1, len(ROW_FIELDS)), np.int64, 0, None),
-            "image_embeddings": ((n, 256, 64, 64), (1, 256, 64, 64), dt, 0, comp),
-            "interm_embeddings": ((n, 64, 64, interm_channels), (1, 64, 64, interm_channels), dt, 0, comp),
-            "gt_masks": ((n, k_max, s, s), (1, k_max, s, s), np.uint8, 0, comp_mask),
-            "gt_boxes": ((n, k_max, 4), (1, k_max, 4), np.float32, np.nan, None),
-            "gt_info": ((n, k_max, 3), (1, k_max, 3), np.int64, -1, None),
-        }
-        for arr_name, (shape, chunks, dtype, fill, compressors) in specs.items():
-            arr = require(arr_name, shape, chunks, dtype, fill, compressors)
-            if arr_name == "interm_embeddings" and arr.shape[-1] != interm_channels:
-                raise StoreError(f"{self.path}/{name}: interm_embeddings has {arr.shape[-1]} channels, "
-                                 f"model gives {interm_channels}")
-            if tuple(arr.shape) != shape:
-                arr.resize(shape)
-        keys = np.concatenate([existing, np.array([r.key for r in new], np.int64)])
-        if new:
-            grp["keys"][n_old:n] = keys[n_old:]
-        # image ids of existing rows may change with a new annotation file
-        wanted = {r.key: r.image_id for r in records}
-        new_ids = np.array([wanted.get(int(k), -1) for k in keys.tolist()], np.int64)
-        if n and not np.array_equal(grp["image_ids"][:], new_ids):
-            grp["image_ids"][:] = new_ids
-        rows_arr = grp["rows"]
-        for i in (i for i, k in enumerate(keys.tolist()) if k not in wanted):
-            if rows_arr[i][F["state"]] != STATE_STALE:  # image left the annotations: never served again
-                rows_arr[i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
-        grp.attrs.update({"annotations": annotations, "images_root": images_root, "max_instances": k_max,
-                          "layout": {"n_rows": n, "keys_sha256": _keys_digest(keys), "max_instances": k_max}})
-        return SplitStore(grp, name, self.identity.dtype, self.path)
+        return layout_split(self, name, list(records), annotations, images_root, interm_channels)
 
     def bytes_on_disk(self) -> int | None:
         """Total size of the store's objects (None where the filesystem cannot say)."""

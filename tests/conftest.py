@@ -4,6 +4,7 @@ built once per session (the encoder costs ~2 s per image on 2 CPU cores)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 train images (JPEG, grayscale PNG, RGBA PNG, 16-bit PNG) + 1 val image. Read-only: copy it."""
-    from shared.demo import generate_demo
+    from boxrefine.shared.dev.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root, num_train=4, num_val=1, seed=3)
@@ -52,7 +53,7 @@ def config_dict(data_root: Path, store_path: Path | str, **sections: dict[str, A
 
 
 def make_config(data_root: Path, store_path: Path | str, **sections: dict[str, Any]):
-    from shared.config import validate_config
+    from boxrefine.shared.config import validate_config
 
     return validate_config(config_dict(data_root, store_path, **sections), "<test>", Path.cwd())
 
@@ -64,7 +65,7 @@ def write_config(path: Path, data_root: Path, store_path: Path | str, **sections
 
 @pytest.fixture(scope="session")
 def sam():
-    from shared.sam import build_hq_sam
+    from boxrefine.shared.sam import build_hq_sam
 
     return build_hq_sam("vit_tiny", None, 0, "cpu", announce=False)
 
@@ -72,7 +73,7 @@ def sam():
 @pytest.fixture(scope="session")
 def reference_store(demo_root: Path, sam, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted extract of the demo data. Read-only: copy it before changing anything."""
-    from extract.run import run_extract
+    from boxrefine.extract.run import run_extract
 
     store = tmp_path_factory.mktemp("ref") / "features.zarr"
     res = run_extract(make_config(demo_root, store, extract={"num_workers": 2}), model=sam)
@@ -89,7 +90,7 @@ def data_copy(demo_root: Path, tmp_path: Path) -> Path:
 
 def run_cli(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
     env = {**os.environ, "CI": "true", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "boxrefine.shared.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"boxrefine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -102,8 +103,8 @@ def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     built and images/GT masks cannot be decoded: what train and evaluate must cope with."""
     import segment_anything_hq  # noqa: F401
 
-    import shared.records as records
-    import shared.sam as sm
+    import boxrefine.shared.records as records
+    import boxrefine.shared.sam as sm
 
     data = tmp_path / "store-only-data"
     shutil.copytree(demo_root, data)
@@ -117,3 +118,41 @@ def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(records, "instance_mask", lambda *a, **k: pytest.fail("GT mask decoded again"))
     monkeypatch.setattr(records, "resize_gt_masks", lambda *a, **k: pytest.fail("GT masks resized again"))
     return data
+
+
+CLI_ENV = {"CI": "true", "COLUMNS": "250", "NO_COLOR": "1"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def invoke(*args: str) -> tuple[Any, str]:
+    """Run ``boxrefine ARGS`` in-process (typer's CliRunner); (result, output without ANSI codes).
+    An exception other than an exit is re-raised: it is a bug, not a CLI error."""
+    from typer.testing import CliRunner
+
+    from boxrefine.shared.cli.main import app
+
+    res = CliRunner().invoke(app, list(args), env=CLI_ENV)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res, _ANSI.sub("", res.output)
+
+
+def coco_stats(ann: Path, results: Path | list, image_ids: list[int] | None = None) -> list[float]:
+    """AP, AP50, AP75 from pycocotools on its own, as its README runs it."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        ev = COCOeval(gt, gt.loadRes(str(results) if isinstance(results, Path) else copy.deepcopy(results)),
+                      iouType="bbox")
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(x) for x in ev.stats[:3]]

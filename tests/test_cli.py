@@ -8,20 +8,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from conftest import config_dict, write_config
-from typer.testing import CliRunner, Result
-
-from shared.cli import app
-
-ENV = {"CI": "true", "COLUMNS": "250", "NO_COLOR": "1"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def invoke(*args: str) -> tuple[Result, str]:
-    res = CliRunner().invoke(app, list(args), env=ENV)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res, _ANSI.sub("", res.output)
+from conftest import config_dict, invoke, write_config
 
 
 def test_help_lists_every_command() -> None:

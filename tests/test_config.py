@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, config_dict
 
-from shared.config import ConfigError, PipelineConfig, load_config, parse_set_option, validate_config
+from boxrefine.shared.config import ConfigError, PipelineConfig, load_config, parse_set_option, validate_config
 
 _SKIP_DIRS = {".venv", "data", "runs"}
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO, make_config, write_config
 
-from extract.run import run_extract
-from shared.store import STATE_COMPLETE, F, FeatureStore, open_store
+from boxrefine.extract.run import run_extract
+from boxrefine.shared.store import STATE_COMPLETE, F, FeatureStore, open_store
 
 ARRAYS = ("keys", "image_ids", "image_embeddings", "interm_embeddings", "gt_masks", "gt_boxes", "gt_info")
 
@@ -38,8 +38,8 @@ def _assert_stores_equal(a: Path, b: Path) -> None:
 
 def _spawn(cfg_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "CI": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", "extract", "--config", str(cfg_path), *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "boxrefine.shared.cli", "extract", "--config", str(cfg_path), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _complete_rows(store: Path) -> int:
@@ -64,13 +64,17 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(demo_root, reference_st
     done = _complete_rows(store)
     assert 2 <= done < 5
 
-    # every row a reader can see right after the kill is whole and readable
-    st = open_store(str(store))
+    # every row a reader can see right after the kill is whole: its chunks equal the uninterrupted run's
+    st, ref = open_store(str(store)), open_store(str(reference_store))
     for name in st.splits:
-        sp = st.split(name)
-        for i in sp.complete_indices():
-            emb, interm = sp.read_features(int(i))
-            assert emb.abs().sum() > 0 and interm.abs().sum() > 0
+        sp, rp = st.split(name), ref.split(name)
+        assert np.array_equal(sp.keys(), rp.keys())
+        for i in sp.complete_indices().tolist():
+            np.testing.assert_array_equal(sp.read_rows()[i], rp.read_rows()[i])
+            for got, want in zip(sp.read_features(i), rp.read_features(i), strict=True):
+                np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), atol=2e-3, rtol=2e-3)
+            for got, want in zip(sp.read_gt(i, 99), rp.read_gt(i, 99), strict=True):
+                np.testing.assert_array_equal(got, want)
 
     res = run_extract(make_config(demo_root, store), model=sam)
     assert res.encoded == 5 - done

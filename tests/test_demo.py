@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from shared.demo import app, box_iou, generate_demo
+from boxrefine.shared.dev.demo import app, box_iou, generate_demo
 
 SPLITS = ("train", "val")
 # pycocotools 2.0.x + numpy 2: harmless "__array__ ... copy keyword" warning inside mask.decode

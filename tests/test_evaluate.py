@@ -21,22 +21,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_config, write_config
+from conftest import REPO, coco_stats, invoke, make_config, write_config
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from typer.testing import CliRunner
 
-import evaluate.run as er
-from evaluate.run import EvaluateError, amp_dtype, natural_key, resolve_checkpoints, run_evaluate
-from evaluate.vis import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR
-from shared.evalboxes import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
-from shared.refiner import BoxRefiner
-from shared.rowdata import StoreRows
-from shared.scoring import predict, summarize
-from shared.store import StoreError
-
-ENV = {"CI": "true", "COLUMNS": "250", "NO_COLOR": "1"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+import boxrefine.evaluate.run as er
+from boxrefine.evaluate.run import EvaluateError, amp_dtype, natural_key, resolve_checkpoints, run_evaluate
+from boxrefine.evaluate.vis import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR
+from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
+from boxrefine.shared.refiner import BoxRefiner
+from boxrefine.shared.rowdata import StoreRows
+from boxrefine.shared.scoring import predict, summarize
+from boxrefine.shared.store import StoreError
 
 
 class FakeHeads(torch.nn.Module):
@@ -57,12 +52,12 @@ def fake_heads(monkeypatch):
 @pytest.fixture(scope="module")
 def trained(demo_root: Path, reference_store: Path, tmp_path_factory) -> Path:
     """A tiny run: epoch_001.pt, epoch_002.pt, best.pt, last.pt. Read-only: copy what you change."""
-    from train.run import run_train
+    from boxrefine.train.recipe import run_train
 
     runs = tmp_path_factory.mktemp("runs")
     cfg = make_config(demo_root, reference_store,
                       train={"runs_dir": str(runs), "epochs": 2, "batch_images": 2, "boxes_per_image": 4,
-                             "num_workers": 0, "name": "r", "save_every": 1},
+                             "num_workers": 0, "name": "r", "keep_top_k": 5},
                       refiner={"use_mask": False, "hidden": 32})
     return run_train(cfg).run_dir
 
@@ -97,15 +92,44 @@ def _spy_predict(monkeypatch) -> list[dict]:
     return calls
 
 
-def _coco_stats(ann: Path, results, image_ids: list[int]) -> list[float]:
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann))
-        ev = COCOeval(gt, gt.loadRes(str(results) if isinstance(results, Path) else results), iouType="bbox")
-        ev.params.imgIds = image_ids
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return [float(x) for x in ev.stats[:3]]
+def _box_metrics(boxes_xywh: list[list[float]], eval_boxes: Path, ann: Path) -> tuple[float, float]:
+    """Mean IoU and mean |side error| of boxes (in the order of the saved evaluation boxes of the one val
+    image) against their matched GT, from the annotation file, written out with numpy."""
+    saved = next(iter(json.loads(eval_boxes.read_text())["images"].values()))
+    gts = sorted(json.loads(ann.read_text())["annotations"], key=lambda a: a["id"])
+    gts = [a for a in gts if a["image_id"] == saved["image_id"]]
+    ious, sides = [], []
+    for (x, y, w, h), gi in zip(boxes_xywh, saved["gt_index"], strict=True):
+        if gi < 0:
+            continue
+        p = np.array([x, y, x + w, y + h])
+        gx, gy, gw, gh = gts[gi]["bbox"]
+        g = np.array([gx, gy, gx + gw, gy + gh])
+        inter = np.prod(np.clip(np.minimum(p[2:], g[2:]) - np.maximum(p[:2], g[:2]), 0, None))
+        ious.append(inter / (w * h + gw * gh - inter))
+        sides.append(np.abs(p - g).mean())
+    return float(np.mean(ious)), float(np.mean(sides))
+
+
+def _coarse_mask_iou(cfg, eval_boxes: Path) -> float:
+    """HQ-SAM's low-res mask for each matched coarse box vs its stored GT mask, by hand."""
+    from boxrefine.shared.sam import build_sam_heads
+
+    heads = build_sam_heads("vit_tiny", None, 0, "cpu", announce=False)
+    ds = StoreRows.from_store(cfg.store.path, "val", with_masks=True)
+    item = ds[0]
+    saved = json.loads(eval_boxes.read_text())["images"][str(item["key"])]
+    (oh, ow), (ih, iw) = item["orig_hw"], item["input_hw"]
+    boxes = torch.tensor(saved["boxes"]) * torch.tensor([iw / ow, ih / oh, iw / ow, ih / oh])
+    with torch.no_grad():
+        logits, _ = heads(item["image_embeddings"][None].float(), item["interm_embeddings"][None].float(), boxes)
+    ious = []
+    for k, gi in enumerate(saved["gt_index"]):
+        if gi >= 0:
+            pred, gt = logits[k, 0].numpy() > 0, item["gt_masks"][gi].numpy() > 0
+            union = (pred | gt).sum()
+            ious.append((pred & gt).sum() / union if union else 1.0)
+    return float(np.mean(ious))
 
 
 # ------------------------------------------------------------------------------------ units
@@ -116,7 +140,7 @@ def test_natural_order() -> None:
 
 
 def test_amp_dtype_follows_train_amp(demo_root: Path, reference_store: Path) -> None:
-    from shared.scoring import cpu_has_native_bf16
+    from boxrefine.shared.scoring import cpu_has_native_bf16
 
     cfg = _cfg(demo_root, reference_store)
     cpu = torch.device("cpu")
@@ -236,19 +260,26 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     best_file = out / f"refined_val_{res.best}.json"
     assert json.loads((out / "refined_val.json").read_text()) == json.loads(best_file.read_text())
 
-    # metrics: all present and in range; the mask IoUs come from the cached GT masks
+    # box metrics equal an independent computation from the files evaluate wrote (the refined JSON is
+    # rounded to 0.01 px) and the annotation file
     base = res.baselines
-    for r in (base["coarse"], *res.rows):
-        assert 0 <= r["mean_iou"] <= 1 and 0 <= r["mask_iou"] <= 1 and r["side_err_px"] >= 0
-    assert 0 <= base["zero_shot"]["mean_iou"] <= 1 and base["zero_shot"]["mask_iou"] is None
+    ann = demo_root / "annotations" / "instances_val.json"
+    coarse_xywh = [d["bbox"] for d in json.loads(small_dets.read_text())]
+    for r, boxes in ((base["coarse"], coarse_xywh),
+                     *((r, [d["bbox"] for d in json.loads(Path(r["refined_json"]).read_text())]) for r in res.rows)):
+        mean_iou, side = _box_metrics(boxes, out / "eval_boxes_val.json", ann)
+        assert r["mean_iou"] == pytest.approx(mean_iou, abs=1e-3) and r["side_err_px"] == pytest.approx(side, abs=0.01)
+    assert base["zero_shot"]["mask_iou"] is None and base["zero_shot"]["mean_iou"] is not None
+    # mask IoU of the coarse prompt: HQ-SAM's own mask vs the stored GT masks, recomputed here
+    assert base["coarse"]["mask_iou"] == pytest.approx(_coarse_mask_iou(cfg, out / "eval_boxes_val.json"), abs=1e-6)
 
     # COCO AP: ours == pycocotools on the same files, for the input detections and a refined file
     ann = demo_root / "annotations" / "instances_val.json"
     assert [base["coarse"][k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
-        _coco_stats(ann, small_dets, [1]), abs=1e-9)
+        coco_stats(ann, small_dets, [1]), abs=1e-9)
     row = res.rows[1]
     assert [row[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
-        _coco_stats(ann, out / "refined_val_epoch_10.json", [1]), abs=1e-9)
+        coco_stats(ann, out / "refined_val_epoch_10.json", [1]), abs=1e-9)
 
     # refined results: loadRes accepts them; xywh; scores and categories carried over from the detections
     with contextlib.redirect_stdout(io.StringIO()):
@@ -261,10 +292,21 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns)
 
 
-def test_runs_without_images_and_without_image_encoder(store_only: Path, reference_store: Path, trained: Path,
-                                                       small_dets: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def evaluated_with_images(demo_root: Path, reference_store: Path, trained: Path, small_dets: Path,
+                          tmp_path_factory) -> dict:
+    """metrics.json of best.pt (real heads) evaluated in a normal environment, images present."""
+    run = tmp_path_factory.mktemp("with-images")
+    shutil.copy(trained / "best.pt", run / "best.pt")
+    run_evaluate(_cfg(demo_root, reference_store, dets=small_dets), run / "best.pt")
+    return json.loads((run / "eval" / "metrics.json").read_text())
+
+
+def test_runs_without_images_and_without_image_encoder(evaluated_with_images: dict, store_only: Path,
+                                                       reference_store: Path, trained: Path, small_dets: Path,
+                                                       tmp_path: Path) -> None:
     """Real heads; the image folder is gone, the image encoder cannot be built, and GT masks cannot be
-    decoded or resized: everything comes from the store."""
+    decoded or resized: everything comes from the store, and the numbers are those of a run with images."""
     data = store_only
     run = tmp_path / "run"
     run.mkdir()
@@ -272,8 +314,11 @@ def test_runs_without_images_and_without_image_encoder(store_only: Path, referen
 
     res = run_evaluate(_cfg(data, reference_store, dets=small_dets), run / "best.pt")
     assert [r["checkpoint"] for r in res.rows] == ["best"] and res.best == "best"
-    assert 0 <= res.rows[0]["mask_iou"] <= 1 and 0 <= res.baselines["coarse"]["mask_iou"] <= 1
-    assert res.rows[0]["AP"] is not None  # the annotation JSON is still there
+    want = evaluated_with_images
+    assert res.baselines == want["baselines"]
+    assert {k: v for k, v in res.rows[0].items() if k != "path"} == \
+        {k: v for k, v in want["checkpoints"][0].items() if k != "path"}
+    assert res.rows[0]["mask_iou"] is not None and res.rows[0]["AP"] is not None  # annotation JSON still there
     out = run / "eval"
     assert (out / "refined_val.json").is_file() and not (out / "refined_val_best.json").exists()
 
@@ -341,15 +386,6 @@ def test_mismatched_store_refused(demo_root: Path, reference_store: Path, traine
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _invoke(*args: str):
-    from shared.cli import app
-
-    res = CliRunner().invoke(app, list(args), env=ENV)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res, _ANSI.sub("", res.output)
-
-
 def test_cli_folder_table_and_all_corrupt(demo_root: Path, reference_store: Path, trained: Path,
                                           small_dets: Path, tmp_path: Path, fake_heads) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", demo_root, reference_store,
@@ -360,7 +396,7 @@ def test_cli_folder_table_and_all_corrupt(demo_root: Path, reference_store: Path
     folder.mkdir()
     shutil.copy(trained / "epoch_001.pt", folder / "epoch_001.pt")
     shutil.copy(trained / "epoch_002.pt", folder / "epoch_002.pt")
-    res, out = _invoke("evaluate", "--config", str(cfg), "--checkpoint", str(folder))
+    res, out = invoke("evaluate", "--config", str(cfg), "--checkpoint", str(folder))
     assert res.exit_code == 0, out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if re.match(r"^\s*boxes\s+IoU", line))
@@ -372,10 +408,10 @@ def test_cli_folder_table_and_all_corrupt(demo_root: Path, reference_store: Path
     bad.mkdir()
     (bad / "a.pt").write_bytes(b"\x00" * 10)
     (bad / "b.pt").write_text("{}")
-    res, out = _invoke("evaluate", "--config", str(cfg), "--checkpoint", str(bad))
+    res, out = invoke("evaluate", "--config", str(cfg), "--checkpoint", str(bad))
     assert res.exit_code != 0
     assert "no checkpoint evaluated" in out and "a.pt" in out and "b.pt" in out
-    res, out = _invoke("evaluate", "--config", str(cfg), "--checkpoint", str(tmp_path / "nothing.pt"))
+    res, out = invoke("evaluate", "--config", str(cfg), "--checkpoint", str(tmp_path / "nothing.pt"))
     assert res.exit_code == 1 and "nothing.pt: checkpoint not found" in out
-    res, out = _invoke("evaluate", "--config", str(cfg), "--split", "nope")
+    res, out = invoke("evaluate", "--config", str(cfg), "--split", "nope")
     assert res.exit_code == 2 and "evaluate.split" in out

@@ -13,10 +13,10 @@ import torch
 from conftest import make_config
 from pycocotools import mask as mask_utils
 
-from extract.run import ExtractError, run_extract
-from shared.imageio import read_rgb
-from shared.records import load_coco
-from shared.store import STATE_BAD, STATE_COMPLETE, F, StoreError, open_store
+from boxrefine.extract.run import ExtractError, run_extract
+from boxrefine.shared.imageio import read_rgb
+from boxrefine.shared.records import load_coco
+from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, StoreError, open_store
 
 
 def _row_of(split, file_name: str, demo_root: Path, split_name: str) -> int:
@@ -107,8 +107,8 @@ def test_second_run_does_no_encoder_work(reference_store, demo_root, tmp_path, m
     def boom(*a, **k):
         raise AssertionError("the encoder model must not even be built")
 
-    monkeypatch.setattr("extract.run.build_hq_sam", boom)
-    monkeypatch.setattr("extract.run.encode", boom)
+    monkeypatch.setattr("boxrefine.extract.run.build_hq_sam", boom)
+    monkeypatch.setattr("boxrefine.extract.run.encode", boom)
     res = run_extract(make_config(demo_root, store))
     assert res.encoded == 0
     assert sum(s.skipped for s in res.splits) == 5
@@ -142,7 +142,7 @@ def test_annotation_change_rewrites_gt_without_encoder(reference_store, data_cop
     coco = json.loads(ann_path.read_text())
     dropped = coco["annotations"].pop(0)
     ann_path.write_text(json.dumps(coco))
-    monkeypatch.setattr("extract.run.build_hq_sam", lambda *a, **k: pytest.fail("encoder built"))
+    monkeypatch.setattr("boxrefine.extract.run.build_hq_sam", lambda *a, **k: pytest.fail("encoder built"))
     res = run_extract(make_config(data_copy, store))
     val = next(s for s in res.splits if s.split == "val")
     assert (val.encoded, val.gt_only) == (0, 1)
@@ -224,7 +224,7 @@ def test_strict_makes_bad_images_fatal_and_keeps_rows(data_copy, tmp_path, sam):
 
 
 def test_path_escaping_image_root_is_refused(data_copy, tmp_path):
-    from shared.records import DataError
+    from boxrefine.shared.records import DataError
 
     ann_path = data_copy / "annotations" / "instances_val.json"
     coco = json.loads(ann_path.read_text())
@@ -237,8 +237,8 @@ def test_path_escaping_image_root_is_refused(data_copy, tmp_path):
 def test_checkpoint_file_loads_through_real_path(demo_root, tmp_path, monkeypatch):
     """Save a (random, seed 7) state dict to a file and extract with it: identity records its sha256
     and the features are those of the seed-7 weights, i.e. the file was really loaded."""
-    from shared import sam as sam_mod
-    from shared.records import file_sha256
+    from boxrefine.shared import sam as sam_mod
+    from boxrefine.shared.records import file_sha256
 
     ref = sam_mod.build_hq_sam("vit_tiny", None, 7, "cpu", announce=False)
     ckpt = tmp_path / "sam_hq_vit_tiny_test.pth"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.imageio import ImageError, decode_rgb, read_rgb, source_fingerprint
+from boxrefine.shared.imageio import ImageError, decode_rgb, read_rgb, source_fingerprint
 
 
 def _check_rgb(a: np.ndarray, h: int, w: int) -> None:
@@ -29,36 +29,20 @@ def test_grayscale_png(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a[..., c], gray)
 
 
-def test_rgb_png_channel_order(tmp_path: Path) -> None:
-    bgr = np.zeros((2, 3, 3), np.uint8)
-    bgr[0, 0] = (255, 0, 0)  # blue in BGR
-    bgr[0, 1] = (0, 255, 0)  # green
-    bgr[0, 2] = (0, 0, 255)  # red
-    bgr[1, :] = (10, 20, 30)
+@pytest.mark.parametrize("written, expected", [
+    # BGR on disk: blue, green, red / a grey row
+    ([[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(10, 20, 30)] * 3],
+     [[(0, 0, 255), (0, 255, 0), (255, 0, 0)], [(30, 20, 10)] * 3]),
+    # BGRA: opaque red, half-transparent blue, fully transparent (colour kept, not premultiplied), opaque
+    ([[(0, 0, 255, 255), (255, 0, 0, 128)], [(10, 200, 30, 0), (1, 2, 3, 255)]],
+     [[(255, 0, 0), (0, 0, 255)], [(30, 200, 10), (3, 2, 1)]]),
+], ids=["rgb", "rgba-drops-alpha"])
+def test_png_channel_order(tmp_path: Path, written: list, expected: list) -> None:
     p = tmp_path / "c.png"
-    assert cv2.imwrite(str(p), bgr)
+    assert cv2.imwrite(str(p), np.array(written, np.uint8))
     a = read_rgb(p)
-    _check_rgb(a, 2, 3)
-    assert a[0, 0].tolist() == [0, 0, 255]
-    assert a[0, 1].tolist() == [0, 255, 0]
-    assert a[0, 2].tolist() == [255, 0, 0]
-    assert a[1, 0].tolist() == [30, 20, 10]
-
-
-def test_rgba_png_drops_alpha(tmp_path: Path) -> None:
-    bgra = np.zeros((2, 2, 4), np.uint8)
-    bgra[0, 0] = (0, 0, 255, 255)  # opaque red
-    bgra[0, 1] = (255, 0, 0, 128)  # half-transparent blue
-    bgra[1, 0] = (10, 200, 30, 0)  # fully transparent: colour kept, alpha dropped (not premultiplied)
-    bgra[1, 1] = (1, 2, 3, 255)
-    p = tmp_path / "a.png"
-    assert cv2.imwrite(str(p), bgra)
-    a = read_rgb(p)
-    _check_rgb(a, 2, 2)
-    assert a[0, 0].tolist() == [255, 0, 0]
-    assert a[0, 1].tolist() == [0, 0, 255]
-    assert a[1, 0].tolist() == [30, 200, 10]
-    assert a[1, 1].tolist() == [3, 2, 1]
+    _check_rgb(a, len(expected), len(expected[0]))
+    assert a.tolist() == [[list(px) for px in row] for row in expected]
 
 
 def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
@@ -171,7 +155,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="cannot read") as ei:
+    with pytest.raises(ImageError, match="is a folder") as ei:
         read_rgb(tmp_path)
     assert str(ei.value).startswith(str(tmp_path))
 

@@ -1,6 +1,8 @@
 """Static layering rules, checked on the source with ``ast`` (every import, including ones inside
-functions): ``shared`` never imports a stage (except the composition root ``shared/cli.py``), no stage
-imports another stage, and only ``extract`` opens images (``cv2`` / ``shared.imageio``)."""
+functions), in the ``boxrefine.*`` namespace the folders are installed under: ``shared`` never imports a
+stage (except the composition root ``shared/cli/main.py``), library code in ``shared`` never imports
+the CLI plumbing in ``shared/cli``, no stage imports another stage, only ``extract`` opens images
+(``cv2`` / ``boxrefine.shared.imageio``), and nothing imports the old top-level names."""
 
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ from conftest import REPO
 
 STAGES = ("extract", "train", "evaluate")
 PACKAGES = ("shared", *STAGES)
-COMPOSITION_ROOT = "shared/cli.py"
-# DESIGN.md invariant 1 names one exception to "only extract opens images": `evaluate --vis`, which
+COMPOSITION_ROOT = "shared/cli/main.py"
+NS = "boxrefine"
+# docs/architecture.md (invariant 1) names one exception to "only extract opens images": `evaluate --vis`, which
 # draws boxes over the images. It lives in this one module, which evaluate imports only for --vis.
 IMAGE_EXCEPTIONS = ("evaluate/vis.py",)
 
 
 def _module_name(path: Path, root: Path = REPO) -> str:
+    """``shared/store.py`` → ``boxrefine.shared.store`` (the installed name of the file)."""
     rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(parts)
+    return ".".join([NS, *parts])
 
 
 def imports_of(path: Path, root: Path = REPO) -> set[str]:
@@ -59,7 +63,10 @@ def _is_dynamic_import(node: ast.Call) -> bool:
 
 
 def _top(name: str) -> str:
-    return name.split(".")[0]
+    """The boxrefine package a module belongs to (``boxrefine.train.recipe`` → ``train``); other
+    modules give their top-level name (``cv2``)."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == NS and len(parts) > 1 else parts[0]
 
 
 def _sources(package: str) -> list[Path]:
@@ -75,7 +82,7 @@ def _rel(p: Path) -> str:
 
 def test_sources_found() -> None:
     rels = {_rel(p) for p in ALL_SOURCES}
-    assert {"shared/cli.py", "shared/store.py", "extract/run.py", "train/cli.py", "evaluate/cli.py"} <= rels
+    assert {"shared/cli/main.py", "shared/store.py", "extract/run.py", "train/cli.py", "evaluate/cli.py"} <= rels
 
 
 def test_import_collector_sees_nested_relative_and_dynamic_imports(tmp_path: Path) -> None:
@@ -84,15 +91,16 @@ def test_import_collector_sees_nested_relative_and_dynamic_imports(tmp_path: Pat
     fake.parent.mkdir()
     fake.write_text("import os\n"
                     "def f():\n"
-                    "    from extract.run import run_extract\n"
+                    "    from boxrefine.extract.run import run_extract\n"
                     "    import cv2 as c\n"
                     "from . import cli\n"
                     "from .sub.mod import thing\n"
-                    "from shared import imageio\n"
+                    "from boxrefine.shared import imageio\n"
                     "import importlib\n"
                     "importlib.import_module('evaluate.cli')\n")
     got = imports_of(fake, root=tmp_path)
-    assert {"os", "extract.run", "cv2", "train.cli", "train.sub.mod", "shared.imageio", "evaluate.cli"} <= got
+    assert {"os", "boxrefine.extract.run", "cv2", "boxrefine.train.cli", "boxrefine.train.sub.mod",
+            "boxrefine.shared.imageio", "evaluate.cli"} <= got
 
 
 @pytest.mark.parametrize("path", [p for p in ALL_SOURCES if _top(_module_name(p)) == "shared"], ids=_rel)
@@ -121,5 +129,20 @@ def test_only_extract_opens_images(path: Path) -> None:
     if _rel(path) in IMAGE_EXCEPTIONS:
         return
     bad = sorted(m for m in imports_of(path)
-                 if _top(m) == "cv2" or m == "shared.imageio" or m.startswith("shared.imageio."))
+                 if _top(m) == "cv2" or m == f"{NS}.shared.imageio" or m.startswith(f"{NS}.shared.imageio."))
     assert not bad, f"{_rel(path)} imports {bad}: only the extract stage decodes images"
+
+
+@pytest.mark.parametrize("path", ALL_SOURCES, ids=_rel)
+def test_no_old_top_level_imports(path: Path) -> None:
+    """Every project import goes through the ``boxrefine`` namespace: a bare ``evaluate`` or ``train``
+    would pick up another package of that name (Hugging Face's ``evaluate``) or fail when installed."""
+    bad = sorted(m for m in imports_of(path) if m.split(".")[0] in PACKAGES)
+    assert not bad, f"{_rel(path)} imports {bad}; use boxrefine.<package>"
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_SOURCES if _top(_module_name(p)) == "shared"
+                                  and not _rel(p).startswith(("shared/cli/", "shared/dev/"))], ids=_rel)
+def test_library_code_never_imports_cli_plumbing(path: Path) -> None:
+    bad = sorted(m for m in imports_of(path) if m.startswith((f"{NS}.shared.cli", f"{NS}.shared.dev", "typer")))
+    assert not bad, f"{_rel(path)} is library code but imports {bad}"

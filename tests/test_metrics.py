@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import coco_stats
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from shared.metrics import box_metrics, coco_box_ap, mask_iou
+from boxrefine.shared.metrics import box_metrics, coco_box_ap, mask_iou
 
 
 def test_box_metrics_known_answers() -> None:
@@ -53,27 +53,13 @@ def test_mask_iou_known_answers() -> None:
     assert mask_iou(a.to(torch.uint8), b.to(torch.uint8)).tolist() == pytest.approx([0.5, 1.0, 0.0, 1.0])
 
 
-def _direct_coco_ap(ann: Path, results: Path | list, image_ids: list[int] | None = None) -> list[float]:
-    """pycocotools on its own, as its README runs it."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann))
-        dt = gt.loadRes(str(results) if isinstance(results, Path) else copy.deepcopy(results))
-        ev = COCOeval(gt, dt, iouType="bbox")
-        if image_ids is not None:
-            ev.params.imgIds = image_ids
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return [float(x) for x in ev.stats[:3]]
-
-
 def test_coco_box_ap_equals_pycocotools_on_demo_files(demo_root: Path, capsys) -> None:
     ann = demo_root / "annotations" / "instances_train.json"
     det_path = demo_root / "annotations" / "detections_train.json"
     dets = json.loads(det_path.read_text())
     before = copy.deepcopy(dets)
     ours = coco_box_ap(ann, dets)
-    direct = _direct_coco_ap(ann, det_path)
+    direct = coco_stats(ann, det_path)
     assert [ours["AP"], ours["AP50"], ours["AP75"]] == pytest.approx(direct, abs=1e-12)
     assert 0 < ours["AP"] < 1  # noisy demo detections: neither trivial nor perfect
     assert dets == before  # loadRes adds keys to what it is given: the wrapper passes copies
@@ -81,7 +67,7 @@ def test_coco_box_ap_equals_pycocotools_on_demo_files(demo_root: Path, capsys) -
     # restricted to some image ids, against pycocotools restricted the same way
     ids = [2, 4]
     sub = coco_box_ap(ann, dets, ids)
-    assert [sub["AP"], sub["AP50"], sub["AP75"]] == pytest.approx(_direct_coco_ap(ann, det_path, ids), abs=1e-12)
+    assert [sub["AP"], sub["AP50"], sub["AP75"]] == pytest.approx(coco_stats(ann, det_path, ids), abs=1e-12)
     assert sub["AP"] != pytest.approx(ours["AP"])
     # with a loaded COCO object too
     with contextlib.redirect_stdout(io.StringIO()):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from shared.records import (
+from boxrefine.shared.records import (
     DataError,
     Instance,
     image_key,

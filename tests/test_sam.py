@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import sam as sam_mod
-from shared.sam import CheckpointError, build_hq_sam, checkpoint_info, load_state_dict_file
+from boxrefine.shared import sam as sam_mod
+from boxrefine.shared.sam import CheckpointError, build_hq_sam, checkpoint_info, load_state_dict_file
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_missing_checkpoint_file(tmp_path):
 def test_heads_without_encoder_equal_the_full_models(tmp_path, sam):
     """train/evaluate build only the prompt encoder + HQ decoder; they must hold the same weights
     the full model (used by extract) has — for random init and from a checkpoint file."""
-    from shared.sam import build_sam_heads
+    from boxrefine.shared.sam import build_sam_heads
 
     def same(heads, full):
         hs = heads.state_dict()

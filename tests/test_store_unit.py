@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import StoreConfig
-from shared.records import SplitRecords, load_coco
-from shared.store import (
+from boxrefine.shared.config import StoreConfig
+from boxrefine.shared.records import SplitRecords, load_coco
+from boxrefine.shared.store import (
     ROW_FIELDS,
     STATE_COMPLETE,
     STATE_EMPTY,

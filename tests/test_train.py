@@ -11,11 +11,11 @@ import torch
 import yaml
 from conftest import make_config
 
-from shared.checkpoints import load_checkpoint
-from shared.config import load_config
-from shared.evalboxes import sample_subset
-from shared.store import StoreError
-from train.run import TrainError, run_train
+from boxrefine.shared.checkpoints import load_checkpoint
+from boxrefine.shared.config import load_config
+from boxrefine.shared.evalboxes import sample_subset
+from boxrefine.shared.store import StoreError
+from boxrefine.train.recipe import TrainError, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def _cfg(demo_root, store, runs, **train):
 
 def _interrupt_at_call(monkeypatch, n: int) -> None:
     """Simulate Ctrl-C at the n-th loss computation (after n-1 optimizer steps)."""
-    import train.run as tr
+    import boxrefine.train.steps as tr
 
     real, calls = tr.refine_loss, {"n": 0}
 
@@ -52,6 +52,14 @@ def _assert_same_training(a: Path, b: Path) -> None:
     assert len(la) == len(lb) and np.allclose(la, lb, rtol=1e-5)
 
 
+def _iou(a: list[float], b: list[float]) -> float:
+    """IoU of two xyxy boxes, written out (independent of torchvision)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -59,7 +67,7 @@ def _metrics(run: Path) -> list[dict]:
 def test_tiny_run_writes_run_folder(demo_root, reference_store, tmp_path):
     cfg = make_config(demo_root, reference_store, train={
         "runs_dir": str(tmp_path / "runs"), "epochs": 2, "batch_images": 2, "boxes_per_image": 3,
-        "num_workers": 2, "name": "tiny", "save_every": 1, "sample_ratio": 0.75})
+        "num_workers": 2, "name": "tiny", "keep_top_k": 5, "sample_ratio": 0.75})
     res = run_train(cfg)
     run = tmp_path / "runs" / "tiny"
     assert res.run_dir == run and res.epochs_done == 2
@@ -69,13 +77,27 @@ def test_tiny_run_writes_run_folder(demo_root, reference_store, tmp_path):
     lines = _metrics(run)
     assert [x["kind"] for x in lines] == ["epoch", "eval", "epoch", "eval"]
     assert all(np.isfinite(x["loss"]) for x in lines if x["kind"] == "epoch")
+    # the logged coarse baseline is the mean IoU of the saved validation boxes with their GT boxes,
+    # computed here independently from the annotation file
     ev = lines[-1]
-    assert 0 <= ev["refined"]["mean_iou"] <= 1 and ev["coarse"]["n"] > 0
+    saved = json.loads((run / "eval_boxes_val.json").read_text())["images"]
+    ann = json.loads((demo_root / "annotations" / "instances_val.json").read_text())["annotations"]
+    ious = []
+    for img in saved.values():
+        gts = sorted((a for a in ann if a["image_id"] == img["image_id"]), key=lambda a: a["id"])
+        for box, gi in zip(img["boxes"], img["gt_index"], strict=True):
+            if gi >= 0:
+                x, y, w, h = gts[gi]["bbox"]
+                ious.append(_iou(box, [x, y, x + w, y + h]))
+    assert ev["coarse"]["n"] == ev["refined"]["n"] == len(ious) > 0
+    assert ev["coarse"]["mean_iou"] == pytest.approx(float(np.mean(ious)), abs=1e-5)
+    # an untrained-looking head would score exactly the coarse boxes; this one moved them
+    assert ev["refined"]["mean_iou"] != ev["coarse"]["mean_iou"]
     assert json.loads((run / "subset.json").read_text())["rows"].__len__() == 3  # round(0.75 * 4)
     # the resolved config in the run folder is itself a valid config
     assert load_config(run / "config.yaml").train.name == "tiny"
     ck = load_checkpoint(run / "last.pt")
-    assert ck["epoch"] == 2 and ck["store_identity"]["checkpoint"] == "random-init:seed=0"
+    assert ck["state"]["epoch"] == 2 and ck["store_identity"]["checkpoint"] == "random-init:seed=0"
 
 
 def test_resume_after_ctrl_c_mid_epoch_equals_straight_run(demo_root, reference_store, tmp_path, monkeypatch):
@@ -86,7 +108,7 @@ def test_resume_after_ctrl_c_mid_epoch_equals_straight_run(demo_root, reference_
     first = run_train(_cfg(demo_root, reference_store, tmp_path / "b"))
     assert first.interrupted and first.epochs_done == 1
     ck = load_checkpoint(first.run_dir / "last.pt")
-    assert (ck["epoch"], ck["step"]) == (1, 0)
+    assert (ck["state"]["epoch"], ck["state"]["step"]) == (1, 0)
     monkeypatch.undo()
     resumed = run_train(_cfg(demo_root, reference_store, tmp_path / "b"), resume=first.run_dir)
     assert resumed.epochs_done == 2
@@ -100,22 +122,37 @@ def test_resume_mid_epoch_after_a_step(demo_root, reference_store, tmp_path, mon
     _interrupt_at_call(monkeypatch, 3)
     cfg_b = _cfg(demo_root, reference_store, tmp_path / "b", epochs=1, batch_images=1)
     first = run_train(cfg_b)
-    assert (load_checkpoint(first.run_dir / "last.pt")["step"]) == 2
+    assert load_checkpoint(first.run_dir / "last.pt")["state"]["step"] == 2
     monkeypatch.undo()
     resumed = run_train(cfg_b, resume=first.run_dir)
     _assert_same_training(straight.run_dir, resumed.run_dir)
 
 
-def test_head_overfits_one_image(demo_root, reference_store, tmp_path):
-    cfg = _cfg(demo_root, reference_store, tmp_path, epochs=200, sample_ratio=0.25, batch_images=1,
-               boxes_per_image=16, lr=1e-3, warmup_epochs=0, eval_every=1000, jitter=0.2)
-    cfg.refiner.hidden = 64
-    cfg.train.val_split = None
-    cfg.data.splits.pop("val")
-    run_train(cfg)
-    losses = [x["loss"] for x in _metrics(tmp_path / "run") if x["kind"] == "epoch"]
-    first, last = losses[0], float(np.mean(losses[-10:]))
-    assert last < 0.6 * first, (first, last)  # measured here: 0.47 → 0.22
+def test_head_overfits_a_fixed_batch(reference_store):
+    """The head can fit one fixed batch (boxes drawn once, constant lr): the loss falls far below its
+    start. Margins are wide on purpose: CPUs differ in their float kernels (measured on AVX2 and on
+    AVX-512 machines, the final loss is a small fraction of the first)."""
+    from boxrefine.shared.config import TrainConfig
+    from boxrefine.shared.refiner import BoxRefiner
+    from boxrefine.shared.rowdata import StoreRows, collate_rows
+    from boxrefine.train.steps import batch_loss
+
+    ds = StoreRows.from_store(str(reference_store), "train")
+    batch = collate_rows([ds[0]])
+    tc = TrainConfig(boxes_per_image=16, jitter=0.2, seed=0)
+    torch.manual_seed(0)
+    refiner = BoxRefiner(160, hidden=64, use_mask=False)
+    opt = torch.optim.AdamW(refiner.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss, _, n = batch_loss(batch, refiner, None, torch.device("cpu"), None, tc, {}, epoch=0)  # same boxes
+        assert n == 16
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.1
+    assert float(np.mean(losses[-10:])) < 0.5 * losses[0], (losses[0], losses[-10:])
 
 
 def test_sample_ratio_is_seeded_and_sized():
@@ -168,7 +205,7 @@ def test_fast_changes_exactly_the_fast_block(tmp_path):
 
 
 def test_amp_bf16_autocast_on_cpu(demo_root, reference_store, tmp_path, monkeypatch):
-    from shared.refiner import BoxRefiner
+    from boxrefine.shared.refiner import BoxRefiner
 
     seen = []
     real = BoxRefiner.forward
@@ -196,7 +233,7 @@ def test_existing_run_folder_and_bad_checkpoint(demo_root, reference_store, tmp_
 
 
 def test_amp_resolution():
-    from shared.scoring import amp_setting, cpu_has_native_bf16
+    from boxrefine.shared.scoring import amp_setting, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
     assert amp_setting("auto", "auto", cpu)[0] is None
@@ -207,3 +244,75 @@ def test_amp_resolution():
     assert dt == (torch.bfloat16 if cpu_has_native_bf16() else None)
     if dt is None:
         assert "no native bfloat16" in why
+
+
+def _signal_at_step(monkeypatch, n: int, signum: int) -> None:
+    """Deliver ``signum`` to this process from inside the n-th optimizer step (between the weight
+    update and the step counter: the worst moment)."""
+    import os
+
+    from boxrefine.train.recipe import TrainRecipe
+
+    real, calls = TrainRecipe._optimizer_step, {"n": 0}
+
+    def stepping(self, loss):
+        real(self, loss)
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(TrainRecipe, "_optimizer_step", stepping)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_mid_step_saves_and_resume_is_exact(demo_root, reference_store, tmp_path, monkeypatch, signame):
+    """SIGTERM is handled like Ctrl-C: the step in flight finishes and is counted, last.pt is saved,
+    and resuming gives the straight run's weights and losses (no step repeated or lost)."""
+    import signal
+
+    cfg = _cfg(demo_root, reference_store, tmp_path / "a", epochs=2, batch_images=1)
+    straight = run_train(cfg)
+    _signal_at_step(monkeypatch, 3, getattr(signal, signame))
+    cfg_b = _cfg(demo_root, reference_store, tmp_path / "b", epochs=2, batch_images=1)
+    first = run_train(cfg_b)
+    assert first.interrupted
+    state = load_checkpoint(first.run_dir / "last.pt")["state"]
+    assert (state["epoch"], state["step"]) == (0, 3)
+    monkeypatch.undo()
+    run_train(cfg_b, resume=first.run_dir)
+    _assert_same_training(straight.run_dir, first.run_dir)
+
+
+def test_stop_during_validation_logs_each_epoch_once(demo_root, reference_store, tmp_path, monkeypatch):
+    """A stop while validating saves a checkpoint that resumes *at the validation*: every epoch and
+    every validation appears exactly once in metrics.jsonl."""
+    import os
+    import signal
+
+    import boxrefine.train.recipe as rc
+
+    real, calls = rc.predict, {"n": 0}
+
+    def predict_then_stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rc, "predict", predict_then_stop)
+    cfg = _cfg(demo_root, reference_store, tmp_path, epochs=2)
+    first = run_train(cfg)
+    assert first.interrupted
+    assert [(x["kind"], x["epoch"]) for x in _metrics(first.run_dir)] == [("epoch", 1)]
+    monkeypatch.undo()
+    run_train(cfg, resume=first.run_dir)
+    assert [(x["kind"], x["epoch"]) for x in _metrics(first.run_dir)] == \
+        [("epoch", 1), ("eval", 1), ("epoch", 2), ("eval", 2)]
+
+
+def test_resume_refuses_a_changed_refiner_config(demo_root, reference_store, tmp_path):
+    cfg = _cfg(demo_root, reference_store, tmp_path, epochs=1)
+    res = run_train(cfg)
+    cfg.refiner.hidden = 64
+    with pytest.raises(TrainError, match=r"refiner\.hidden: checkpoint 32, now 64"):
+        run_train(cfg, resume=res.run_dir)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from shared.cli_common import fail, load_cli_config, set_option
+from boxrefine.shared.cli.common import device_option, fail, load_cli_config, set_option, stage_command
 
 app = typer.Typer(help="Train the box refiner from cached features.")
 
 
-@app.callback(invoke_without_command=True)
+@stage_command(app)
 def train(
     config: Path = typer.Option(None, "--config", "-c",
                                 help="Pipeline YAML (default pipeline.yaml; with --resume, the run's config.yaml)."),
@@ -20,10 +20,12 @@ def train(
     epochs: int = typer.Option(None, "--epochs", min=1, help="train.epochs"),
     name: str = typer.Option(None, "--name", help="train.name: the run folder under train.runs_dir"),
     sample_ratio: float = typer.Option(None, "--sample-ratio", help="train.sample_ratio"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    device: str = device_option(),
     set_: list[str] = set_option(),
 ) -> None:
     """Train; writes runs/<name>/ with config, metrics.jsonl, checkpoints and curves.png."""
+    if resume is not None and not resume.exists():
+        fail(f"{resume}: no such run folder or checkpoint to resume")
     if config is None:
         if resume is not None:
             run = resume if resume.is_dir() else resume.parent
@@ -32,14 +34,8 @@ def train(
             config = Path("pipeline.yaml")
     cfg = load_cli_config(config, set_, {"train.epochs": epochs, "train.name": name,
                                          "train.sample_ratio": sample_ratio, "model.device": device}, fast=fast)
-    from shared.records import DataError
-    from shared.sam import CheckpointError
-    from shared.store import StoreError
-    from train.run import TrainError, run_train
+    from boxrefine.train.recipe import run_train
 
-    try:
-        result = run_train(cfg, resume=resume)
-    except (TrainError, StoreError, DataError, CheckpointError, ValueError) as e:
-        fail(str(e))
+    result = run_train(cfg, resume=resume)
     if result.interrupted:
         raise typer.Exit(130)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from shared.cli_common import fail
-from shared.console import console
+from boxrefine.shared.cli.common import one_line_errors
+from boxrefine.shared.console import console
 
 app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 
@@ -22,14 +22,12 @@ def _human(n: float | None) -> str:
 
 
 @app.command("info")
+@one_line_errors
 def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
     """Model, checkpoint, dtype, codec, rows complete/total per split, size, bad images."""
-    from shared.store import STATE_BAD, STATE_COMPLETE, STATE_STALE, StoreError, open_store
+    from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_STALE, open_store
 
-    try:
-        store = open_store(path)
-    except StoreError as e:
-        fail(str(e))
+    store = open_store(path)
     a, ident = store.attrs, store.identity
     ck = a.get("checkpoint", {})
     st = a.get("storage", {})

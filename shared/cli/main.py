@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from evaluate.cli import app as evaluate_app
-from extract.cli import app as extract_app
-from shared.demo import app as demo_app
-from shared.store_cli import app as store_app
-from train.cli import app as train_app
+from boxrefine.evaluate.cli import app as evaluate_app
+from boxrefine.extract.cli import app as extract_app
+from boxrefine.shared.cli.store import app as store_app
+from boxrefine.shared.dev.demo import app as demo_app
+from boxrefine.train.cli import app as train_app
 
 app = typer.Typer(name="boxrefine", help="Box refinement on frozen HQ-SAM features cached once in Zarr.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

@@ -1,0 +1,97 @@
+"""Extract planning: which rows of a split need work, and what each row's ground truth and record are.
+
+Incremental: a row is skipped when its record is COMPLETE and both the image file (size, mtime) and
+its annotations are unchanged; only the GT is rewritten (no decode, no encoder) when just the
+annotations changed. ``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from
+RANK/WORLD_SIZE.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from boxrefine.shared.config import PipelineConfig, parse_shard
+from boxrefine.shared.imageio import source_fingerprint
+from boxrefine.shared.records import ImageRecord, instance_mask, preprocess_shape, resize_gt_masks, resolve_image
+from boxrefine.shared.sam import IMG_SIZE
+from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, SplitStore
+
+
+@dataclass
+class Job:
+    row: int
+    record: ImageRecord
+    path: Path
+    gt_only: bool  # image unchanged, only annotations changed: no decode, no encoder
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    rows: int
+    todo: int = 0
+    encoded: int = 0
+    gt_only: int = 0
+    skipped: int = 0
+    bad: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
+    """(i, n): ``extract.shard``, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if cfg.extract.shard:
+        return parse_shard(cfg.extract.shard)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
+               ) -> tuple[list[Job], int]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date)."""
+    row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
+    rows = split.read_rows()
+    jobs, skipped = [], 0
+    i_shard, n_shard = shard
+    for rec in records:
+        i = row_of[rec.key]
+        if i % n_shard != i_shard:
+            continue
+        path = resolve_image(images_root, rec.file_name)
+        try:
+            fp = source_fingerprint(path)
+        except OSError:
+            fp = (-1, -1)
+        r = rows[i]
+        same_src = (int(r[F["src_size"]]), int(r[F["src_mtime_ns"]])) == fp
+        same_ann = int(r[F["ann_hash"]]) == rec.ann_hash
+        state = int(r[F["state"]])
+        if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
+            skipped += 1  # up to date; a bad row keeps its report until the file changes
+        elif state == STATE_COMPLETE and same_src:
+            jobs.append(Job(i, rec, path, gt_only=True))
+        else:
+            jobs.append(Job(i, rec, path, gt_only=False))
+    return jobs, skipped
+
+
+def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masks k×S×S uint8 in SAM's low-res frame, boxes k×4 xyxy original px, info k×3)."""
+    if rec.instances:
+        masks = np.stack([instance_mask(a, rec.height, rec.width) for a in rec.instances])
+    else:
+        masks = np.zeros((0, rec.height, rec.width), np.uint8)
+    small = resize_gt_masks(masks, size)
+    boxes = np.array([a.box for a in rec.instances], np.float32).reshape(-1, 4)
+    info = np.array([[a.ann_id, a.category_id, a.iscrowd] for a in rec.instances], np.int64).reshape(-1, 3)
+    return small, boxes, info
+
+
+def row_record(rec: ImageRecord, fp: tuple[int, int], state: int, n_inst: int) -> dict[str, int]:
+    """The store record of a row (see ``ROW_FIELDS``), written last as the row's commit."""
+    ih, iw = preprocess_shape(rec.height, rec.width, IMG_SIZE)
+    return {"state": state, "src_size": fp[0], "src_mtime_ns": fp[1], "ann_hash": rec.ann_hash,
+            "orig_h": rec.height, "orig_w": rec.width, "input_h": ih, "input_w": iw, "n_instances": n_inst}

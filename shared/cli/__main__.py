@@ -1,0 +1,3 @@
+from boxrefine.shared.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Developer tooling that is not a pipeline stage: the synthetic demo dataset."""

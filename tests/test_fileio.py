@@ -1,0 +1,101 @@
+"""Atomic writes (one helper for every file outside the store) and the top-k checkpoint saver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from boxrefine.shared.checkpoints import CheckpointSaver, load_checkpoint
+from boxrefine.shared.fileio import atomic_write, atomic_write_json
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path: Path) -> None:
+    """Several threads rewrite one file: every read sees one writer's whole content, and no temp file
+    is left (a fixed temp name shared by two writers would interleave or fail)."""
+    path = tmp_path / "boxes.json"
+    atomic_write_json(path, {"writer": -1, "data": [0] * 1000})
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            for i in range(40):
+                atomic_write_json(path, {"writer": w, "data": [i] * 1000})
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    seen = set()
+    while any(t.is_alive() for t in threads):
+        doc = json.loads(path.read_text())  # never torn
+        assert len(set(doc["data"])) == 1 and len(doc["data"]) == 1000
+        seen.add(doc["writer"])
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir()] == ["boxes.json"]
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("old\n")
+
+    def boom(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, boom)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def _payload(epoch: int):
+    return lambda saver_state: {"format": 1, "refiner": {"w": torch.tensor([float(epoch)])},
+                                "state": {"epoch": epoch, "saver": saver_state}}
+
+
+def _epochs_on_disk(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("epoch_*.pt"))
+
+
+def test_saver_keeps_last_best_and_top_k(tmp_path: Path) -> None:
+    """timm's CheckpointSaver policy: last always, best by metric, epoch files only for the top k."""
+    saver = CheckpointSaver(tmp_path, keep_top_k=2)
+    for epoch, metric in enumerate([0.5, 0.7, 0.6, 0.8, 0.4], start=1):
+        saver.save(_payload(epoch), epoch, metric)
+    assert _epochs_on_disk(tmp_path) == ["epoch_002.pt", "epoch_004.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["epoch"] == 4
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 5
+    saver.save(_payload(6), 6, None)  # not validated: only last.pt
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 6
+    assert _epochs_on_disk(tmp_path) == ["epoch_002.pt", "epoch_004.pt"]
+
+    # the bookkeeping travels in the checkpoint: a resumed saver prunes as the first would have
+    resumed = CheckpointSaver(tmp_path, 2, load_checkpoint(tmp_path / "last.pt")["state"]["saver"])
+    resumed.save(_payload(7), 7, 0.75)
+    assert _epochs_on_disk(tmp_path) == ["epoch_004.pt", "epoch_007.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["epoch"] == 4
+
+    none = CheckpointSaver(tmp_path / "k0", keep_top_k=0)
+    (tmp_path / "k0").mkdir()
+    none.save(_payload(1), 1, 0.9)
+    assert sorted(p.name for p in (tmp_path / "k0").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_log_lines_are_not_wrapped_when_output_is_not_a_terminal(tmp_path: Path) -> None:
+    """rich wraps at 80 columns by default when it cannot ask a terminal; CI logs must keep one line
+    per message, however long the path in it."""
+    long = tmp_path / ("a-very-long-folder-name-" * 6) / "pipeline.yaml"
+    proc = subprocess.run([sys.executable, "-m", "boxrefine.shared.cli", "extract", "--config", str(long)],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "CI": "true"})
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert lines[0].startswith("error: ") and str(long) in lines[0], proc.stderr

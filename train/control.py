@@ -1,0 +1,81 @@
+"""Run control for the recipe: the per-epoch sampler, stop signals, and global RNG state."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from boxrefine.shared.console import console
+
+
+class EpochSampler(Sampler[int]):
+    """Dataset positions in the order ``order_of(epoch)`` gives, from ``skip`` on. The sampler lives
+    in the main process, so persistent DataLoader workers serve every epoch (``set_epoch``, as
+    ``DistributedSampler`` does) instead of being started anew each epoch."""
+
+    def __init__(self, order_of: Callable[[int], Sequence[int]]):
+        self.order_of = order_of
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.order_of(self.epoch))[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.order_of(self.epoch)) - self.skip)
+
+
+class StopSignals:
+    """While active (main thread only): the first SIGINT or SIGTERM sets ``requested``, and the
+    recipe stops at its next safe point (after the step in flight) and saves; a second one raises
+    KeyboardInterrupt at once with ``forced`` set (nothing more is saved)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.forced = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print(f"{signal.Signals(signum).name}: stopping after the current step (again to stop at once)",
+                      style="yellow", markup=False)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (tensors, ints and lists only, so ``weights_only`` loading accepts them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))

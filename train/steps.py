@@ -1,0 +1,89 @@
+"""What one training step computes: the coarse boxes drawn for an image, and the loss of a batch.
+
+Every random draw comes from a generator seeded by (seed, epoch, row key), never from global RNG
+state, so a step gives the same boxes whatever ran before it (resume, DataLoader workers, ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from boxrefine.shared.boxes import jitter_boxes, scale_boxes
+from boxrefine.shared.config import TrainConfig
+from boxrefine.shared.refiner import BoxRefiner, refine_loss
+from boxrefine.shared.scoring import autocast_context
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A torch generator seeded by a hash of ``parts`` (e.g. seed, epoch, row key)."""
+    h = 0
+    for p in parts:
+        h = (h * 0x100000001B3 + int(p) + 0x9E3779B97F4A7C15) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+def training_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, det: tuple[torch.Tensor, torch.Tensor] | None,
+                   hw: tuple[int, int], k: int, jitter: float, g: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` (coarse, target) pairs for one image (xyxy, original px): GT boxes jittered with the
+    noisy-box model and, when given, real detector boxes matched to GT (half the draws each).
+    Crowd GT is never a target."""
+    valid = torch.nonzero(gt_info[:, 2] == 0).flatten() if len(gt_info) else torch.zeros(0, dtype=torch.int64)
+    if len(valid) == 0:
+        return torch.zeros((0, 4)), torch.zeros((0, 4))
+    use_det = det is not None and len(det[0]) > 0
+    pick_det = (torch.rand(k, generator=g) < 0.5) if use_det else torch.zeros(k, dtype=torch.bool)
+    gt_idx = valid[torch.randint(len(valid), (k,), generator=g)]
+    coarse = jitter_boxes(gt_boxes[gt_idx].float(), jitter, hw, g)
+    target = gt_boxes[gt_idx].float()
+    if use_det and pick_det.any():
+        assert det is not None
+        j = torch.randint(len(det[0]), (int(pick_det.sum()),), generator=g)
+        coarse[pick_det] = det[0][j]
+        target[pick_det] = gt_boxes[det[1][j]].float()
+    return coarse, target
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return f
+
+
+def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: torch.device,
+               amp_dtype: torch.dtype | None, tc: TrainConfig,
+               det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]], epoch: int
+               ) -> tuple[torch.Tensor | None, dict[str, float], int]:
+    """Loss of one batch of store rows (features stacked by ``collate_rows``): draw this epoch's
+    coarse boxes per image, run the frozen HQ-SAM heads on them (no grad), then the refiner.
+    Returns (loss or None when the batch has no boxes, loss terms, number of boxes)."""
+    emb = batch["image_embeddings"].to(device, non_blocking=True).float()
+    interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
+    coarse_in, target_in, logits = [], [], []
+    for b, row in enumerate(batch["row"]):
+        g = seeded_generator(tc.seed, epoch, batch["key"][b])
+        c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
+                              batch["orig_hw"][b], tc.boxes_per_image, tc.jitter, g)
+        oh, ih = batch["orig_hw"][b], batch["input_hw"][b]
+        coarse_in.append(scale_boxes(c, oh, ih).to(device))
+        target_in.append(scale_boxes(t, oh, ih).to(device))
+        if heads is not None and len(c):
+            with torch.no_grad(), autocast_context(device, amp_dtype):
+                lg, _ = heads(emb[b:b + 1], interm[b:b + 1], coarse_in[-1])
+            logits.append(lg.float())
+    n_boxes = int(sum(len(c) for c in coarse_in))
+    if n_boxes == 0:
+        return None, {}, 0
+    with autocast_context(device, amp_dtype):
+        refined = refiner(emb, interm, coarse_in, torch.cat(logits) if logits else None)
+    loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
+                              tc.l1_weight, tc.giou_weight)
+    return loss, terms, n_boxes
