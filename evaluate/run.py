@@ -116,7 +116,7 @@ class Evaluator:
         if split not in cfg.data.splits:
             raise EvaluateError(f"split {split!r} is not in data.splits {sorted(cfg.data.splits)}")
         self.paths, self.out_dir = resolve_checkpoints(cfg, self.checkpoint)
-        self.store = open_checked_store(cfg)
+        self.store = open_checked_store(cfg, (split,))
         self.ds = StoreRows.from_store(cfg.store.path, split, with_masks=True)
         if len(self.ds) == 0:
             raise EvaluateError(f"{cfg.store.path}: split {split!r} has no complete rows; run extract first")
@@ -217,7 +217,7 @@ class Evaluator:
 
         scfg = self.cfg.data.splits[self.split]
         return draw_overlays(scfg.images, scfg.annotations, preds, gt_of, self.out_dir / "vis", self.ec.vis_count,
-                             self.split, label)
+                             self.split, label, self.cfg.data.intensity.mapping())
 
 
 def run_evaluate(cfg: PipelineConfig, checkpoint: Path | None = None, split: str | None = None,

@@ -18,20 +18,22 @@ import torch
 from torch.utils.data import Dataset
 
 from boxrefine.extract.plan import Job, gt_arrays, row_record
-from boxrefine.shared.imageio import ImageError, decode_rgb, source_fingerprint
+from boxrefine.shared.geometry import IMG_SIZE
+from boxrefine.shared.imageio import ImageError, Intensity, decode_rgb, grey_levels, source_fingerprint
 from boxrefine.shared.records import DataError
-from boxrefine.shared.sam import IMG_SIZE
 from boxrefine.shared.store import STATE_COMPLETE, SplitStore
+
+MIN_GREY_LEVELS = 16  # fewer after decoding: warn, the encoder sees an almost flat image
 
 
 class ImageJobs(Dataset):
     """Decodes and resizes the images of ``jobs``. Never raises for a bad image: the item carries the
     reason instead, so one corrupt file cannot kill the loader."""
 
-    def __init__(self, jobs: list[Job], gt_size: int):
+    def __init__(self, jobs: list[Job], gt_size: int, intensity: Intensity | None = None):
         from segment_anything_hq.utils.transforms import ResizeLongestSide
 
-        self.jobs, self.gt_size = jobs, gt_size
+        self.jobs, self.gt_size, self.intensity = jobs, gt_size, intensity or Intensity()
         self.transform = ResizeLongestSide(IMG_SIZE)
 
     def __len__(self) -> int:
@@ -44,7 +46,11 @@ class ImageJobs(Dataset):
         try:
             out["fingerprint"] = source_fingerprint(job.path)
             if not job.gt_only:
-                rgb = decode_rgb(job.path.read_bytes(), job.path)
+                rgb = decode_rgb(job.path.read_bytes(), job.path, self.intensity)
+                levels = grey_levels(rgb)
+                if levels < MIN_GREY_LEVELS:
+                    out["warning"] = (f"{job.path}: decodes to only {levels} grey level(s) "
+                                      f"(data.intensity is {self.intensity.fingerprint}); check the image")
                 h, w = rgb.shape[:2]
                 if (h, w) != (rec.height, rec.width):
                     raise ImageError(f"{job.path}: image is {w}x{h} but the annotations say "

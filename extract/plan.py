@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
-from boxrefine.shared.imageio import source_fingerprint
-from boxrefine.shared.records import ImageRecord, instance_mask, preprocess_shape, resize_gt_masks, resolve_image
-from boxrefine.shared.sam import IMG_SIZE
-from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, SplitStore
+from boxrefine.shared.geometry import ImageGeometry
+from boxrefine.shared.imageio import is_8bit_file, source_fingerprint
+from boxrefine.shared.records import ImageRecord, instance_mask, resolve_image
+from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_UPGRADE, F, SplitStore
 
 
 @dataclass
@@ -49,9 +49,14 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
     return 0, 1
 
 
-def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
-               ) -> tuple[list[Job], int]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date)."""
+def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int],
+               remaps: bool = True) -> tuple[list[Job], int]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date).
+
+    A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
+    its annotations changed, but only while the annotated image size is the stored one: a new
+    width/height re-encodes the image. ``remaps``: the store's intensity mapping changes images that
+    are not 8-bit (decides what an upgraded schema-1 row needs, see ``shared/store_upgrade.py``)."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
     rows = split.read_rows()
     jobs, skipped = [], 0
@@ -67,24 +72,35 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
             fp = (-1, -1)
         r = rows[i]
         same_src = (int(r[F["src_size"]]), int(r[F["src_mtime_ns"]])) == fp
+        same_size = (int(r[F["orig_h"]]), int(r[F["orig_w"]])) == (rec.height, rec.width)
         same_ann = int(r[F["ann_hash"]]) == rec.ann_hash
         state = int(r[F["state"]])
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
-        elif state == STATE_COMPLETE and same_src:
+        elif state == STATE_COMPLETE and same_src and same_size:
             jobs.append(Job(i, rec, path, gt_only=True))
+        elif state == STATE_UPGRADE and same_src and same_size:
+            jobs.append(Job(i, rec, path, gt_only=not remaps or _is_8bit(path)))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
     return jobs, skipped
 
 
+def _is_8bit(path: Path) -> bool:
+    try:
+        return is_8bit_file(path)
+    except OSError:
+        return False  # unreadable now: a full job reports it
+
+
 def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masks k×S×S uint8 in SAM's low-res frame, boxes k×4 xyxy original px, info k×3)."""
+    """(masks k×S×S uint8 laid out as SAM lays out its low-res masks (``ImageGeometry.masks_to_lowres``),
+    boxes k×4 xyxy original px, info k×3)."""
     if rec.instances:
         masks = np.stack([instance_mask(a, rec.height, rec.width) for a in rec.instances])
     else:
         masks = np.zeros((0, rec.height, rec.width), np.uint8)
-    small = resize_gt_masks(masks, size)
+    small = ImageGeometry.of(rec.height, rec.width).masks_to_lowres(masks, size)
     boxes = np.array([a.box for a in rec.instances], np.float32).reshape(-1, 4)
     info = np.array([[a.ann_id, a.category_id, a.iscrowd] for a in rec.instances], np.int64).reshape(-1, 3)
     return small, boxes, info
@@ -92,6 +108,6 @@ def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def row_record(rec: ImageRecord, fp: tuple[int, int], state: int, n_inst: int) -> dict[str, int]:
     """The store record of a row (see ``ROW_FIELDS``), written last as the row's commit."""
-    ih, iw = preprocess_shape(rec.height, rec.width, IMG_SIZE)
+    ih, iw = ImageGeometry.of(rec.height, rec.width).input_hw
     return {"state": state, "src_size": fp[0], "src_mtime_ns": fp[1], "ann_hash": rec.ann_hash,
             "orig_h": rec.height, "orig_w": rec.width, "input_h": ih, "input_w": iw, "n_instances": n_inst}

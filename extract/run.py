@@ -82,7 +82,8 @@ class Extractor:
             recs = load_coco(scfg.annotations)
             split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
                                             str(scfg.images), INTERM_CHANNELS[cfg.model.type])
-            jobs, skipped = plan_split(split, list(recs.images), scfg.images, self.shard)
+            jobs, skipped = plan_split(split, list(recs.images), scfg.images, self.shard,
+                                       remaps=self.store.identity.intensity != "none")
             self.plans.append((split, jobs, SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)))
         return self
 
@@ -107,7 +108,8 @@ class Extractor:
     def extract_split(self, split: SplitStore, jobs: list[Job], summ: SplitSummary) -> None:
         ecfg = self.ecfg
         rows_before = split.read_rows()
-        loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size), batch_size=ecfg.batch_size,
+        loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size, self.cfg.data.intensity.mapping()),
+                            batch_size=ecfg.batch_size,
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
                             prefetch_factor=4 if ecfg.num_workers else None)
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
@@ -119,6 +121,8 @@ class Extractor:
                     for it in items:
                         job = jobs[it["idx"]]
                         had = int(rows_before[job.row, F["state"]]) != STATE_EMPTY
+                        if "warning" in it:
+                            console.print(f"warning: {it['warning']}", style="yellow", markup=False)
                         if "error" in it:
                             self._bad(split, job, it, summ, writer, lock)
                         elif job.gt_only:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.imageio import Intensity
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -48,8 +49,29 @@ class SplitConfig(_Section):
     detections: Path | None = None
 
 
+class IntensityConfig(_Section):
+    """How images that are not 8-bit become 8-bit (``shared/imageio.py`` ``Intensity``)."""
+
+    mode: Literal["percentile", "range", "none"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> IntensityConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {list(self.percentiles)}")
+        if self.mode == "range" and (self.range is None or not self.range[0] < self.range[1]):
+            raise ValueError("mode 'range' needs range: [low, high] with low < high")
+        return self
+
+    def mapping(self) -> Intensity:
+        return Intensity(self.mode, tuple(self.percentiles), tuple(self.range) if self.range else None)
+
+
 class DataConfig(_Section):
     splits: dict[str, SplitConfig] = Field(min_length=1)
+    intensity: IntensityConfig = IntensityConfig()
 
     @field_validator("splits")
     @classmethod

@@ -19,10 +19,11 @@ from torchvision.ops import box_iou
 
 from boxrefine.shared.boxes import jitter_boxes
 from boxrefine.shared.config import PipelineConfig
+from boxrefine.shared.console import console
 from boxrefine.shared.fileio import atomic_write_json, read_bytes
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.records import DataError
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import F
+from boxrefine.shared.rowdata import StoreRows, row_geometry
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _row_generator(seed: int, key: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + int(key)) % (2**63 - 1))
 
 
-def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, hw: tuple[int, int], key: int,
+def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, geometry: ImageGeometry, key: int,
                       detections: list[tuple[list[float], float, int]] | None, seed: int, jitter: float,
                       min_iou: float = 1e-6) -> CoarseBoxes:
     """Fixed evaluation boxes of one image (see module docstring). Crowd GT is never a target."""
@@ -90,7 +91,7 @@ def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, hw: tuple[i
         cats = torch.tensor([d[2] for d in detections], dtype=torch.int64)
         return CoarseBoxes(boxes, match_to_gt(boxes, gt_boxes, valid, min_iou), scores, cats)
     idx = torch.nonzero(valid).flatten()
-    boxes = jitter_boxes(gt_boxes[idx].float(), jitter, hw, _row_generator(seed, key))
+    boxes = jitter_boxes(gt_boxes[idx].float(), jitter, geometry, _row_generator(seed, key))
     return CoarseBoxes(boxes, idx.to(torch.int64), torch.ones(len(idx)), gt_info[idx, 1].to(torch.int64))
 
 
@@ -134,12 +135,32 @@ def sample_subset(n: int, ratio: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
+def boxes_provenance(cfg: PipelineConfig, split: str, ds: StoreRows) -> dict[str, str | None]:
+    """What a split's evaluation boxes are computed from: the annotations its stored GT came from,
+    the detections file, and the store's row layout (sha256 each)."""
+    from boxrefine.shared.records import file_sha256
+
+    dets = cfg.data.splits[split].detections
+    sp = ds.split()
+    return {"annotations_sha256": sp.annotations_sha256,
+            "detections_sha256": file_sha256(dets) if dets is not None and dets.is_file() else None,
+            "layout_sha256": sp.layout_digest()}
+
+
 def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Path | None) -> dict[int, CoarseBoxes]:
-    """Fixed evaluation boxes of a split (detections, else seeded GT jitter, per ``cfg.evaluate``),
-    read back from ``path`` when it exists and written there otherwise."""
+    """Fixed evaluation boxes of a split (detections, else seeded GT jitter, per ``cfg.evaluate``).
+    With a ``path``, they are read back from it when it exists and was made from the same
+    annotations, detections and store layout (:func:`boxes_provenance`); otherwise they are drawn and
+    written there, and a rebuilt file is announced."""
+    provenance = boxes_provenance(cfg, split, ds)
     if path is not None and path.exists():
-        boxes, _ = load_coarse_boxes(path)
-        return boxes
+        boxes, meta = load_coarse_boxes(path)
+        old = meta.get("provenance") or {}
+        changed = [k.removesuffix("_sha256") for k in provenance if old.get(k) != provenance[k]]
+        if not changed:
+            return boxes
+        console.print(f"note: {path}: the saved evaluation boxes came from other {', '.join(changed)}; "
+                      "drawing them again", style="yellow", markup=False)
     scfg = cfg.data.splits[split]
     dets = load_detections(scfg.detections) if scfg.detections else None
     sp = ds.split()
@@ -150,12 +171,12 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
         _, boxes_np, info_np = ds.read_gt(i)
         gt_boxes, gt_info = torch.from_numpy(boxes_np), torch.from_numpy(info_np)
         key = int(ds.keys[i])
-        hw = (int(rec[F["orig_h"]]), int(rec[F["orig_w"]]))
         det = dets.get(int(ids[i]), []) if dets is not None else None
-        out[key] = make_coarse_boxes(gt_boxes, gt_info, hw, key, det, cfg.evaluate.seed, cfg.evaluate.jitter)
+        out[key] = make_coarse_boxes(gt_boxes, gt_info, row_geometry(rec), key, det, cfg.evaluate.seed,
+                                     cfg.evaluate.jitter)
         image_ids[key] = int(ids[i])
     if path is not None:
         source = f"detections:{scfg.detections}" if dets is not None else "jitter"
         save_coarse_boxes(path, out, image_ids, source, {"split": split, "seed": cfg.evaluate.seed,
-                                                         "jitter": cfg.evaluate.jitter})
+                                                         "jitter": cfg.evaluate.jitter, "provenance": provenance})
     return out

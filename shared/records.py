@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -205,20 +204,3 @@ def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:
     if m.shape != (height, width):
         raise DataError(f"annotation {inst.ann_id}: mask is {m.shape[1]}x{m.shape[0]}, image is {width}x{height}")
     return m.astype(np.uint8)
-
-
-def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """Size (h, w) after resizing the longest side to ``long_side`` (HQ-SAM's rounding)."""
-    scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
-def resize_gt_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Resize K×H×W masks into SAM's low-res mask frame: longest side → ``size`` with
-    INTER_NEAREST, zero-padded bottom/right to ``size``×``size`` (as SAM pads its input)."""
-    k, h, w = masks.shape
-    nh, nw = preprocess_shape(h, w, size)
-    out = np.zeros((k, size, size), np.uint8)
-    for i in range(k):
-        out[i, :nh, :nw] = cv2.resize(masks[i], (nw, nh), interpolation=cv2.INTER_NEAREST)
-    return out

@@ -16,9 +16,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from boxrefine.shared.boxes import expand_boxes
-
-EMBED_STRIDE = 16.0  # 1024 input px per 64×64 embedding cell
-MASK_STRIDE = 4.0  # 1024 input px per 256×256 low-res mask pixel
+from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES_STRIDE
 
 
 class BoxRefiner(nn.Module):
@@ -66,7 +64,7 @@ class BoxRefiner(nn.Module):
             if mask_logits is None:
                 raise ValueError("this refiner uses mask logits (use_mask=True) but none were given")
             own = torch.cat([torch.arange(len(ctx), device=ctx.device, dtype=ctx.dtype)[:, None], ctx], 1)
-            f_mask = roi_align(mask_logits.float(), own, s, 1 / MASK_STRIDE, 2, True)
+            f_mask = roi_align(mask_logits.float(), own, s, 1 / LOWRES_STRIDE, 2, True)
             feats.append(torch.tanh(f_mask / 4))
         x = self.flatten(self.convs(torch.cat([f.to(feats[0].dtype) for f in feats], 1)))
         size = (coarse[:, 2:] - coarse[:, :2]).clamp(min=1.0)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.store import F, SplitStore, open_store
 
 
@@ -18,7 +19,8 @@ class StoreRows(Dataset):
     is safe to use from forked DataLoader workers.
 
     Each item: ``row``, ``key``, ``image_embeddings`` 256×64×64 and ``interm_embeddings`` 64×64×C
-    (storage dtype), ``gt_boxes`` n×4 (xyxy, original px), ``gt_info`` n×3, ``orig_hw``, ``input_hw``,
+    (storage dtype), ``gt_boxes`` n×4 (xyxy, original px), ``gt_info`` n×3, ``geometry`` (the
+    row's :class:`~boxrefine.shared.geometry.ImageGeometry`),
     and with ``with_masks`` ``gt_masks`` n×S×S uint8 (already in the low-res mask frame).
     """
 
@@ -63,12 +65,17 @@ class StoreRows(Dataset):
             "row": i, "key": int(self.keys[i]),
             "image_embeddings": emb, "interm_embeddings": interm,
             "gt_boxes": torch.from_numpy(gt_boxes), "gt_info": torch.from_numpy(gt_info),
-            "orig_hw": (int(rec[F["orig_h"]]), int(rec[F["orig_w"]])),
-            "input_hw": (int(rec[F["input_h"]]), int(rec[F["input_w"]])),
+            "geometry": row_geometry(rec),
         }
         if gt_masks is not None:
             item["gt_masks"] = torch.from_numpy(gt_masks)
         return item
+
+
+def row_geometry(record: np.ndarray) -> ImageGeometry:
+    """The frames of a store row, from its record (original and input sizes as extract wrote them)."""
+    return ImageGeometry((int(record[F["orig_h"]]), int(record[F["orig_w"]])),
+                         (int(record[F["input_h"]]), int(record[F["input_w"]])))
 
 
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:

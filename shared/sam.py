@@ -22,9 +22,9 @@ import torch
 from boxrefine.shared.console import console, warn_loud
 from boxrefine.shared.errors import BoxrefineError, DeviceError
 from boxrefine.shared.fileio import atomic_write_json
+from boxrefine.shared.geometry import IMG_SIZE
 from boxrefine.shared.records import file_sha256
 
-IMG_SIZE = 1024
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

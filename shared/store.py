@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,16 +37,22 @@ import zarr
 
 from boxrefine.shared import __version__
 from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_differences, is_url
+from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.records import ImageRecord
 from boxrefine.shared.storage import from_storage, storage_numpy_dtype, to_storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: GT masks in SAM's exact low-res layout; intensity mapping in the identity
 ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
               "n_instances")
 F = {name: i for i, name in enumerate(ROW_FIELDS)}
 STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
-STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale"}
+# A row of an upgraded schema-1 store: its features are valid where the image is 8-bit (no intensity
+# mapping applies), its GT is in the old layout. Never served; extract rewrites the GT (no encoder work)
+# or, for other images, re-encodes the row.
+STATE_UPGRADE = 4
+STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale",
+               STATE_UPGRADE: "upgrade"}
 FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
 GT_ARRAYS = ("gt_masks", "gt_boxes", "gt_info")
 INDEX_CHUNK = 1 << 16  # rows per chunk of the small per-split index arrays (keys, image_ids)
@@ -68,6 +75,7 @@ class StoreIdentity:
     dtype: str
     encoder_precision: str
     gt_mask_size: int
+    intensity: str  # how images that are not 8-bit were mapped to 8 bits (shared/imageio.py Intensity)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -87,21 +95,26 @@ class StoreIdentity:
 
 def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdentity:
     """The identity a store made (or read) with this config must have."""
-    from boxrefine.shared.sam import IMG_SIZE, PIXEL_MEAN, PIXEL_STD
+    from boxrefine.shared.geometry import IMG_SIZE
+    from boxrefine.shared.sam import PIXEL_MEAN, PIXEL_STD
 
     return StoreIdentity(model_type=cfg.model.type, checkpoint=checkpoint_fingerprint, img_size=IMG_SIZE,
                          pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=cfg.store.dtype,
-                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size)
+                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size,
+                         intensity=cfg.data.intensity.mapping().fingerprint)
 
 
-def open_checked_store(cfg: PipelineConfig) -> FeatureStore:
+def open_checked_store(cfg: PipelineConfig, splits: Iterable[str | None] = ()) -> FeatureStore:
     """Open the configured store read-only and refuse it unless it was made with the configured
-    model, checkpoint and preprocessing (what train and evaluate need before using any feature)."""
+    model, checkpoint and preprocessing, and unless the GT of ``splits`` comes from the annotation
+    files the config names now (what train and evaluate need before using any feature)."""
     from boxrefine.shared.sam import checkpoint_info
 
     store = open_store(cfg.store.path)
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
     check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
+    for name in dict.fromkeys(s for s in splits if s is not None):
+        store.split(name).check_annotations(cfg.data.splits[name].annotations)
     return store
 
 
@@ -152,6 +165,31 @@ class SplitStore:
         if self.n_rows == 0:
             return np.zeros((0, len(ROW_FIELDS)), np.int64)
         return self.array("rows")[:]
+
+    @property
+    def annotations_sha256(self) -> str | None:
+        """sha256 of the annotation file this split's GT was extracted from."""
+        return (self.group.attrs.get("annotations") or {}).get("sha256")
+
+    def layout_digest(self) -> str | None:
+        """sha256 of the published row keys: changes whenever rows are added."""
+        return (self.group.attrs.get("layout") or {}).get("keys_sha256")
+
+    def check_annotations(self, path: Path) -> None:
+        """Refuse GT extracted from another version of ``path``: stale GT must never be scored or
+        trained on silently."""
+        from boxrefine.shared.records import file_sha256
+
+        try:
+            now = file_sha256(path)
+        except OSError:
+            console.print(f"warning: {path}: annotations not readable; cannot check that the store's GT of split "
+                          f"{self.name!r} is current", style="yellow", markup=False)
+            return
+        if now != self.annotations_sha256:
+            raise StoreError(f"{path}: annotations changed since extract (split {self.name!r} of {self.store_path} "
+                             f"has sha256 {str(self.annotations_sha256)[:12]}…, the file {now[:12]}…): run "
+                             "`boxrefine extract` (GT only, no encoder work)")
 
     def complete_indices(self) -> np.ndarray:
         return np.flatnonzero(self.read_rows()[:, F["state"]] == STATE_COMPLETE)
@@ -232,9 +270,14 @@ class FeatureStore:
         meta = attrs.get("boxrefine")
         if not isinstance(meta, dict) or "identity" not in attrs:
             raise StoreError(f"{path}: not a boxrefine feature store (no 'boxrefine' attributes)")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path}: store schema {meta.get('schema_version')} but this boxrefine "
-                             f"reads schema {SCHEMA_VERSION}; re-run extract with --overwrite")
+        version = meta.get("schema_version")
+        if version == 1:
+            raise StoreError(f"{path}: store schema 1 keeps GT masks half a low-res pixel off SAM's frame; run "
+                             "`boxrefine extract` with this config to upgrade it in place (GT is rewritten without "
+                             "encoder work; only images that are not 8-bit are re-encoded)")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {version} but this boxrefine reads schema {SCHEMA_VERSION}; "
+                             "rebuild it with `boxrefine extract --overwrite`")
         self.attrs = attrs
         self.identity = StoreIdentity.from_dict(attrs["identity"])
 
@@ -253,6 +296,11 @@ class FeatureStore:
         else:
             group = zarr.open_group(path, mode="a", zarr_format=3)
         attrs = group.attrs.asdict()
+        if attrs.get("boxrefine", {}).get("schema_version") == 1:
+            from boxrefine.shared.store_upgrade import upgrade_schema_1
+
+            upgrade_schema_1(path, group, identity)
+            attrs = group.attrs.asdict()
         if "boxrefine" in attrs:
             store = cls(path, group)
             check_identity(path, store.identity, identity)

@@ -105,6 +105,7 @@ def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     import boxrefine.shared.records as records
     import boxrefine.shared.sam as sm
+    from boxrefine.shared.geometry import ImageGeometry
 
     data = tmp_path / "store-only-data"
     shutil.copytree(demo_root, data)
@@ -116,7 +117,7 @@ def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("cv2.imread", lambda *a, **k: pytest.fail("image opened"))
     monkeypatch.setattr("cv2.imdecode", lambda *a, **k: pytest.fail("image decoded"))
     monkeypatch.setattr(records, "instance_mask", lambda *a, **k: pytest.fail("GT mask decoded again"))
-    monkeypatch.setattr(records, "resize_gt_masks", lambda *a, **k: pytest.fail("GT masks resized again"))
+    monkeypatch.setattr(ImageGeometry, "masks_to_lowres", lambda *a, **k: pytest.fail("GT masks resized again"))
     return data
 
 

@@ -40,7 +40,8 @@ TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 def _identity(dtype: str = "float16", **changes: Any) -> StoreIdentity:
     values: dict[str, Any] = dict(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
                                   pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
-                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S)
+                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S,
+                                  intensity="percentile:0.5-99.5")
     values.update(changes)
     return StoreIdentity(**values)
 

@@ -111,7 +111,7 @@ class TrainRecipe:
 
     def setup(self) -> TrainRecipe:
         cfg, tc = self.cfg, self.tc
-        self.store = open_checked_store(cfg)
+        self.store = open_checked_store(cfg, (tc.train_split, cfg.val_split()))
         if self.resume_ck is not None and self.resume_ck["store_identity"] != self.store.identity.to_dict():
             raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
         self.device = resolve_device(cfg.model.device)
