@@ -104,7 +104,8 @@ class TrainRecipe:
             raise TrainError(f"{ck_path}: cannot resume with a changed {'/'.join(FROZEN_ON_RESUME)} config: "
                              + "; ".join(frozen))
         if diffs:
-            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow")
+            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow",
+                          markup=False)
             for d in diffs:
                 console.print(f"  {d}", markup=False)
         return ck, ck_path.parent
@@ -147,7 +148,7 @@ class TrainRecipe:
                                                     torch.from_numpy(gt_info), tc.match_iou)
         first = self.subset(0)
         console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})")
+                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})", markup=False)
         self.position = {int(r): k for k, r in enumerate(self.train_rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [self.position[int(r)] for r in self.epoch_order(epoch)])
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
