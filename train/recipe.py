@@ -139,7 +139,8 @@ class TrainRecipe:
         self.image_ids = self.train_split.image_ids()
         self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
         scfg = cfg.data.splits[tc.train_split]
-        dets = load_detections(scfg.detections) if (tc.use_detections and scfg.detections) else None
+        dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
+                if (tc.use_detections and scfg.detections) else None)
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if dets is not None:
             for i in self.train_rows.tolist():
