@@ -37,7 +37,8 @@ class SplitSummary:
     encoded: int = 0
     gt_only: int = 0
     skipped: int = 0
-    bad: dict[int, dict[str, str]] = field(default_factory=dict)
+    bad: dict[int, dict[str, str]] = field(default_factory=dict)  # found bad by this run, by key
+    kept_bad: dict[int, dict[str, str]] = field(default_factory=dict)  # recorded bad earlier, file unchanged
 
 
 def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
@@ -50,11 +51,12 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
-               ) -> tuple[list[Job], int]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date)."""
+               ) -> tuple[list[Job], int, list[ImageRecord]]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
+    those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since)."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
     rows = split.read_rows()
-    jobs, skipped = [], 0
+    jobs, skipped, kept_bad = [], 0, []
     i_shard, n_shard = shard
     for rec in records:
         i = row_of[rec.key]
@@ -71,11 +73,13 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         state = int(r[F["state"]])
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
+            if state == STATE_BAD:
+                kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src:
             jobs.append(Job(i, rec, path, gt_only=True))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
-    return jobs, skipped
+    return jobs, skipped, kept_bad
 
 
 def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -132,9 +132,9 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg, tc = self.cfg, self.tc
         self.train_split = self.store.split(tc.train_split)
-        self.train_rows = self.train_split.complete_indices()
-        if len(self.train_rows) == 0:
-            raise TrainError(f"{cfg.store.path}: split {tc.train_split!r} has no complete rows; run extract first")
+        self.train_rows = self.train_split.usable_rows()  # both splits are checked before any work
+        self.val_name = cfg.val_split()
+        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
         self.records, self.keys = self.train_split.read_rows(), self.train_split.keys()
         self.image_ids = self.train_split.image_ids()
         self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
@@ -156,8 +156,6 @@ class TrainRecipe:
                                  num_workers=tc.num_workers, collate_fn=collate_rows,
                                  pin_memory=self.device.type == "cuda", persistent_workers=tc.num_workers > 0,
                                  prefetch_factor=2 if tc.num_workers else None)
-        self.val_name = cfg.val_split()
-        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
 
     def _setup_model(self, use_scaler: bool) -> None:
         cfg, tc = self.cfg, self.tc
