@@ -2,9 +2,11 @@
 resume from any checkpoint it saved.
 
 ``TrainRecipe(cfg, resume).setup()`` opens the store (refusing a mismatched one), loads the data,
-builds the model and optimizer, and only then makes the run folder, so a run that cannot start
-leaves nothing behind. ``train()`` runs the epochs. Everything ``--resume`` needs besides module
-and optimizer state is one :class:`TrainState`, saved in every checkpoint.
+builds the model and optimizer, and only then makes the run folder; a new run that fails (or is
+stopped at once) before its first checkpoint removes the folder it made, and a folder left by a
+start that was killed before its first checkpoint is reused, so neither blocks the name.
+``train()`` runs the epochs. Everything ``--resume`` needs besides module and optimizer state is one
+:class:`TrainState`, saved in every checkpoint.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +44,14 @@ from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
-from boxrefine.train.control import EpochSampler, StopSignals, restore_rng, rng_state
+from boxrefine.train.control import (
+    EpochSampler,
+    StopSignals,
+    discard_unsaved_run,
+    restore_rng,
+    rng_state,
+    unsaved_start,
+)
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.steps import batch_loss, lr_lambda, seeded_generator
 
@@ -87,6 +97,7 @@ class TrainRecipe:
         self.cfg, self.tc = cfg, cfg.train
         self.resume_ck: dict[str, Any] | None = None
         self.run: Path | None = None
+        self.made_run = False  # this start made self.run (a new run, not a resumed one)
         if resume is not None:
             self.resume_ck, self.run = self._read_resume(resume)
         self.state = TrainState()
@@ -126,7 +137,11 @@ class TrainRecipe:
             self._load_state(self.resume_ck)
         else:
             self.run = self._new_run_dir()
-        self._write_run_files()
+        try:
+            self._write_run_files()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
         return self
 
     def _setup_data(self) -> None:
@@ -183,9 +198,22 @@ class TrainRecipe:
         name = self.tc.name or time.strftime("%Y%m%d-%H%M%S")
         run = self.tc.runs_dir / name
         if run.exists() and any(run.iterdir()):
-            raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            if not unsaved_start(run):
+                raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            console.print(f"{run}: reusing the folder of a start that never saved a checkpoint", style="yellow",
+                          markup=False)
+            shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        self.made_run = True
         return run
+
+    def _discard_if_unsaved(self) -> bool:
+        """After a failure: remove the run folder this start made if it holds no checkpoint yet."""
+        if not (self.made_run and self.run is not None and discard_unsaved_run(self.run)):
+            return False
+        console.print(f"{self.run}: removed (the run ended before its first checkpoint)", style="yellow",
+                      markup=False)
+        return True
 
     def _write_run_files(self) -> None:
         assert self.run is not None
@@ -215,6 +243,13 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------ training
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
+
+    def _train(self) -> TrainResult:
         t_start = time.perf_counter()
         interrupted = False
         with StopSignals() as stop:
@@ -232,8 +267,9 @@ class TrainRecipe:
                 self.loader = None  # shuts persistent DataLoader workers down
             if stop.forced:
                 interrupted = True
-                console.print(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow",
-                              markup=False)
+                if not self._discard_if_unsaved():
+                    console.print(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow",
+                                  markup=False)
             elif stop.requested:
                 interrupted = True
                 self.save()
