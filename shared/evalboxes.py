@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from boxrefine.shared.boxes import jitter_boxes
+from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console
 from boxrefine.shared.fileio import atomic_write_json, read_bytes
@@ -158,11 +158,12 @@ def load_coarse_boxes(path: Path) -> tuple[dict[int, CoarseBoxes], dict[str, Any
 
 def detection_pairs(dets: list[tuple[list[float], float, int]], gt_boxes: torch.Tensor, gt_info: torch.Tensor,
                     min_iou: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou."""
+    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou; only
+    GT that may be a target (``trainable_gt``)."""
     if not dets or len(gt_boxes) == 0:
         return torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
     boxes = torch.tensor([d[0] for d in dets], dtype=torch.float32)
-    valid = gt_info[:, 2] == 0
+    valid = trainable_gt(gt_boxes, gt_info)
     idx = match_to_gt(boxes, gt_boxes, valid, min_iou)
     keep = idx >= 0
     return boxes[keep], idx[keep]

@@ -33,6 +33,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from boxrefine.shared.boxes import trainable_gt
 from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console, progress
@@ -157,11 +158,16 @@ class TrainRecipe:
         dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
                 if (tc.use_detections and scfg.detections) else None)
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if dets is not None:
-            for i in self.train_rows.tolist():
-                _, gt_boxes, gt_info = self.dataset.read_gt(i)
-                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), torch.from_numpy(gt_boxes),
-                                                    torch.from_numpy(gt_info), tc.match_iou)
+        zero_size: list[int] = []  # annotation ids of non-crowd GT boxes without area: never targets
+        for i in self.train_rows.tolist():
+            _, gt_boxes, gt_info = self.dataset.read_gt(i)
+            boxes, info = torch.from_numpy(gt_boxes), torch.from_numpy(gt_info)
+            zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
+            if dets is not None:
+                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), boxes, info, tc.match_iou)
+        if zero_size:
+            console.print(f"{cfg.store.path}: split {tc.train_split!r}: {len(zero_size)} zero-size GT box(es) (e.g. "
+                          f"annotation id {min(zero_size)}) are never training targets", style="yellow", markup=False)
         first = self.subset(0)
         console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
                       f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})", markup=False)
