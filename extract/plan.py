@@ -37,7 +37,8 @@ class SplitSummary:
     encoded: int = 0
     gt_only: int = 0
     skipped: int = 0
-    bad: dict[int, dict[str, str]] = field(default_factory=dict)
+    bad: dict[int, dict[str, str]] = field(default_factory=dict)  # found bad by this run, by key
+    kept_bad: dict[int, dict[str, str]] = field(default_factory=dict)  # recorded bad earlier, file unchanged
 
 
 def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
@@ -50,8 +51,9 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int],
-               remaps: bool = True) -> tuple[list[Job], int]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date).
+               remaps: bool = True) -> tuple[list[Job], int, list[ImageRecord]]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
+    those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since).
 
     A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
     its annotations changed, but only while the annotated image size is the stored one: a new
@@ -59,7 +61,7 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
     are not 8-bit (decides what an upgraded schema-1 row needs, see ``shared/store_upgrade.py``)."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
     rows = split.read_rows()
-    jobs, skipped = [], 0
+    jobs, skipped, kept_bad = [], 0, []
     i_shard, n_shard = shard
     for rec in records:
         i = row_of[rec.key]
@@ -77,13 +79,15 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         state = int(r[F["state"]])
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
+            if state == STATE_BAD:
+                kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src and same_size:
             jobs.append(Job(i, rec, path, gt_only=True))
         elif state == STATE_UPGRADE and same_src and same_size:
             jobs.append(Job(i, rec, path, gt_only=not remaps or _is_8bit(path)))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
-    return jobs, skipped
+    return jobs, skipped, kept_bad
 
 
 def _is_8bit(path: Path) -> bool:

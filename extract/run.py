@@ -27,6 +27,7 @@ from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info,
 from boxrefine.shared.store import (
     STATE_BAD,
     STATE_EMPTY,
+    STATE_STALE,
     F,
     FeatureStore,
     SplitStore,
@@ -82,10 +83,24 @@ class Extractor:
             recs = load_coco(scfg.annotations)
             split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
                                             str(scfg.images), INTERM_CHANNELS[cfg.model.type])
-            jobs, skipped = plan_split(split, list(recs.images), scfg.images, self.shard,
-                                       remaps=self.store.identity.intensity != "none")
-            self.plans.append((split, jobs, SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)))
+            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard,
+                                                 remaps=self.store.identity.intensity != "none")
+            summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            if kept_bad:
+                reports = split.bad_images()
+                summ.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
+                                 for r in kept_bad}
+                if self.ecfg.strict:
+                    raise ExtractError(self._strict_message(name, summ.kept_bad))
+            self.plans.append((split, jobs, summ))
         return self
+
+    def _strict_message(self, split: str, kept_bad: dict[int, dict[str, str]]) -> str:
+        reasons = sorted(rep["reason"] for rep in kept_bad.values())
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        return (f"{self.cfg.store.path}: split {split!r}: --strict, and {len(reasons)} image(s) are recorded bad by "
+                f"an earlier run: {'; '.join(reasons[:3])}{more}. Fix them (a changed file is retried), remove them "
+                "from the annotations, or run without --strict")
 
     def run(self) -> ExtractResult:
         cfg = self.cfg
@@ -103,7 +118,21 @@ class Extractor:
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
                             self.encoder_s, self.encoded)
         print_summary(res)
+        unusable = [m for split, _, summ in self.plans if (m := self._all_bad(split, summ))]
+        if unusable:
+            raise ExtractError("; ".join(unusable))
         return res
+
+    def _all_bad(self, split: SplitStore, summ: SplitSummary) -> str | None:
+        """The error when every image of a split is bad (a wrong image folder, typically): extract ends
+        non-zero instead of leaving train a split with nothing in it."""
+        states = split.read_rows()[:, F["state"]]
+        states = states[states != STATE_STALE]
+        if len(states) == 0 or not (states == STATE_BAD).all():
+            return None  # some row is complete, or still to do (e.g. by another shard)
+        example = next(iter({**summ.kept_bad, **summ.bad, **split.bad_images()}.values()), {}).get("reason", "?")
+        return (f"{self.cfg.store.path}: split {split.name!r}: all {len(states)} images are bad (e.g. {example}); "
+                f"check data.splits.{split.name}.images ({self.cfg.data.splits[split.name].images})")
 
     def extract_split(self, split: SplitStore, jobs: list[Job], summ: SplitSummary) -> None:
         ecfg = self.ecfg
@@ -188,9 +217,12 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
 def print_summary(res: ExtractResult) -> None:
     for s in res.splits:
         console.print(f"{s.split}: rows {s.rows}: encoded {s.encoded}, gt-only {s.gt_only}, "
-                      f"up to date {s.skipped}, bad {len(s.bad)}", markup=False)
+                      f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
         for key, rep in s.bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key})", markup=False)
+        for key, rep in s.kept_bad.items():
+            console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key}; recorded earlier, file unchanged)",
+                          markup=False)
     if res.encoded:
         console.print(f"{res.encoded} images in {res.wall_s:.1f}s = {res.images_per_s:.2f} img/s; "
                       f"encoder {res.encoder_s:.1f}s = {100 * res.encoder_share:.0f}% of wall time", markup=False)

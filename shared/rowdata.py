@@ -36,10 +36,12 @@ class StoreRows(Dataset):
     @classmethod
     def from_store(cls, store_path: str, split: str, rows: Sequence[int] | None = None,
                    with_masks: bool = False) -> StoreRows:
+        """Rows ``rows``, by default every complete row (``SplitStore.usable_rows``: refuses a split
+        with none, warns when some are missing)."""
         sp = open_store(store_path).split(split)
         all_records, keys = sp.read_rows(), sp.keys()
         if rows is None:
-            rows = sp.complete_indices().tolist()
+            rows = sp.usable_rows().tolist()
         return cls(store_path, split, rows, all_records, keys, with_masks)
 
     def split(self) -> SplitStore:

@@ -194,6 +194,24 @@ class SplitStore:
     def complete_indices(self) -> np.ndarray:
         return np.flatnonzero(self.read_rows()[:, F["state"]] == STATE_COMPLETE)
 
+    def usable_rows(self) -> np.ndarray:
+        """The complete rows, for train and evaluate: a split with none is refused (StoreError naming
+        the store and the split), one with only some says how many are missing."""
+        states = self.read_rows()[:, F["state"]]
+        n_images = int((states != STATE_STALE).sum())  # stale rows left the annotations
+        complete = np.flatnonzero(states == STATE_COMPLETE)
+        n_bad = int((states == STATE_BAD).sum())
+        bad = f"{n_bad} bad, listed by `boxrefine store info`" if n_bad else ""
+        if len(complete) == 0:
+            raise StoreError(f"{self.store_path}: split {self.name!r} has no complete rows (0 of {n_images} images"
+                             + (f"; {bad}" if bad else "") + "); run extract first")
+        if len(complete) < n_images:
+            missing = n_images - len(complete) - n_bad
+            console.print(f"{self.store_path}: split {self.name!r}: {len(complete)} of {n_images} images complete"
+                          + ("; run extract" if missing else "") + (f" ({bad})" if bad else ""),
+                          style="yellow", markup=False)
+        return complete
+
     # ---- writing (extract only) -------------------------------------------------------------
     def clear_row(self, i: int) -> None:
         """Step 1 of rewriting a row: readers stop trusting it before any chunk changes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from boxrefine.shared.cli.common import one_line_errors
 from boxrefine.shared.console import console
@@ -31,15 +32,16 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
     a, ident = store.attrs, store.identity
     ck = a.get("checkpoint", {})
     st = a.get("storage", {})
-    console.print(f"[bold]{path}[/bold]  (boxrefine schema {a['boxrefine']['schema_version']}, "
-                  f"written by {a['boxrefine'].get('tool_version')})")
-    console.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}")
+    console.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
+                                f"written by {a['boxrefine'].get('tool_version')})"))
+    console.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
+                  markup=False)
     weights = ck.get("official_name") or ck.get("path") or "—"
-    console.print(f"checkpoint {ident.checkpoint}  {weights}"
-                  + ("  [bold yellow](random init: tests/demo only)[/bold yellow]"
-                     if ident.checkpoint.startswith("random-init") else ""))
+    console.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
+                                ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
+                                 else "", "bold yellow")))
     console.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
-                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}")
+                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
     table = Table("split", "complete", "total", "bad", "stale", "annotations sha256")
     bad_all = {}
     total_complete = 0
@@ -56,8 +58,8 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
     console.print(table)
     size = store.bytes_on_disk()
     per = (size / total_complete) if (size and total_complete) else None
-    console.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""))
+    console.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""), markup=False)
     if bad_all:
-        console.print(f"bad images ({len(bad_all)}):")
+        console.print(f"bad images ({len(bad_all)}):", markup=False)
         for (name, _), rep in sorted(bad_all.items(), key=lambda kv: (kv[0][0], kv[1]["file"])):
             console.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
