@@ -2,8 +2,8 @@
 
 Incremental: a row is skipped when its record is COMPLETE and both the image file (size, mtime) and
 its annotations are unchanged; only the GT is rewritten (no decode, no encoder) when just the
-annotations changed. ``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from
-RANK/WORLD_SIZE.
+annotations changed. Any other row (empty, torn, DAMAGED, a record failing its checksum) is redone.
+``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from RANK/WORLD_SIZE.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from boxrefine.shared.config import PipelineConfig, parse_shard
 from boxrefine.shared.imageio import source_fingerprint
 from boxrefine.shared.records import ImageRecord, instance_mask, preprocess_shape, resize_gt_masks, resolve_image
 from boxrefine.shared.sam import IMG_SIZE
-from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, SplitStore
+from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, F, SplitStore
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Job:
     record: ImageRecord
     path: Path
     gt_only: bool  # image unchanged, only annotations changed: no decode, no encoder
+    kept: dict[str, int] = field(default_factory=dict)  # gt_only: the record's feature digests, carried over
 
 
 @dataclass
@@ -72,7 +73,8 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
         elif state == STATE_COMPLETE and same_src:
-            jobs.append(Job(i, rec, path, gt_only=True))
+            kept = {DIGEST[a]: int(r[F[DIGEST[a]]]) for a in FEATURE_ARRAYS}
+            jobs.append(Job(i, rec, path, gt_only=True, kept=kept))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
     return jobs, skipped

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_row
+from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_bad, write_row
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
@@ -34,6 +34,8 @@ from boxrefine.shared.store import (
     identity_for,
     to_storage,
 )
+from boxrefine.shared.store_files import store_access
+from boxrefine.shared.workers import worker_init
 
 
 class ExtractError(BoxrefineError, RuntimeError):
@@ -109,7 +111,7 @@ class Extractor:
         rows_before = split.read_rows()
         loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size), batch_size=ecfg.batch_size,
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
-                            prefetch_factor=4 if ecfg.num_workers else None)
+                            prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
         lock = threading.Lock()
         try:
@@ -129,6 +131,7 @@ class Extractor:
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summ.encoded += len(to_encode)
+                    writer.raise_errors(done_only=True)  # a failed write (disk full) stops the run here
                     bar.advance(len(items))
         finally:
             try:
@@ -143,7 +146,7 @@ class Extractor:
         console.print(f"bad image: {it['error']}", markup=False, style="red")
         if self.ecfg.strict:
             raise ExtractError(f"{it['error']} (--strict)")
-        writer.submit(split.commit_row, job.row, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
+        writer.submit(write_bad, split, job, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
 
     def _encode(self, split: SplitStore, batch: list[tuple[Job, dict[str, Any], bool]], writer: RowWriter) -> None:
         assert self.model is not None
@@ -171,7 +174,8 @@ class Extractor:
             previous = {}
         merged = {int(k): v for k, v in previous.items()}
         merged.update(summ.bad)
-        split.record_bad_images(self.shard_name, merged)
+        with store_access(split.store_path, f"record the bad images of {split.name}"):
+            split.record_bad_images(self.shard_name, merged)
 
 
 def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, announce: bool = True
