@@ -80,6 +80,7 @@ class StoreConfig(_Section):
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
+    on_damage: Literal["error", "skip"] = "error"
 
 
 class ExtractConfig(_Section):

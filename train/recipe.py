@@ -37,10 +37,11 @@ from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.evalboxes import detection_pairs, fixed_coarse_boxes, load_detections, sample_subset
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
 from boxrefine.shared.refiner import BoxRefiner
-from boxrefine.shared.rowdata import StoreRows, collate_rows
+from boxrefine.shared.rowdata import StoreRows, collate_rows, usable_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
+from boxrefine.shared.workers import worker_init
 from boxrefine.train.control import EpochSampler, StopSignals, restore_rng, rng_state
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.steps import batch_loss, lr_lambda, seeded_generator
@@ -131,18 +132,23 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg, tc = self.cfg, self.tc
         self.train_split = self.store.split(tc.train_split)
-        self.train_rows = self.train_split.complete_indices()
+        on_damage = cfg.store.on_damage
+        self.records, self.train_rows = usable_rows(self.train_split, on_damage)
         if len(self.train_rows) == 0:
             raise TrainError(f"{cfg.store.path}: split {tc.train_split!r} has no complete rows; run extract first")
-        self.records, self.keys = self.train_split.read_rows(), self.train_split.keys()
+        self.keys = self.train_split.keys()
         self.image_ids = self.train_split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
+        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys,
+                                 on_damage=on_damage)
         scfg = cfg.data.splits[tc.train_split]
         dets = load_detections(scfg.detections) if (tc.use_detections and scfg.detections) else None
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if dets is not None:
             for i in self.train_rows.tolist():
-                _, gt_boxes, gt_info = self.dataset.read_gt(i)
+                gt = self.dataset.read_gt(i)
+                if gt is None:  # damaged, left out (store.on_damage: skip)
+                    continue
+                _, gt_boxes, gt_info = gt
                 self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), torch.from_numpy(gt_boxes),
                                                     torch.from_numpy(gt_info), tc.match_iou)
         first = self.subset(0)
@@ -153,9 +159,10 @@ class TrainRecipe:
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
                                  num_workers=tc.num_workers, collate_fn=collate_rows,
                                  pin_memory=self.device.type == "cuda", persistent_workers=tc.num_workers > 0,
-                                 prefetch_factor=2 if tc.num_workers else None)
+                                 prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init())
         self.val_name = cfg.val_split()
-        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
+        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name, on_damage=on_damage) \
+            if self.val_name else None
 
     def _setup_model(self, use_scaler: bool) -> None:
         cfg, tc = self.cfg, self.tc
@@ -255,10 +262,12 @@ class TrainRecipe:
         t0 = time.perf_counter()
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
             bar.advance(skip)
-            for batch in self.loader:
-                n_img = len(batch["row"])
-                loss, terms, n_boxes = batch_loss(batch, self.refiner, self.heads, self.device, self.amp_dtype, tc,
-                                                  self.det_pairs, st.epoch)
+            for raw in self.loader:
+                n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+                batch = self.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+                n_img = len(batch["row"]) if batch is not None else 0
+                loss, terms, n_boxes = (None, {}, 0) if batch is None else batch_loss(
+                    batch, self.refiner, self.heads, self.device, self.amp_dtype, tc, self.det_pairs, st.epoch)
                 if loss is not None:
                     self._optimizer_step(loss)
                     for k, v in (("loss", loss.item()), ("l1", terms["l1"]), ("giou", terms["giou"])):
@@ -266,7 +275,7 @@ class TrainRecipe:
                     st.partial["n"] += n_img
                     st.partial["boxes"] += n_boxes
                 st.step += 1
-                bar.advance(n_img, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
+                bar.advance(n_seen, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self.stop.requested:
                     return
         p, dt = st.partial, time.perf_counter() - t0
