@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from boxrefine.shared.console import console
+from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.store import STATE_COMPLETE, F, SplitStore, StoreDamage, StoreError, open_store
 
 
@@ -36,6 +37,7 @@ class StoreRows(Dataset):
     Damage (a row failing its checksums, :class:`StoreDamage`) never crosses a worker boundary as an
     exception: the item carries its message instead (``damage``), and :meth:`accept`, in the main
     process, stops the run (``on_damage="error"``) or reports the row once and drops it ("skip").
+    Any other one-line error (an unreadable store) travels the same way and always stops the run.
     """
 
     def __init__(self, store_path: str, split: str, rows: Sequence[int], records: np.ndarray, keys: np.ndarray,
@@ -93,6 +95,8 @@ class StoreRows(Dataset):
             gt_masks, gt_boxes, gt_info = sp.read_gt(i, masks=self.with_masks, record=rec)
         except StoreDamage as e:
             return {"row": i, "damage": str(e)}
+        except BoxrefineError as e:  # an unreadable store (permissions, network): always stops the run
+            return {"row": i, "damage": str(e), "fatal": True}
         item = {
             "row": i, "key": int(self.keys[i]),
             "image_embeddings": emb, "interm_embeddings": interm,
@@ -106,15 +110,17 @@ class StoreRows(Dataset):
 
     def accept(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """A collated batch with its damaged rows handled (main process); None when none is left."""
-        for i, message in batch.pop("damaged", []):
+        for i, message, fatal in batch.pop("damaged", []):
+            if fatal:
+                raise StoreError(message)
             self._damaged(i, message)
         return batch if batch["row"] else None
 
 
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the per-image features (same shape for every row); keep the rest as lists. Damaged
-    rows go to ``damaged`` as (row, message), for :meth:`StoreRows.accept`."""
-    damaged = [(it["row"], it["damage"]) for it in items if "damage" in it]
+    """Stack the per-image features (same shape for every row); keep the rest as lists. Damaged or
+    unreadable rows go to ``damaged`` as (row, message, fatal), for :meth:`StoreRows.accept`."""
+    damaged = [(it["row"], it["damage"], it.get("fatal", False)) for it in items if "damage" in it]
     items = [it for it in items if "damage" not in it]
     if not items:
         return {"row": [], "damaged": damaged}

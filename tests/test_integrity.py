@@ -279,6 +279,30 @@ def test_read_only_store_with_nothing_to_do(reference_store: Path, demo_root: Pa
     assert f"{todo}: cannot write val row 0" in line and "Read-only file system" in line
 
 
+def test_unreadable_chunk_in_a_loader_worker_is_one_line(reference_store: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarr.storage._local as local
+    from torch.utils.data import DataLoader
+
+    from boxrefine.shared.rowdata import collate_rows
+
+    real_get = local._get
+
+    def get(path, *a, **k):
+        if "interm_embeddings" in str(path) and f"{os.sep}c{os.sep}" in str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_get(path, *a, **k)
+
+    monkeypatch.setattr(local, "_get", get)  # the forked worker inherits it
+    ds = StoreRows.from_store(str(reference_store), "train")
+    with pytest.raises(StoreError) as ei:
+        for batch in DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_rows):
+            ds.accept(batch)
+    message = str(ei.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"{reference_store}: cannot read train/interm_embeddings: Permission denied")
+
+
 @pytest.mark.parametrize("node", ["", "train", "train/rows"])
 def test_corrupt_zarr_json_is_one_line(node: str, reference_store: Path, demo_root: Path, tmp_path: Path) -> None:
     store = _copy(reference_store, tmp_path)
