@@ -184,6 +184,20 @@ def test_flipped_byte_in_a_split_index_is_named(array: str, reference_store: Pat
             run_extract(make_config(demo_root, store), model=sam)
 
 
+def test_store_of_the_previous_schema_is_refused_with_how_to_rebuild(reference_store: Path, tmp_path: Path) -> None:
+    """Schema 2 checksums every chunk; a schema-1 store has no checksums to trust."""
+    store = _copy(reference_store, tmp_path)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["boxrefine"]["schema_version"] = 1
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=f"store schema 1 .*rebuild the store: boxrefine extract --overwrite "
+                                         f"--store {re.escape(str(store))}$"):
+        open_store(str(store))
+    from boxrefine.shared.store_files import inspect_store_path
+
+    assert inspect_store_path(str(store)).kind == "store"  # so --overwrite may delete and rebuild it
+
+
 # ------------------------------------------------------------- 3. a store left by a failed extract
 
 
