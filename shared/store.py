@@ -61,7 +61,9 @@ from boxrefine.shared.store_split import (
     StoreDamage,
 )
 
-SCHEMA_VERSION = 2  # 2: crc32c codec on every array, crc_<array> digests in each row record
+# 3: crc32c codec on every array, crc_<array> digests in each row record (issue 10; schema 2 is issue 8's
+# GT layout, developed alongside: the checksums change every array's codecs, so no store is upgraded in place)
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ DIGEST = {name: f"crc_{name}" for name in ROW_ARRAYS}  # record field holding th
 ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
               "n_instances", *DIGEST.values())
 F = {name: i for i, name in enumerate(ROW_FIELDS)}
-STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE, STATE_DAMAGED = 0, 1, 2, 3, 4
+STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
+STATE_DAMAGED = 5  # marked by `store verify --repair`; extract redoes it (4 is issue 8's "upgrade" state)
 STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale",
                STATE_DAMAGED: "damaged"}
 INDEX_CHUNK = 1 << 16  # rows per chunk of the small per-split index arrays (keys, image_ids)

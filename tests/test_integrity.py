@@ -185,7 +185,7 @@ def test_flipped_byte_in_a_split_index_is_named(array: str, reference_store: Pat
 
 
 def test_store_of_the_previous_schema_is_refused_with_how_to_rebuild(reference_store: Path, tmp_path: Path) -> None:
-    """Schema 2 checksums every chunk; a schema-1 store has no checksums to trust."""
+    """The current schema checksums every chunk; a store of an older one has no checksums to trust."""
     store = _copy(reference_store, tmp_path)
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["boxrefine"]["schema_version"] = 1
