@@ -174,6 +174,22 @@ def complete_rows(store: Path) -> int:
         return 0
 
 
+def copy_store(reference_store: Path, tmp_path: Path) -> Path:
+    """A writable copy of a (session, read-only) store."""
+    store = tmp_path / "features.zarr"
+    shutil.copytree(reference_store, store)
+    return store
+
+
+def one_line_error(res: Any, out: str) -> str:
+    """The single ``error: ...`` line of a failed CLI run (no traceback)."""
+    assert res.exit_code != 0, out
+    assert "Traceback" not in out, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
 CLI_ENV = {"CI": "true", "COLUMNS": "250", "NO_COLOR": "1"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
