@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_row
+from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
+from boxrefine.extract.reuse import FeatureSource, mark_reusable
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
@@ -35,6 +36,8 @@ from boxrefine.shared.store import (
     identity_for,
     to_storage,
 )
+from boxrefine.shared.store_files import store_access
+from boxrefine.shared.workers import worker_init
 
 
 class ExtractError(BoxrefineError, RuntimeError):
@@ -70,8 +73,10 @@ class Extractor:
         ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
         ckpt_attrs = {"kind": ckpt.kind, "fingerprint": ckpt.fingerprint, "sha256": ckpt.sha256,
                       "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
-        self.store = FeatureStore.open_or_create(cfg.store, identity_for(cfg, ckpt.fingerprint), ckpt_attrs,
-                                                 cfg.to_dict(), overwrite=self.ecfg.overwrite)
+        identity = identity_for(cfg, ckpt.fingerprint)
+        self.source = FeatureSource(self.ecfg.reuse_features, identity) if self.ecfg.reuse_features else None
+        self.store = FeatureStore.open_or_create(cfg.store, identity, ckpt_attrs, cfg.to_dict(),
+                                                 overwrite=self.ecfg.overwrite)
         self.shard = shard_of(cfg)
         self.shard_name = f"shard-{self.shard[0]}-of-{self.shard[1]}"
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "
@@ -83,9 +88,10 @@ class Extractor:
             recs = load_coco(scfg.annotations)
             split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
                                             str(scfg.images), INTERM_CHANNELS[cfg.model.type])
-            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard,
-                                                 remaps=self.store.identity.intensity != "none")
+            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard)
             summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            if self.source is not None:
+                mark_reusable(self.source, name, jobs)
             if kept_bad:
                 reports = split.bad_images()
                 summ.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
@@ -105,7 +111,7 @@ class Extractor:
     def run(self) -> ExtractResult:
         cfg = self.cfg
         self.device = resolve_device(cfg.model.device)
-        if self.model is None and any(not j.gt_only for _, jobs, _ in self.plans for j in jobs):
+        if self.model is None and any(j.needs_image for _, jobs, _ in self.plans for j in jobs):
             self.model = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, self.device,
                                       announce=self.announce)
         if self.model is not None:
@@ -140,7 +146,7 @@ class Extractor:
         loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size, self.cfg.data.intensity.mapping()),
                             batch_size=ecfg.batch_size,
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
-                            prefetch_factor=4 if ecfg.num_workers else None)
+                            prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
         lock = threading.Lock()
         try:
@@ -157,11 +163,15 @@ class Extractor:
                         elif job.gt_only:
                             writer.submit(write_row, split, job, it["fingerprint"], None, it["gt"], had)
                             summ.gt_only += 1
+                        elif job.reuse_row is not None:
+                            writer.submit(copy_row, split, job, it["fingerprint"], self.source, it["gt"], had)
+                            summ.reused += 1
                         else:
                             to_encode.append((job, it, had))
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summ.encoded += len(to_encode)
+                    writer.raise_errors(done_only=True)  # a failed write (disk full) stops the run here
                     bar.advance(len(items))
         finally:
             try:
@@ -176,7 +186,7 @@ class Extractor:
         console.print(f"bad image: {it['error']}", markup=False, style="red")
         if self.ecfg.strict:
             raise ExtractError(f"{it['error']} (--strict)")
-        writer.submit(split.commit_row, job.row, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
+        writer.submit(write_bad, split, job, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
 
     def _encode(self, split: SplitStore, batch: list[tuple[Job, dict[str, Any], bool]], writer: RowWriter) -> None:
         assert self.model is not None
@@ -204,7 +214,8 @@ class Extractor:
             previous = {}
         merged = {int(k): v for k, v in previous.items()}
         merged.update(summ.bad)
-        split.record_bad_images(self.shard_name, merged)
+        with store_access(split.store_path, f"record the bad images of {split.name}"):
+            split.record_bad_images(self.shard_name, merged)
 
 
 def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, announce: bool = True
@@ -217,7 +228,8 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
 def print_summary(res: ExtractResult) -> None:
     for s in res.splits:
         console.print(f"{s.split}: rows {s.rows}: encoded {s.encoded}, gt-only {s.gt_only}, "
-                      f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
+                      + (f"features reused {s.reused}, " if s.reused else "")
+                      + f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
         for key, rep in s.bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key})", markup=False)
         for key, rep in s.kept_bad.items():

@@ -102,6 +102,7 @@ class StoreConfig(_Section):
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
+    on_damage: Literal["error", "skip"] = "error"
 
 
 class ExtractConfig(_Section):
@@ -113,6 +114,7 @@ class ExtractConfig(_Section):
     shard: str | None = None
     strict: bool = False
     overwrite: bool = False
+    reuse_features: str | None = None  # another store to copy unchanged images' features from
 
     @field_validator("shard")
     @classmethod

@@ -210,7 +210,10 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
     out, image_ids = {}, {}
     for i in ds.rows:
         rec = ds.records[i]
-        _, boxes_np, info_np = ds.read_gt(i)
+        gt = ds.read_gt(i)
+        if gt is None:  # damaged, left out (store.on_damage: skip)
+            continue
+        _, boxes_np, info_np = gt
         gt_boxes, gt_info = torch.from_numpy(boxes_np), torch.from_numpy(info_np)
         key = int(ds.keys[i])
         det = dets.get(int(ids[i]), []) if dets is not None else None

@@ -45,6 +45,7 @@ from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
+from boxrefine.shared.workers import worker_init
 from boxrefine.train.control import (
     EpochSampler,
     StopSignals,
@@ -148,20 +149,26 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg, tc = self.cfg, self.tc
         self.train_split = self.store.split(tc.train_split)
-        self.train_rows = self.train_split.usable_rows()  # both splits are checked before any work
+        on_damage = cfg.store.on_damage
+        # both splits are checked before any work: no complete row is refused, damage follows on_damage
+        self.records, self.train_rows = self.train_split.usable_rows(on_damage)
         self.val_name = cfg.val_split()
-        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
-        self.records, self.keys = self.train_split.read_rows(), self.train_split.keys()
+        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name, on_damage=on_damage) \
+            if self.val_name else None
+        self.keys = self.train_split.keys()
         self.image_ids = self.train_split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
+        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys,
+                                 on_damage=on_damage)
         scfg = cfg.data.splits[tc.train_split]
         dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
                 if (tc.use_detections and scfg.detections) else None)
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         zero_size: list[int] = []  # annotation ids of non-crowd GT boxes without area: never targets
         for i in self.train_rows.tolist():
-            _, gt_boxes, gt_info = self.dataset.read_gt(i)
-            boxes, info = torch.from_numpy(gt_boxes), torch.from_numpy(gt_info)
+            gt = self.dataset.read_gt(i)
+            if gt is None:  # damaged, left out (store.on_damage: skip)
+                continue
+            boxes, info = torch.from_numpy(gt[1]), torch.from_numpy(gt[2])
             zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
             if dets is not None:
                 self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), boxes, info, tc.match_iou)
@@ -176,7 +183,7 @@ class TrainRecipe:
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
                                  num_workers=tc.num_workers, collate_fn=collate_rows,
                                  pin_memory=self.device.type == "cuda", persistent_workers=tc.num_workers > 0,
-                                 prefetch_factor=2 if tc.num_workers else None)
+                                 prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init())
 
     def _setup_model(self, use_scaler: bool) -> None:
         cfg, tc = self.cfg, self.tc
@@ -297,10 +304,12 @@ class TrainRecipe:
         t0 = time.perf_counter()
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
             bar.advance(skip)
-            for batch in self.loader:
-                n_img = len(batch["row"])
-                loss, terms, n_boxes = batch_loss(batch, self.refiner, self.heads, self.device, self.amp_dtype, tc,
-                                                  self.det_pairs, st.epoch)
+            for raw in self.loader:
+                n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+                batch = self.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+                n_img = len(batch["row"]) if batch is not None else 0
+                loss, terms, n_boxes = (None, {}, 0) if batch is None else batch_loss(
+                    batch, self.refiner, self.heads, self.device, self.amp_dtype, tc, self.det_pairs, st.epoch)
                 if loss is not None:
                     self._optimizer_step(loss)
                     for k, v in (("loss", loss.item()), ("l1", terms["l1"]), ("giou", terms["giou"])):
@@ -308,7 +317,7 @@ class TrainRecipe:
                     st.partial["n"] += n_img
                     st.partial["boxes"] += n_boxes
                 st.step += 1
-                bar.advance(n_img, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
+                bar.advance(n_seen, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self.stop.requested:
                     return
         p, dt = st.partial, time.perf_counter() - t0
