@@ -102,7 +102,7 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
     if refiner is not None:
         refiner.eval()
     for raw in loader:
-        n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+        n_seen = len(raw["row"]) + len(raw.get("damaged", [])) + len(raw.get("busy", []))
         batch = dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
         if batch is None:
             if on_batch is not None:

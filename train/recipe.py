@@ -11,7 +11,8 @@ start that was killed before its first checkpoint is reused, so neither blocks t
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
 mean IoU, :class:`~boxrefine.shared.checkpoints.CheckpointSaver`), ``eval_boxes_<split>.json`` (the
-fixed validation boxes), ``subset.json`` and ``curves.png``.
+fixed validation boxes), ``subset.json``, ``curves.png`` and with ``--follow`` ``rows_epoch_NNN.json``
+(the rows each epoch trained on, ``train/follow.py``).
 
 Stopping: the first SIGINT (Ctrl-C) or SIGTERM finishes the step in flight, saves ``last.pt`` and
 exits; resuming continues exactly (every draw is seeded by (seed, epoch, row key), see
@@ -33,12 +34,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from boxrefine.shared.boxes import trainable_gt
 from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.evalboxes import detection_pairs, fixed_coarse_boxes, load_detections, sample_subset
+from boxrefine.shared.evalboxes import fixed_coarse_boxes, load_detections, sample_subset
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
 from boxrefine.shared.refiner import BoxRefiner
 from boxrefine.shared.rowdata import StoreRows, collate_rows
@@ -55,7 +55,8 @@ from boxrefine.train.control import (
     unsaved_start,
 )
 from boxrefine.train.curves import plot_curves
-from boxrefine.train.steps import batch_loss, lr_lambda, seeded_generator
+from boxrefine.train.follow import FollowRows, wait_for_rows
+from boxrefine.train.steps import batch_loss, gt_targets, lr_lambda, seeded_generator
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
@@ -125,6 +126,8 @@ class TrainRecipe:
 
     def setup(self) -> TrainRecipe:
         cfg, tc = self.cfg, self.tc
+        if tc.follow:
+            wait_for_rows(cfg.store.path, tc.train_split)
         self.store = open_checked_store(cfg, (tc.train_split, cfg.val_split()))
         if self.resume_ck is not None and self.resume_ck["store_identity"] != self.store.identity.to_dict():
             raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
@@ -156,29 +159,31 @@ class TrainRecipe:
         self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name, on_damage=on_damage) \
             if self.val_name else None
         self.keys = self.train_split.keys()
-        self.image_ids = self.train_split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys,
-                                 on_damage=on_damage)
-        scfg = cfg.data.splits[tc.train_split]
-        dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
-                if (tc.use_detections and scfg.detections) else None)
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        zero_size: list[int] = []  # annotation ids of non-crowd GT boxes without area: never targets
-        for i in self.train_rows.tolist():
-            gt = self.dataset.read_gt(i)
-            if gt is None:  # damaged, left out (store.on_damage: skip)
-                continue
-            boxes, info = torch.from_numpy(gt[1]), torch.from_numpy(gt[2])
-            zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
-            if dets is not None:
-                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), boxes, info, tc.match_iou)
+        self._use_rows(self.records, self.keys, self.train_rows)
+        first = self.subset(0)
+        console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
+                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})"
+                      + (", each epoch from the rows complete when it starts (--follow)" if tc.follow else ""),
+                      markup=False)
+
+    def _use_rows(self, records: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Train on store ``rows`` (the split's ``records`` and ``keys``): the dataset, the GT targets of
+        rows not seen yet (zero-size boxes, detections matched to GT) and the loader."""
+        cfg, tc = self.cfg, self.tc
+        self.records, self.keys, self.train_rows = records, keys, rows
+        self.image_ids = self.train_split.image_ids()
+        self.dataset = StoreRows(cfg.store.path, tc.train_split, rows.tolist(), records, keys,
+                                 on_damage=cfg.store.on_damage)
+        scfg = cfg.data.splits[tc.train_split]
+        new = [i for i in rows.tolist() if i not in self.det_pairs]
+        dets = (load_detections(scfg.detections, {int(self.image_ids[i]) for i in new} - {-1})
+                if (tc.use_detections and scfg.detections and new) else None)
+        zero_size = gt_targets(self.dataset, new, self.image_ids, dets, tc.match_iou, self.det_pairs)
         if zero_size:
             console.print(f"{cfg.store.path}: split {tc.train_split!r}: {len(zero_size)} zero-size GT box(es) (e.g. "
                           f"annotation id {min(zero_size)}) are never training targets", style="yellow", markup=False)
-        first = self.subset(0)
-        console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})", markup=False)
-        self.position = {int(r): k for k, r in enumerate(self.train_rows.tolist())}
+        self.position = {int(r): k for k, r in enumerate(rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [self.position[int(r)] for r in self.epoch_order(epoch)])
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
                                  num_workers=tc.num_workers, collate_fn=collate_rows,
@@ -193,9 +198,9 @@ class TrainRecipe:
         self.refiner_args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
         self.refiner = BoxRefiner(**self.refiner_args).to(self.device)
         self.opt = torch.optim.AdamW(self.refiner.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.subset(0)) / tc.batch_images)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(tc.epochs * self.steps_per_epoch, int(tc.warmup_epochs * self.steps_per_epoch)))
+        steps = math.ceil(len(self.subset(0)) / tc.batch_images)
+        self.lr_plan = lr_lambda(tc.epochs * steps, int(tc.warmup_epochs * steps))  # --follow: set per epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self.lr_plan(step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
     def _load_state(self, ck: dict[str, Any]) -> None:
@@ -297,6 +302,10 @@ class TrainRecipe:
     def train_epoch(self) -> None:
         """Train epoch ``state.epoch`` from step ``state.step``; returns early on a stop request."""
         st, tc = self.state, self.tc
+        if tc.follow:  # the rows complete now (or recorded when this epoch started, on resume)
+            follow = FollowRows.of(self.run, self.cfg)  # type: ignore[arg-type]
+            self._use_rows(*follow.rows(st.epoch))
+            self.lr_plan = lr_lambda(*follow.schedule(st.epoch, tc.epochs, tc.warmup_epochs))
         order_len = len(self.epoch_order(st.epoch))
         skip = st.step * tc.batch_images
         self.sampler.set_epoch(st.epoch, skip)
@@ -305,7 +314,7 @@ class TrainRecipe:
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
             bar.advance(skip)
             for raw in self.loader:
-                n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+                n_seen = len(raw["row"]) + len(raw.get("damaged", [])) + len(raw.get("busy", []))
                 batch = self.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
                 n_img = len(batch["row"]) if batch is not None else 0
                 loss, terms, n_boxes = (None, {}, 0) if batch is None else batch_loss(
