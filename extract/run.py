@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader
 
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_row
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
+from boxrefine.extract.sources import split_records
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.records import load_coco
+from boxrefine.shared.records import SplitRecords
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
 from boxrefine.shared.store import (
     STATE_BAD,
@@ -77,15 +78,29 @@ class Extractor:
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
         self.plans: list[tuple[SplitStore, list[Job], SplitSummary]] = []
+        self.records: dict[str, SplitRecords] = {}
         for name in self.ecfg.splits or list(cfg.data.splits):
             scfg = cfg.data.splits[name]
-            recs = load_coco(scfg.annotations)
-            split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
-                                            str(scfg.images), INTERM_CHANNELS[cfg.model.type])
+            recs, unreadable = split_records(scfg)  # images-only splits: sizes from the image headers
+            self.records[name] = recs
+            ann = {"path": str(scfg.annotations) if scfg.annotations else None, "sha256": recs.sha256,
+                   "ground_truth": recs.ground_truth}
+            split = self.store.layout_split(name, recs.images, ann, str(scfg.images), INTERM_CHANNELS[cfg.model.type])
             jobs, skipped = plan_split(split, list(recs.images), scfg.images, self.shard,
                                        remaps=self.store.identity.intensity != "none")
-            self.plans.append((split, jobs, SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)))
+            summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            for rep in unreadable.values():
+                console.print(f"bad image: {rep['reason']}", markup=False, style="red")
+            summ.bad.update(unreadable)
+            self.plans.append((split, jobs, summ))
         return self
+
+    def restrict(self, split: str, keys: set[int]) -> None:
+        """Do only the rows of ``split`` whose key is in ``keys`` (refine: the images with boxes to refine)."""
+        for sp, jobs, summ in self.plans:
+            if sp.name == split:
+                jobs[:] = [j for j in jobs if j.record.key in keys]
+                summ.todo = len(jobs)
 
     def run(self) -> ExtractResult:
         cfg = self.cfg

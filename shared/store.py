@@ -3,7 +3,7 @@
 Layout::
 
     <root>                      attrs: boxrefine{schema, tool_version}, identity{...}, codec, config
-      <split>/                  attrs: annotations{path, sha256}, images_root, max_instances
+      <split>/                  attrs: annotations{path, sha256, ground_truth}, images_root, max_instances
         keys           (N,)       int64   image_key(file_name) of each row
         image_ids      (N,)       int64   COCO image id of each row
         rows           (N, 9)     int64   per-row record, chunk (1, 9) — see ROW_FIELDS; written LAST
@@ -114,7 +114,12 @@ def open_checked_store(cfg: PipelineConfig, splits: Iterable[str | None] = ()) -
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
     check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
     for name in dict.fromkeys(s for s in splits if s is not None):
-        store.split(name).check_annotations(cfg.data.splits[name].annotations)
+        split, annotations = store.split(name), cfg.data.splits[name].annotations
+        split.require_ground_truth()
+        if annotations is None:
+            raise StoreError(f"split {name!r} is images only in the config (data.splits.{name}.annotations is not "
+                             "set): nothing to train on or score")
+        split.check_annotations(annotations)
     return store
 
 
@@ -170,6 +175,19 @@ class SplitStore:
     def annotations_sha256(self) -> str | None:
         """sha256 of the annotation file this split's GT was extracted from."""
         return (self.group.attrs.get("annotations") or {}).get("sha256")
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """False for an images-only split (extracted from a folder or a COCO file without annotations):
+        its rows hold features and no GT."""
+        return (self.group.attrs.get("annotations") or {}).get("ground_truth", True) is not False
+
+    def require_ground_truth(self) -> None:
+        """Refuse an images-only split where ground truth is needed (training, scoring)."""
+        if not self.has_ground_truth:
+            source = (self.group.attrs.get("annotations") or {}).get("path") or self.group.attrs.get("images_root")
+            raise StoreError(f"{self.store_path}: split {self.name!r} holds images only (no annotations, from "
+                             f"{source}): nothing to train on or score; `boxrefine refine` uses such splits")
 
     def layout_digest(self) -> str | None:
         """sha256 of the published row keys: changes whenever rows are added."""
