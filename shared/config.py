@@ -174,6 +174,16 @@ class TrainConfig(_Section):
         return v
 
 
+class RefineConfig(_Section):
+    checkpoint: Path | None = None  # a refiner checkpoint file or a run folder (its best.pt)
+    min_score: float = 0.0
+    low_score: Literal["keep", "drop"] = "keep"
+    masks: bool = False
+    vis: bool = False
+    vis_count: int = Field(10, ge=1)
+    batch_images: int = Field(2, ge=1)
+
+
 class EvaluateConfig(_Section):
     split: str | None = None  # None: train's validation split
     checkpoint: Path | None = None
@@ -192,6 +202,7 @@ class PipelineConfig(_Section):
     refiner: RefinerConfig = RefinerConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    refine: RefineConfig = RefineConfig()
     fast: dict[str, dict[str, Any]] = {}
     fast_applied: dict[str, Any] = {}  # filled by load_config(fast=True): what FAST changed
 
@@ -294,6 +305,7 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.train.runs_dir = fix(cfg.train.runs_dir)
     cfg.evaluate.checkpoint = fix(cfg.evaluate.checkpoint)
+    cfg.refine.checkpoint = fix(cfg.refine.checkpoint)
     if not is_url(cfg.store.path):
         raw = cfg.store.path.removeprefix("file://")
         cfg.store.path = str(fix(Path(raw)))
