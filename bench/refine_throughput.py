@@ -1,0 +1,162 @@
+"""Refine throughput: boxes/s and images/s of ``boxrefine refine`` on a folder of images, with the
+features not yet in the store (the encoder runs once per image, then they are cached) vs cached
+(a second run over the same images: no encoder work).
+
+Each repeat refines the folder into a fresh store (uncached), then again into that store (cached),
+side by side, with the same HQ-SAM (built once and passed in, as the tests do, so its construction
+is not timed) and the same refiner checkpoint. Reported: medians over the repeats of
+
+* the whole run (``RefineRun`` setup → output written, extraction included): boxes/s, images/s;
+* the refinement alone (features read + HQ-SAM heads + refiner; ``RefineResult.refine_s``).
+
+Usage::
+
+    python bench/refine_throughput.py [--images 8] [--repeats 3] [--use-mask | --no-use-mask]
+                                      [--checkpoint runs/x/best.pt] [--device cpu]
+                                      [--json bench/out/refine_throughput.json]
+
+The demo generator makes the images (``--images`` of them, its train split: JPEG, grey, RGBA and
+16-bit PNG) and one detection per object (3-8 per image), named by file name. Without --checkpoint
+an untrained refiner with the default refiner settings is saved and used: its weights do not change
+the cost. HQ-SAM is vit_tiny with random weights (what the test machines have). Other processes on a
+shared machine change the figures: read the medians, and the machine line printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from boxrefine.extract.refine import RefineResult, RefineRun  # noqa: E402
+from boxrefine.shared.checkpoints import CKPT_FORMAT  # noqa: E402
+from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
+from boxrefine.shared.console import console  # noqa: E402
+from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
+from boxrefine.shared.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
+from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
+from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, resolve_device  # noqa: E402
+from boxrefine.shared.store import identity_for  # noqa: E402
+
+
+def machine() -> str:
+    """CPU model and core count (lscpu), and the GPU when one is used."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{model}, {os.cpu_count()} cores{gpu}"
+
+
+def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
+    """A checkpoint refine accepts, holding a freshly initialised refiner (the cost does not depend
+    on the weights)."""
+    args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
+    torch.manual_seed(0)
+    fp = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed).fingerprint
+    payload = {"format": CKPT_FORMAT, "refiner": BoxRefiner(**args).state_dict(), "refiner_args": args,
+               "config": cfg.to_dict(), "store_identity": identity_for(cfg, fp).to_dict(), "state": {}}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def folder_detections(root: Path, out: Path) -> tuple[Path, int]:
+    """The demo's detections of its train split, naming images by file name (folder mode)."""
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    dets = json.loads((root / "annotations" / "detections_train.json").read_text())
+    entries = [{"file_name": names[d["image_id"]], "category_id": d["category_id"], "bbox": d["bbox"],
+                "score": d["score"]} for d in dets]
+    atomic_write_json(out, entries)
+    return out, len(entries)
+
+
+def one_run(cfg: PipelineConfig, store: Path, ckpt: Path, dets: Path, images: Path, sam: Any) -> RefineResult:
+    cfg = cfg.model_copy(deep=True)
+    cfg.store.path = str(store)
+    return RefineRun(cfg, ckpt, dets, out=store.with_suffix(".json"), images=images, model=sam,
+                     announce=False).setup().run()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=8, help="images in the folder (demo train images)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--use-mask", action=argparse.BooleanOptionalAction, default=True,
+                    help="refiner.use_mask of the untrained refiner (the HQ-SAM decoder runs per box)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained refiner (default: untrained)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "refine_throughput.json")
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="refine-bench-"))
+    try:
+        generate_demo(tmp / "data", num_train=a.images, num_val=1, seed=0)
+        folder = tmp / "data" / "images" / "train"
+        dets, n_boxes = folder_detections(tmp / "data", tmp / "detections.json")
+        raw = {"data": {"splits": {"train": {"images": str(folder),
+                                             "annotations": str(tmp / "data/annotations/instances_train.json")}}},
+               "model": {"type": "vit_tiny", "checkpoint": None, "seed": 0, "device": a.device},
+               "store": {"path": str(tmp / "unused.zarr")}, "extract": {"num_workers": 2, "batch_size": 1},
+               "refiner": {"use_mask": a.use_mask}, "train": {"val_split": None}}
+        cfg = validate_config(raw, "<bench>", tmp)
+        ckpt = a.checkpoint or untrained_checkpoint(cfg, tmp / "refiner.pt")
+        sam = build_hq_sam("vit_tiny", None, 0, resolve_device(a.device), announce=False)
+        rows = []
+        for r in range(a.repeats):
+            store = tmp / f"store-{r}.zarr"
+            cold = one_run(cfg, store, ckpt, dets, folder, sam)
+            warm = one_run(cfg, store, ckpt, dets, folder, sam)
+            assert cold.encoded == a.images and warm.encoded == 0, (cold.encoded, warm.encoded)
+            rows.append({"uncached_wall_s": cold.wall_s, "cached_wall_s": warm.wall_s,
+                         "uncached_refine_s": cold.refine_s, "cached_refine_s": warm.refine_s,
+                         "boxes": warm.refined, "images": warm.images})
+            shutil.rmtree(store)
+            console.print(f"repeat {r + 1}: uncached {cold.wall_s:.1f}s, cached {warm.wall_s:.1f}s "
+                          f"(refinement {warm.refine_s:.1f}s) for {warm.refined} boxes on {warm.images} images",
+                          markup=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
+    boxes, images = rows[0]["boxes"], rows[0]["images"]
+    summary = {
+        "machine": machine(), "device": a.device, "torch_threads": torch.get_num_threads(),
+        "model": "vit_tiny, random init", "refiner_use_mask": a.use_mask, "images": images, "boxes": boxes,
+        "detections": n_boxes, "repeats": a.repeats, "medians_s": med, "runs": rows,
+        "uncached": {"boxes_per_s": boxes / med["uncached_wall_s"], "images_per_s": images / med["uncached_wall_s"]},
+        "cached": {"boxes_per_s": boxes / med["cached_wall_s"], "images_per_s": images / med["cached_wall_s"]},
+        "refinement_alone": {"boxes_per_s": boxes / med["cached_refine_s"],
+                             "images_per_s": images / med["cached_refine_s"]},
+        "uncached_over_cached_wall": med["uncached_wall_s"] / med["cached_wall_s"],
+    }
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(a.json, summary, indent=1)
+    print(f"machine: {summary['machine']} (torch threads {summary['torch_threads']}; shared machines: medians)")
+    print(f"{images} images, {boxes} boxes, refiner use_mask={a.use_mask}, medians of {a.repeats} repeat(s):")
+    for name, key in (("features not cached (extract + refine)", "uncached"), ("features cached", "cached"),
+                      ("refinement alone (cached run)", "refinement_alone")):
+        s = summary[key]
+        print(f"  {name:<40} {s['boxes_per_s']:7.2f} boxes/s  {s['images_per_s']:6.3f} images/s")
+    print(f"  uncached ÷ cached wall time: {summary['uncached_over_cached_wall']:.1f}x   → {a.json}")
+
+
+if __name__ == "__main__":
+    main()
