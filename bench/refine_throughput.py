@@ -7,7 +7,10 @@ side by side, with the same HQ-SAM (built once and passed in, as the tests do, s
 is not timed) and the same refiner checkpoint. Reported: medians over the repeats of
 
 * the whole run (``RefineRun`` setup → output written, extraction included): boxes/s, images/s;
-* the refinement alone (features read + HQ-SAM heads + refiner; ``RefineResult.refine_s``).
+* the refinement alone (features read + HQ-SAM heads + refiner; ``RefineResult.refine_s``);
+* side by side with them, the parts that dominate: the image encoder's time inside the uncached run
+  (``RefineResult.encoder_s``) and, with ``--use-mask``, HQ-SAM's prompt encoder + mask decoder alone
+  on the same boxes (one pass per image, as refine runs them), so the ratios hold on a busy machine.
 
 Usage::
 
@@ -34,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +52,10 @@ from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E40
 from boxrefine.shared.console import console  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
 from boxrefine.shared.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
+from boxrefine.shared.predictor import ImageFeatures  # noqa: E402
 from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, resolve_device  # noqa: E402
+from boxrefine.shared.sam import INTERM_CHANNELS, SamHeads, build_hq_sam, checkpoint_info, resolve_device  # noqa: E402
+from boxrefine.shared.scoring import box_prompt_logits  # noqa: E402
 from boxrefine.shared.store import identity_for  # noqa: E402
 
 
@@ -88,6 +94,24 @@ def folder_detections(root: Path, out: Path) -> tuple[Path, int]:
     return out, len(entries)
 
 
+@torch.no_grad()
+def decoder_alone(store: Path, split: str, dets: Path, sam: Any, device: torch.device) -> float:
+    """Seconds of HQ-SAM's prompt encoder + mask decoder alone on the detections' boxes, one pass
+    per image, on features read from the store beforehand."""
+    by_file: dict[str, list[list[float]]] = {}
+    for d in json.loads(dets.read_text()):
+        x, y, w, h = d["bbox"]
+        by_file.setdefault(d["file_name"], []).append([x, y, x + w, y + h])
+    feats = [(ImageFeatures.from_store(str(store), split, f), torch.tensor(b, dtype=torch.float32))
+             for f, b in by_file.items()]
+    heads = SamHeads(sam.prompt_encoder, sam.mask_decoder)
+    t0 = time.perf_counter()
+    for f, b in feats:
+        emb, interm = f.image_embeddings[None].to(device).float(), f.interm_embeddings[None].to(device).float()
+        box_prompt_logits(heads, emb, interm, f.geometry.boxes_to_input(b).to(device), device, None)
+    return time.perf_counter() - t0
+
+
 def one_run(cfg: PipelineConfig, store: Path, ckpt: Path, dets: Path, images: Path, sam: Any) -> RefineResult:
     cfg = cfg.model_copy(deep=True)
     cfg.store.path = str(store)
@@ -118,7 +142,8 @@ def main() -> None:
                "refiner": {"use_mask": a.use_mask}, "train": {"val_split": None}}
         cfg = validate_config(raw, "<bench>", tmp)
         ckpt = a.checkpoint or untrained_checkpoint(cfg, tmp / "refiner.pt")
-        sam = build_hq_sam("vit_tiny", None, 0, resolve_device(a.device), announce=False)
+        device = resolve_device(a.device)
+        sam = build_hq_sam("vit_tiny", None, 0, device, announce=False)
         rows = []
         for r in range(a.repeats):
             store = tmp / f"store-{r}.zarr"
@@ -127,6 +152,8 @@ def main() -> None:
             assert cold.encoded == a.images and warm.encoded == 0, (cold.encoded, warm.encoded)
             rows.append({"uncached_wall_s": cold.wall_s, "cached_wall_s": warm.wall_s,
                          "uncached_refine_s": cold.refine_s, "cached_refine_s": warm.refine_s,
+                         "encoder_s": cold.encoder_s,
+                         "decoder_alone_s": decoder_alone(store, warm.split, dets, sam, device) if a.use_mask else 0.0,
                          "boxes": warm.refined, "images": warm.images})
             shutil.rmtree(store)
             console.print(f"repeat {r + 1}: uncached {cold.wall_s:.1f}s, cached {warm.wall_s:.1f}s "
@@ -146,6 +173,9 @@ def main() -> None:
         "refinement_alone": {"boxes_per_s": boxes / med["cached_refine_s"],
                              "images_per_s": images / med["cached_refine_s"]},
         "uncached_over_cached_wall": med["uncached_wall_s"] / med["cached_wall_s"],
+        "encoder_share_of_uncached": statistics.median(r["encoder_s"] / r["uncached_wall_s"] for r in rows),
+        "refinement_over_decoder_alone": (statistics.median(r["cached_refine_s"] / r["decoder_alone_s"] for r in rows)
+                                          if a.use_mask else None),
     }
     a.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.json, summary, indent=1)
@@ -155,7 +185,12 @@ def main() -> None:
                       ("refinement alone (cached run)", "refinement_alone")):
         s = summary[key]
         print(f"  {name:<40} {s['boxes_per_s']:7.2f} boxes/s  {s['images_per_s']:6.3f} images/s")
-    print(f"  uncached ÷ cached wall time: {summary['uncached_over_cached_wall']:.1f}x   → {a.json}")
+    print(f"  uncached ÷ cached wall time: {summary['uncached_over_cached_wall']:.1f}x; the image encoder is "
+          f"{100 * summary['encoder_share_of_uncached']:.0f}% of an uncached run")
+    if a.use_mask:
+        print(f"  refinement alone ÷ HQ-SAM prompt encoder + mask decoder alone on the same boxes: "
+              f"{summary['refinement_over_decoder_alone']:.2f} (median {med['decoder_alone_s']:.1f}s for the decoder)")
+    print(f"  → {a.json}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class RefineResult:
     encoded: int  # images the encoder ran on
     wall_s: float
     refine_s: float  # the refinement alone (features read + HQ-SAM heads + refiner), without extract
+    encoder_s: float = 0.0  # of the extraction before it, the image encoder's time
     vis: list[Path] = field(default_factory=list)
 
     @property
@@ -167,9 +168,10 @@ class RefineRun:
 
     def run(self) -> RefineResult:
         todo = [d for d in self.dets if d.status is None]
-        encoded = 0
+        encoded, encoder_s = 0, 0.0
         if todo:
-            encoded = self.extractor.run().encoded
+            extracted = self.extractor.run()
+            encoded, encoder_s = extracted.encoded, extracted.encoder_s
             if self.extractor.model is not None:
                 self.predictor.use_sam(self.extractor.model)  # HQ-SAM is built: its heads are the ones needed
         t_refine = time.perf_counter()
@@ -182,7 +184,8 @@ class RefineRun:
             raise DataError(f"{self.detections_path}: cannot write the results as JSON ({e})") from None
         passed = Counter(d.status for d in keep if d.status is not None)
         res = RefineResult(self.out, self.name, len(self.dets), sum(d.status is None for d in self.dets), images,
-                           dict(passed), len(self.dets) - len(keep), encoded, time.perf_counter() - self.t0, refine_s)
+                           dict(passed), len(self.dets) - len(keep), encoded, time.perf_counter() - self.t0, refine_s,
+                           encoder_s)
         if self.rc.vis:
             res.vis = self._draw()
         self._report(res)

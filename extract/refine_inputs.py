@@ -7,10 +7,10 @@ A well-formed detection that cannot be refined is *passed through* unrefined wit
 (``Detection.status``), never dropped silently: an image that is unknown, missing or unreadable, a
 zero-size box, a box entirely outside its image, a score below ``refine.min_score``.
 
-Images are matched by ``image_id`` against the COCO file's ids. For a folder of images (no COCO
-file) a detection names its image by ``file_name`` (path relative to the folder, or a unique base
-name), else by ``image_id`` equal to the file's stem (numbers compared as numbers: image_id 42
-matches ``000042.jpg``, as Ultralytics writes folder results).
+A detection with a ``file_name`` (path relative to the image folder, or a unique base name) names
+that image. Otherwise its ``image_id`` is matched against the COCO file's ids or, for a folder of
+images without a COCO file, against the file stems (numbers compared as numbers: image_id 42
+matches ``000042.jpg``, as Ultralytics writes the results of a folder).
 """
 
 from __future__ import annotations
@@ -107,14 +107,14 @@ class ImageIndex:
     def key_of(self, d: Detection) -> int | None:
         """The row key of the detection's image, or None when it names no image of the split."""
         file_name, image_id = d.entry.get("file_name"), d.entry.get("image_id")
-        if not self.by_file:
-            return self.by_id.get(image_id) if isinstance(image_id, int) and not isinstance(image_id, bool) else None
         if isinstance(file_name, str):
             try:
                 rel = safe_relpath(file_name)
             except DataError:
                 return None
             return self.by_name.get(rel) or self._unique(self.by_base, PurePosixPath(rel).name, "file_name")
+        if not self.by_file:
+            return self.by_id.get(image_id) if isinstance(image_id, int) and not isinstance(image_id, bool) else None
         return self._unique(self.by_stem, _number_as_text(str(image_id)), "image_id")
 
 

@@ -186,10 +186,16 @@ class RefinePredictor:
         emb, interm = from_storage(to_storage(emb, dt), dt), from_storage(to_storage(interm, dt), dt)
         return [ImageFeatures(emb[i], interm[i], g) for i, g in enumerate(geos)]
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Encode one image (H×W×3 uint8 RGB as ``SamPredictor.set_image``; grey, RGBA and 16-bit
-        or float images are converted as extract converts files) for the next ``refine`` calls."""
-        self.features = self.encode_images([image])[0]
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Encode one image (H×W×3 uint8 as ``SamPredictor.set_image``, RGB or, with ``image_format``
+        "BGR", as cv2 reads it; grey, RGBA and 16-bit or float images are converted as extract
+        converts files) for the next ``refine`` calls."""
+        if image_format not in ("RGB", "BGR"):
+            raise RefineError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        a = np.asarray(image)
+        if image_format == "BGR" and a.ndim == 3 and a.shape[2] in (3, 4):
+            a = a[..., [2, 1, 0, *range(3, a.shape[2])]]
+        self.features = self.encode_images([a])[0]
 
     def set_features(self, features: ImageFeatures) -> None:
         self.features = features

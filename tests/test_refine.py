@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import invoke, make_config, write_config
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import boxrefine.extract.run as xr
 from boxrefine.shared.predictor import ImageFeatures, RefineError, RefinePredictor
@@ -125,9 +126,10 @@ def test_folder_encoded_once_then_cached(demo_root: Path, store: Path, refiner: 
     calls = _count_encoder(monkeypatch)
     args = ("refine", "--config", str(cfg), "--checkpoint", str(refiner), "--images", str(folder),
             "--detections", str(dets))
-    res, text = invoke(*args)
+    res, text = invoke(*args, "--vis")
     assert res.exit_code == 0, text
     assert sum(calls) == 2  # 000042.jpg and sub/plate.png; unused.png has no detection
+    assert sorted(p.name for p in (tmp_path / "dets.refined_vis").iterdir()) == ["1_000042.png", "2_plate.png"]
     out = tmp_path / "dets.refined.json"
     first = out.read_bytes()
     got = json.loads(first)
@@ -149,7 +151,7 @@ def test_folder_encoded_once_then_cached(demo_root: Path, store: Path, refiner: 
 
 
 def test_predictor_gives_the_cli_boxes(demo_root: Path, store: Path, refiner: Path, folder: Path,
-                                       tmp_path: Path) -> None:
+                                       tmp_path: Path, monkeypatch) -> None:
     """RefinePredictor.set_image on the decoded pixels, and set_store_row on the cached row, give the
     CLI's boxes; refine returns deltas = refined − given; masks are at the original size."""
     dets = _dets(tmp_path / "dets.json", FOLDER_DETS[1:])
@@ -169,18 +171,25 @@ def test_predictor_gives_the_cli_boxes(demo_root: Path, store: Path, refiner: Pa
     np.testing.assert_allclose(deltas, boxes - given, atol=1e-4)
     masks = predictor.masks(boxes)
     assert masks.shape == (2, *rgba.shape[:2]) and masks.dtype == bool
+    for c, m in zip(cli, masks, strict=True):  # --masks: the same masks, as COCO RLE at the original size
+        assert np.array_equal(mask_utils.decode({**c["segmentation"], "counts": c["segmentation"]["counts"].encode()}),
+                              m.astype(np.uint8))
 
     from_store = RefinePredictor(refiner, device="cpu", announce=False)
     split = next(s for s in open_store(str(store)).splits if s.startswith("refine-photos-"))
     from_store.set_store_row(str(store), split, "sub/plate.png")
     assert np.array_equal(from_store.refine(given)[0], boxes)
-    assert cli[0]["segmentation"]["size"] == list(rgba.shape[:2])
 
     # the batched form: pixels (encoded here) and cached features mixed, each image's boxes as alone
     cached = ImageFeatures.from_store(str(store), split, "sub/plate.png")
     batch = from_store.refine_batch([rgba, cached], [given, given[:1]])
     np.testing.assert_allclose(batch[0][0], boxes, atol=1e-3)
     np.testing.assert_allclose(batch[1][0], boxes[:1], atol=1e-3)
+
+    seen: list[np.ndarray] = []  # image_format="BGR" (as cv2 reads): the encoder gets RGB
+    monkeypatch.setattr(from_store, "encode_images", lambda images: seen.append(images[0]) or [cached])
+    from_store.set_image(rgba[..., [2, 1, 0, 3]], image_format="BGR")
+    assert np.array_equal(seen[0], rgba)
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -300,6 +309,11 @@ def test_checkpoint_of_another_model_or_mapping_is_refused(demo_root: Path, stor
         assert res.exit_code == 1, text
         line = next(ln for ln in text.splitlines() if ln.startswith("error:"))
         assert str(path) in line and shown in line, line
+    # a head that cannot be rebuilt from its recorded refiner_args
+    torch.save({**ck, "refiner_args": {**ck["refiner_args"], "hidden": 64}}, tmp_path / "arch.pt")
+    res, text = invoke("refine", "--config", str(cfg), "--checkpoint", str(tmp_path / "arch.pt"), "--split", "val")
+    assert res.exit_code == 1 and "arch.pt: cannot rebuild the refiner from its refiner_args" in text
+
     # the Python predictor given other HQ-SAM weights than the refiner's features came from
     weights = tmp_path / "sam.pth"
     torch.save({"image_encoder.x": torch.zeros(1)}, weights)
