@@ -1,7 +1,8 @@
 """Which checkpoints evaluate scores, in which order, and loading a refiner from one.
 
-Default: ``best.pt`` of the latest run in ``train.runs_dir``; else a checkpoint file, or every
-``*.pt`` of a folder in natural order (as timm's ``validate.py`` takes a folder of checkpoints).
+Default: ``best.pt`` of the latest run in ``train.runs_dir`` that holds a checkpoint; else a
+checkpoint file, or every ``*.pt`` of a folder in natural order (as timm's ``validate.py`` takes a
+folder of checkpoints).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def latest_best(runs_dir: Path) -> Path:
     runs = [d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if not runs:
         raise EvaluateError(f"{runs_dir}: no run folders; train first or pass --checkpoint")
+    # a run without any checkpoint (a start killed before its first save) is not a candidate
+    runs = [d for d in runs if folder_checkpoints(d)]
+    if not runs:
+        raise EvaluateError(f"{runs_dir}: no run folder holds a checkpoint (*.pt); train first or pass --checkpoint")
     latest = max(runs, key=_activity)
     best = latest / "best.pt"
     if not best.is_file():

@@ -35,7 +35,7 @@ def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePredict
     try:
         records = {r.key: r for r in load_coco(annotations).images}
     except DataError as e:
-        console.print(f"--vis: {e}; no overlays", style="yellow", markup=False)
+        console.print(f"--vis: {e}; no overlays", style="yellow", soft_wrap=True, markup=False)
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -49,11 +49,11 @@ def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePredict
         try:
             img = read_rgb(path, intensity)
         except ImageError as e:
-            console.print(f"--vis: {e}; skipped", style="yellow", markup=False)
+            console.print(f"--vis: {e}; skipped", style="yellow", soft_wrap=True, markup=False)
             continue
         if img.shape[:2] != (rec.height, rec.width):
             console.print(f"--vis: {path}: image is {img.shape[1]}x{img.shape[0]}, annotations say "
-                          f"{rec.width}x{rec.height}; skipped", style="yellow", markup=False)
+                          f"{rec.width}x{rec.height}; skipped", style="yellow", soft_wrap=True, markup=False)
             continue
         img = np.ascontiguousarray(img)
         t = line_width(img.shape[:2])

@@ -2,8 +2,8 @@
 
 Incremental: a row is skipped when its record is COMPLETE and both the image file (size, mtime) and
 its annotations are unchanged; only the GT is rewritten (no decode, no encoder) when just the
-annotations changed. ``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from
-RANK/WORLD_SIZE.
+annotations changed. Any other row (empty, torn, DAMAGED, a record failing its checksum) is redone.
+``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from RANK/WORLD_SIZE.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
 from boxrefine.shared.geometry import ImageGeometry
-from boxrefine.shared.imageio import is_8bit_file, source_fingerprint
+from boxrefine.shared.imageio import source_fingerprint
 from boxrefine.shared.records import ImageRecord, instance_mask, resolve_image
-from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_UPGRADE, F, SplitStore
+from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, F, SplitStore
 
 
 @dataclass
@@ -27,6 +27,13 @@ class Job:
     record: ImageRecord
     path: Path
     gt_only: bool  # image unchanged, only annotations changed: no decode, no encoder
+    kept: dict[str, int] = field(default_factory=dict)  # gt_only: the record's feature digests, carried over
+    reuse_row: int | None = None  # features copied from this row of --reuse-features (extract/reuse.py)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether the image is decoded and encoded (neither a GT-only rewrite nor reused features)."""
+        return not self.gt_only and self.reuse_row is None
 
 
 @dataclass
@@ -36,8 +43,10 @@ class SplitSummary:
     todo: int = 0
     encoded: int = 0
     gt_only: int = 0
+    reused: int = 0  # features copied from --reuse-features instead of encoded
     skipped: int = 0
-    bad: dict[int, dict[str, str]] = field(default_factory=dict)
+    bad: dict[int, dict[str, str]] = field(default_factory=dict)  # found bad by this run, by key
+    kept_bad: dict[int, dict[str, str]] = field(default_factory=dict)  # recorded bad earlier, file unchanged
 
 
 def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
@@ -49,17 +58,17 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
     return 0, 1
 
 
-def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int],
-               remaps: bool = True) -> tuple[list[Job], int]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date).
+def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
+               ) -> tuple[list[Job], int, list[ImageRecord]]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
+    those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since).
 
     A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
     its annotations changed, but only while the annotated image size is the stored one: a new
-    width/height re-encodes the image. ``remaps``: the store's intensity mapping changes images that
-    are not 8-bit (decides what an upgraded schema-1 row needs, see ``shared/store_upgrade.py``)."""
+    width/height re-encodes the image."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
     rows = split.read_rows()
-    jobs, skipped = [], 0
+    jobs, skipped, kept_bad = [], 0, []
     i_shard, n_shard = shard
     for rec in records:
         i = row_of[rec.key]
@@ -77,20 +86,14 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         state = int(r[F["state"]])
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
+            if state == STATE_BAD:
+                kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src and same_size:
-            jobs.append(Job(i, rec, path, gt_only=True))
-        elif state == STATE_UPGRADE and same_src and same_size:
-            jobs.append(Job(i, rec, path, gt_only=not remaps or _is_8bit(path)))
+            kept = {DIGEST[a]: int(r[F[DIGEST[a]]]) for a in FEATURE_ARRAYS}
+            jobs.append(Job(i, rec, path, gt_only=True, kept=kept))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
-    return jobs, skipped
-
-
-def _is_8bit(path: Path) -> bool:
-    try:
-        return is_8bit_file(path)
-    except OSError:
-        return False  # unreadable now: a full job reports it
+    return jobs, skipped, kept_bad
 
 
 def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

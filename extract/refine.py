@@ -51,7 +51,7 @@ from boxrefine.shared.records import DataError, ImageRecord, resolve_image
 from boxrefine.shared.rowdata import row_geometry
 from boxrefine.shared.sam import checkpoint_info, resolve_device
 from boxrefine.shared.scoring import amp_setting
-from boxrefine.shared.store import STATE_COMPLETE, STATE_NAMES, F, identity_for, open_store
+from boxrefine.shared.store import STATE_COMPLETE, STATE_NAMES, F, SplitStore, StoreDamage, identity_for, open_store
 
 MAX_REPORTED = 5  # per reason, the passed-through detections printed one by one
 
@@ -141,7 +141,9 @@ class RefineRun:
         self.dets = load_detection_entries(self.detections_path)
         console.print(f"refine: {len(self.dets)} detections from {self.detections_path}, checkpoint {self.checkpoint}, "
                       f"split {self.name} ({self.scfg.images})", markup=False)
-        self.extractor = Extractor(self._extract_config(), self.model, self.announce).setup()
+        self.extractor = Extractor(self._extract_config(), self.model, self.announce)
+        self.extractor.all_bad_is_error = False  # their detections are passed through, reported
+        self.extractor.setup()
         recs = self.extractor.records[self.name]
         unreadable = next(s for sp, _, s in self.extractor.plans if sp.name == self.name).bad
         images = [(r.image_id, r.file_name, r.key) for r in recs.images]
@@ -209,21 +211,36 @@ class RefineRun:
                 for d in by_key.pop(key):
                     d.status, d.detail = UNREADABLE, why
         order = sorted(by_key, key=lambda k: row_of[k])
-        n = self.rc.batch_images
+        n, done, boxes_done = self.rc.batch_images, 0, 0
         with progress("refine", len(order), unit="img") as bar:
             for start in range(0, len(order), n):
-                keys = order[start:start + n]
-                feats = [ImageFeatures(*sp.read_features(row_of[k]), row_geometry(rows[row_of[k]])) for k in keys]
-                boxes = [torch.tensor([list(d.box) for d in by_key[k]], dtype=torch.float32) for k in keys]
-                refined = self.predictor.refine_features(feats, boxes)
-                for k, f, r in zip(keys, feats, refined, strict=True):
+                chunk = order[start:start + n]
+                feats = {k: f for k in chunk if (f := self._features(sp, row_of[k], rows[row_of[k]], by_key[k]))}
+                refined = self.predictor.refine_features(
+                    list(feats.values()), [torch.tensor([list(d.box) for d in by_key[k]], dtype=torch.float32)
+                                           for k in feats])
+                for (k, f), r in zip(feats.items(), refined, strict=True):
                     masks = self.predictor.masks(r, f) if self.rc.masks else None
                     for j, d in enumerate(by_key[k]):
                         d.extra["refined"] = r[j]
                         if masks is not None:
                             d.extra["segmentation"] = rle(masks[j])
-                bar.advance(len(keys), postfix=f"{sum(len(by_key[k]) for k in order[:start + n])} boxes")
-        return len(order)
+                done, boxes_done = done + len(feats), boxes_done + sum(len(by_key[k]) for k in feats)
+                bar.advance(len(chunk), postfix=f"{boxes_done} boxes")
+        return done
+
+    def _features(self, sp: SplitStore, row: int, record: np.ndarray, dets: list[Detection]) -> ImageFeatures | None:
+        """A row's features, checked against its record. A row failing its checksums stops the run
+        (``store.on_damage: error``) or has its detections passed through (``skip``)."""
+        try:
+            emb, interm = sp.read_features(row, record=record)
+        except StoreDamage as e:
+            if self.cfg.store.on_damage == "error":
+                raise
+            for d in dets:
+                d.status, d.detail = UNREADABLE, str(e)
+            return None
+        return ImageFeatures(emb, interm, row_geometry(record))
 
     def _entry(self, d: Detection) -> dict[str, Any]:
         """The output entry of a detection: the input entry, its box refined (or why not)."""

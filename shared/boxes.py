@@ -58,3 +58,11 @@ def mask_boxes(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         b[:, 2:] += 1
         out[nonempty] = b.to(out.device)
     return out
+
+
+def trainable_gt(gt_boxes: torch.Tensor, gt_info: torch.Tensor) -> torch.Tensor:
+    """Which GT instances may be a training target: not crowd and of positive width and height (a
+    zero-size box has no GIoU gradient worth following and a loss up to 2 per side)."""
+    if len(gt_info) == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    return (gt_info[:, 2] == 0) & (gt_boxes[:, 2] > gt_boxes[:, 0]) & (gt_boxes[:, 3] > gt_boxes[:, 1])

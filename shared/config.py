@@ -113,6 +113,7 @@ class StoreConfig(_Section):
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
+    on_damage: Literal["error", "skip"] = "error"
 
 
 class ExtractConfig(_Section):
@@ -124,6 +125,7 @@ class ExtractConfig(_Section):
     shard: str | None = None
     strict: bool = False
     overwrite: bool = False
+    reuse_features: str | None = None  # another store to copy unchanged images' features from
 
     @field_validator("shard")
     @classmethod
@@ -283,12 +285,57 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice in one YAML document (``key`` dotted, ``lines`` 1-based)."""
+
+    def __init__(self, key: str, lines: tuple[int, int]):
+        self.key, self.lines = key, lines
+        super().__init__(f"duplicate key {key!r} (lines {lines[0]} and {lines[1]})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in a mapping (PyYAML keeps the last one
+    silently, hiding a pasted-twice or mistyped option). YAML merge keys (``<<``) are not duplicates."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias already checked (and recursive structures)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                _check_unique_keys(value_node, path, seen_nodes)
+                continue
+            dotted = f"{path}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            k = (key_node.tag, key_node.value)
+            if k in first_line:
+                raise DuplicateKeyError(dotted, (first_line[k], line))
+            first_line[k] = line
+            _check_unique_keys(value_node, f"{dotted}.", seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}{i}.", seen_nodes)
+
+
 def parse_set_option(item: str) -> tuple[str, Any]:
-    """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML)."""
+    """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML; ``KEY=null``
+    sets the key to null)."""
     if "=" not in item:
         raise ConfigError("--set", [(item, "expected KEY=VALUE, e.g. extract.batch_size=4")])
     key, _, value = item.partition("=")
-    return key.strip(), yaml.safe_load(value)
+    key = key.strip()
+    try:
+        return key, yaml.load(value, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        problem = str(e) if isinstance(e, DuplicateKeyError) else getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError("--set", [(key, f"not a valid YAML value ({problem}): {value!r}")]) from None
 
 
 def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
@@ -379,19 +426,22 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
 
 
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None, fast: bool = False) -> PipelineConfig:
-    """Read ``path`` with ``yaml.safe_load``, apply the ``fast:`` block if ``fast``, then dotted
-    ``overrides`` (CLI flags), and validate."""
+    """Read ``path`` (YAML, safe loading, a key given twice refused), apply the ``fast:`` block if
+    ``fast``, then the dotted ``overrides`` (``--set`` and CLI flags; a None value sets the key to
+    null), and validate."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(str(path), [("<file>", f"cannot read: {e.strerror or e}")]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(str(path), [(e.key, f"duplicate key (lines {e.lines[0]} and {e.lines[1]}); remove one")]
+                          ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         pos = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(str(path), [("<yaml>", f"not valid YAML{pos}: {getattr(e, 'problem', e)}")]) from None
     raw = raw if raw is not None else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     return validate_config(raw, str(path), path.resolve().parent, fast=fast, overrides=overrides)

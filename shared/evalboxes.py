@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from boxrefine.shared.boxes import jitter_boxes
+from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console
 from boxrefine.shared.fileio import atomic_write_json, read_bytes
@@ -40,8 +41,42 @@ class CoarseBoxes:
         return len(self.boxes)
 
 
-def load_detections(path: Path) -> dict[int, list[tuple[list[float], float, int]]]:
-    """COCO results JSON → {image_id: [(xyxy, score, category_id), ...]}."""
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integral(x: Any) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+
+
+def _detection(path: Path, i: int, d: Any) -> tuple[int, tuple[list[float], float, int]]:
+    """One checked entry of a detections file: (image_id, (xyxy, score, category_id))."""
+    where = f"{path}: [{i}]"
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: expected an object {{image_id, bbox [x, y, w, h], score}}, got {d!r:.120}")
+    image_id = d.get("image_id")
+    if not _integral(image_id):
+        raise DataError(f"{where}: image_id must be an integer, got {image_id!r:.60}")
+    where += f" (image_id {int(image_id)})"
+    bbox = d.get("bbox")
+    ok = isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)
+    if not ok or bbox[2] < 0 or bbox[3] < 0 or not (_finite(bbox[0] + bbox[2]) and _finite(bbox[1] + bbox[3])):
+        raise DataError(f"{where}: bbox must be [x, y, w, h], finite numbers with w, h >= 0, got {bbox!r:.120}")
+    score, cat = d.get("score", 1.0), d.get("category_id", -1)
+    if not _finite(score):
+        raise DataError(f"{where}: score must be a finite number, got {score!r:.60}")
+    if not _integral(cat):
+        raise DataError(f"{where}: category_id must be an integer, got {cat!r:.60}")
+    x, y, w, h = (float(v) for v in bbox)
+    return int(image_id), ([x, y, x + w, y + h], float(score), int(cat))
+
+
+def load_detections(path: Path, image_ids: Collection[int] | None = None
+                    ) -> dict[int, list[tuple[list[float], float, int]]]:
+    """COCO results JSON → {image_id: [(xyxy, score, category_id), ...]}. Every entry is checked
+    (finite numbers, no negative size): a bad one is a DataError naming the file and the entry.
+    Given the split's ``image_ids``, detections of other images are dropped, with one warning that
+    counts them."""
     try:
         data = json.loads(read_bytes(path, DataError, "detections file"))
     except ValueError as e:
@@ -52,14 +87,15 @@ def load_detections(path: Path) -> dict[int, list[tuple[list[float], float, int]
         raise DataError(f"{path}: detections must be a COCO results list")
     out: dict[int, list[tuple[list[float], float, int]]] = {}
     for i, d in enumerate(data):
-        try:
-            x, y, w, h = (float(v) for v in d["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-                raise ValueError("bad bbox")
-            out.setdefault(int(d["image_id"]), []).append(([x, y, x + w, y + h], float(d.get("score", 1.0)),
-                                                           int(d.get("category_id", -1))))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: [{i}]: expected {{image_id, bbox [x,y,w,h], score}}, got {d!r:.120}") from None
+        image_id, det = _detection(path, i, d)
+        out.setdefault(image_id, []).append(det)
+    if image_ids is not None:
+        known = set(image_ids)
+        unknown = sorted(k for k in out if k not in known)
+        if unknown:
+            n = sum(len(out.pop(k)) for k in unknown)
+            console.print(f"{path}: {n} detection(s) for {len(unknown)} image id(s) not in the split "
+                          f"(e.g. {unknown[0]}); ignored", style="yellow", markup=False)
     return out
 
 
@@ -105,23 +141,29 @@ def save_coarse_boxes(path: Path, boxes: dict[int, CoarseBoxes], image_ids: dict
 
 
 def load_coarse_boxes(path: Path) -> tuple[dict[int, CoarseBoxes], dict[str, Any]]:
+    """Saved evaluation boxes; a non-finite box or score (a file written before detections were
+    checked) is a DataError naming the file and the image."""
     doc = json.loads(path.read_text())
     out = {}
     for k, v in doc.pop("images").items():
-        out[int(k)] = CoarseBoxes(torch.tensor(v["boxes"], dtype=torch.float32).reshape(-1, 4),
-                                  torch.tensor(v["gt_index"], dtype=torch.int64),
-                                  torch.tensor(v["scores"], dtype=torch.float32),
-                                  torch.tensor(v["category_id"], dtype=torch.int64))
+        cb = CoarseBoxes(torch.tensor(v["boxes"], dtype=torch.float32).reshape(-1, 4),
+                         torch.tensor(v["gt_index"], dtype=torch.int64),
+                         torch.tensor(v["scores"], dtype=torch.float32),
+                         torch.tensor(v["category_id"], dtype=torch.int64))
+        if not (torch.isfinite(cb.boxes).all() and torch.isfinite(cb.scores).all()):
+            raise DataError(f"{path}: image_id {v.get('image_id')}: a box or score is not a finite number")
+        out[int(k)] = cb
     return out, doc
 
 
 def detection_pairs(dets: list[tuple[list[float], float, int]], gt_boxes: torch.Tensor, gt_info: torch.Tensor,
                     min_iou: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou."""
+    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou; only
+    GT that may be a target (``trainable_gt``)."""
     if not dets or len(gt_boxes) == 0:
         return torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
     boxes = torch.tensor([d[0] for d in dets], dtype=torch.float32)
-    valid = gt_info[:, 2] == 0
+    valid = trainable_gt(gt_boxes, gt_info)
     idx = match_to_gt(boxes, gt_boxes, valid, min_iou)
     keep = idx >= 0
     return boxes[keep], idx[keep]
@@ -162,13 +204,16 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
         console.print(f"note: {path}: the saved evaluation boxes came from other {', '.join(changed)}; "
                       "drawing them again", style="yellow", markup=False)
     scfg = cfg.data.splits[split]
-    dets = load_detections(scfg.detections) if scfg.detections else None
     sp = ds.split()
     ids = sp.image_ids()
+    dets = load_detections(scfg.detections, set(ids.tolist()) - {-1}) if scfg.detections else None
     out, image_ids = {}, {}
     for i in ds.rows:
         rec = ds.records[i]
-        _, boxes_np, info_np = ds.read_gt(i)
+        gt = ds.read_gt(i)
+        if gt is None:  # damaged, left out (store.on_damage: skip)
+            continue
+        _, boxes_np, info_np = gt
         gt_boxes, gt_info = torch.from_numpy(boxes_np), torch.from_numpy(info_np)
         key = int(ds.keys[i])
         det = dets.get(int(ids[i]), []) if dets is not None else None

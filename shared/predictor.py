@@ -66,10 +66,10 @@ class ImageFeatures:
         sp = open_store(store_path).split(split)
         key = image_key(safe_relpath(file_name))
         rows = np.flatnonzero(sp.keys() == key)
-        record = sp.array("rows")[int(rows[0])] if len(rows) else None
+        record = sp.read_record(int(rows[0])) if len(rows) else None
         if record is None or int(record[F["state"]]) != STATE_COMPLETE:
             raise StoreError(f"{store_path}: split {split!r} has no complete row for {file_name!r}; run extract")
-        emb, interm = sp.read_features(int(rows[0]))
+        emb, interm = sp.read_features(int(rows[0]), record=record)  # checked against the record's digests
         return cls(emb, interm, row_geometry(record))
 
 

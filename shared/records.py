@@ -201,13 +201,17 @@ def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:
     """Binary mask (H×W uint8) of one instance at the original resolution.
 
     Polygons, uncompressed and compressed RLE are accepted; an annotation without a segmentation
-    gets its box filled, so box-only datasets still evaluate.
+    gets its box filled (clipped to the image), so box-only datasets still evaluate.
     """
     seg = inst.segmentation
     if seg is None or seg == [] or seg == {}:
         m = np.zeros((height, width), np.uint8)
         x0, y0, x1, y1 = inst.box
-        m[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = 1
+        # clipped to the image: a negative start would be a numpy index from the far edge
+        c0, c1 = max(0, int(np.floor(x0))), min(width, int(np.ceil(x1)))
+        r0, r1 = max(0, int(np.floor(y0))), min(height, int(np.ceil(y1)))
+        if c1 > c0 and r1 > r0:
+            m[r0:r1, c0:c1] = 1
         return m
     if isinstance(seg, list):
         rles = mask_utils.frPyObjects(seg, height, width)

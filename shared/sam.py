@@ -150,10 +150,11 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
         state = load_state_dict_file(Path(checkpoint))
         result = sam.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            console.print(f"[yellow]{checkpoint}: loaded with {len(result.missing_keys)} missing and "
-                          f"{len(result.unexpected_keys)} unexpected key(s)[/yellow]"
+            console.print(f"{checkpoint}: loaded with {len(result.missing_keys)} missing and "
+                          f"{len(result.unexpected_keys)} unexpected key(s)"
                           + (f"; missing e.g. {result.missing_keys[:3]}" if result.missing_keys else "")
-                          + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""))
+                          + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""),
+                          style="yellow", markup=False)
         if len(state) - len(result.unexpected_keys) == 0:
             raise CheckpointError(f"{checkpoint}: no key matches HQ-SAM {model_type}; wrong model.type?")
     return _frozen(sam, device)
@@ -272,6 +273,6 @@ def build_sam_heads(model_type: str, checkpoint: Path | None, seed: int, device:
         if not sub:
             raise CheckpointError(f"{checkpoint}: no prompt_encoder/mask_decoder weights in this file")
         if result.missing_keys:
-            console.print(f"[yellow]{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
-                          f"e.g. {result.missing_keys[:3]}[/yellow]")
+            console.print(f"{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
+                          f"e.g. {result.missing_keys[:3]}", style="yellow", markup=False)
     return _frozen(heads, device)

@@ -22,6 +22,7 @@ from boxrefine.shared.metrics import box_metrics, mask_iou
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import SamHeads
+from boxrefine.shared.workers import worker_init
 
 
 @dataclass
@@ -120,11 +121,17 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
     """
     coarse_masks = masks if coarse_masks is None else coarse_masks
     loader = DataLoader(dataset, batch_size=batch_images, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_rows, pin_memory=device.type == "cuda")
+                        collate_fn=collate_rows, pin_memory=device.type == "cuda", worker_init_fn=worker_init())
     out: list[ImagePrediction] = []
     if refiner is not None:
         refiner.eval()
-    for batch in loader:
+    for raw in loader:
+        n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+        batch = dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+        if batch is None:
+            if on_batch is not None:
+                on_batch(n_seen)
+            continue
         emb = batch["image_embeddings"].to(device, non_blocking=True).float()
         interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
         preds, boxes_in, logits_all = [], [], []
@@ -176,7 +183,7 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                         p.mask_iou_refined = torch.zeros(0)
         out.extend(preds)
         if on_batch is not None:
-            on_batch(len(batch["row"]))
+            on_batch(n_seen)
         if should_stop is not None and should_stop():
             break
     return out

@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 import boxrefine.evaluate.run as er
 from boxrefine.evaluate.run import EvaluateError, amp_dtype, natural_key, resolve_checkpoints, run_evaluate
 from boxrefine.evaluate.vis import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR
+from boxrefine.shared.checkpoints import checkpoint_bytes
 from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
 from boxrefine.shared.refiner import BoxRefiner
 from boxrefine.shared.rowdata import StoreRows
@@ -231,7 +232,7 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     (folder / "broken.pt").write_bytes(b"this is not a checkpoint")
     ck = torch.load(trained / "last.pt", weights_only=True)
     ck["store_identity"]["checkpoint"] = "sha256:" + "0" * 64
-    torch.save(ck, folder / "other_store.pt")
+    (folder / "other_store.pt").write_bytes(checkpoint_bytes(ck))
     calls = _spy_predict(monkeypatch)
 
     cfg = _cfg(demo_root, reference_store, dets=small_dets)

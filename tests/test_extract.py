@@ -83,7 +83,7 @@ def test_stored_gt_is_sams_low_res_frame(reference_store, demo_root):
         anns = sorted((a for a in coco["annotations"] if a["image_id"] == image_id), key=lambda a: a["id"])
         n = int(rows[i, F["n_instances"]])
         assert n == len(anns)
-        masks, boxes, info = split.read_gt(i, n)
+        masks, boxes, info = split.read_gt(i)
         geo = row_geometry(rows[i])
         back = (sam_postprocess(torch.from_numpy(masks).float() - 0.5, geo) > 0).numpy()
         for j, a in enumerate(anns):
@@ -146,7 +146,7 @@ def test_annotation_change_rewrites_gt_without_encoder(reference_store, data_cop
     sp = open_store(str(store)).split("val")
     n = int(sp.read_rows()[0, F["n_instances"]])
     assert n == len(coco["annotations"])
-    assert dropped["id"] not in sp.read_gt(0, n)[2][:, 0].tolist()
+    assert dropped["id"] not in sp.read_gt(0)[2][:, 0].tolist()
     assert sp.group.attrs["annotations"]["sha256"] == load_coco(ann_path).sha256
 
 

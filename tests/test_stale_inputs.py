@@ -105,25 +105,42 @@ def test_eval_boxes_are_rebuilt_when_their_inputs_change(reference_store, data_c
     assert load_coarse_boxes(path)[1]["provenance"] != meta["provenance"]
 
 
-def _as_schema_1(store: Path) -> None:
-    """What a store written by the previous release looks like: schema 1, no intensity in the identity,
-    GT masks in the old (INTER_NEAREST) layout: here, the new masks shifted by one low-res pixel."""
-    g = zarr.open_group(str(store), mode="a")
-    meta = dict(g.attrs["boxrefine"])
-    ident = dict(g.attrs["identity"])
+def _write_schema_1(reference_store: Path, dst: Path) -> None:
+    """A store as the previous release wrote it: schema 1, no intensity in the identity, no crc32c codec,
+    9-field row records, GT masks in the old layout (here: the new masks shifted by one low-res pixel)."""
+    from zarr.codecs import BloscCodec
+
+    ref = zarr.open_group(str(reference_store), mode="r")
+    old = zarr.open_group(str(dst), mode="w", zarr_format=3)
+    ident = dict(ref.attrs["identity"])
     ident.pop("intensity")
-    g.attrs.update({"boxrefine": {**meta, "schema_version": 1}, "identity": ident})
+    old.attrs.put({**ref.attrs.asdict(), "boxrefine": {"schema_version": 1, "tool_version": "0.1.0"},
+                   "identity": ident})
+    blosc = BloscCodec(cname="zstd", clevel=3)
     for name in ("train", "val"):
-        masks = g[name]["gt_masks"]
-        masks[:] = np.roll(masks[:], 1, axis=-1)
+        src, grp = ref[name], old.create_group(name)
+        grp.attrs.put(src.attrs.asdict())
+        for arr in ("keys", "image_ids", "rows", "image_embeddings", "interm_embeddings", "gt_masks", "gt_boxes",
+                    "gt_info"):
+            data = np.asarray(src[arr][:])
+            if arr == "rows":
+                data = data[:, :9]
+            if arr == "gt_masks":
+                data = np.roll(data, 1, axis=-1)
+            chunks = (max(1, data.shape[0]),) if data.ndim == 1 else (1, *data.shape[1:])
+            grp.create_array(arr, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=blosc)[:] = data
 
 
-def test_schema_1_store_is_refused_then_upgraded_without_encoder_work_for_8bit_images(
+def test_schema_1_store_is_refused_and_rebuilt_without_encoder_work_for_8bit_images(
         reference_store, demo_root, tmp_path, sam, monkeypatch):
-    store = _copy(reference_store, tmp_path)
-    _as_schema_1(store)
-    with pytest.raises(StoreError, match="store schema 1 .* run `boxrefine extract`"):
-        run_train(_train_cfg(demo_root, store, tmp_path))
+    """A schema-1 store (no checksums, GT half a pixel off) is refused with the command that rebuilds
+    it; that command copies the features of unchanged 8-bit images (the default percentile mapping
+    changes only the 16-bit PNG, which is re-encoded), recomputes all GT, and gives the store a fresh
+    extract gives."""
+    old = tmp_path / "old.zarr"
+    _write_schema_1(reference_store, old)
+    with pytest.raises(StoreError, match=r"store schema 1; .*--reuse-features"):
+        run_train(_train_cfg(demo_root, old, tmp_path))
     encoded_files: list[str] = []
     import boxrefine.extract.run as er
 
@@ -134,17 +151,21 @@ def test_schema_1_store_is_refused_then_upgraded_without_encoder_work_for_8bit_i
         return real(self, split, batch, writer)
 
     monkeypatch.setattr(er.Extractor, "_encode", spy)
-    res = run_extract(make_config(demo_root, store), model=sam)
-    # only the 16-bit PNG is re-encoded (the default percentile mapping changes it); 8-bit rows get GT only
-    assert encoded_files == ["train_0003.png"] and sum(s.gt_only for s in res.splits) == 4
-    st, ref = open_store(str(store)), open_store(str(reference_store))
+    new = tmp_path / "new.zarr"
+    res = run_extract(make_config(demo_root, new, extract={"reuse_features": str(old)}), model=sam)
+    assert encoded_files == ["train_0003.png"] and sum(s.reused for s in res.splits) == 4
+    st, ref = open_store(str(new)), open_store(str(reference_store))
     assert st.identity == ref.identity
     for name in ("train", "val"):
         a, b = st.split(name), ref.split(name)
         assert (a.read_rows()[:, F["state"]] == STATE_COMPLETE).all()
         np.testing.assert_array_equal(a.array("gt_masks")[:], b.array("gt_masks")[:])
-        for i in range(a.n_rows):
+        for i in range(a.n_rows):  # every row reads back through its checksums
             np.testing.assert_allclose(a.read_features(i)[0].float(), b.read_features(i)[0].float(), atol=2e-3)
+    # features computed differently cannot be reused, naming the difference
+    with pytest.raises(StoreError, match="cannot reuse its features.*checkpoint: that store has 'random-init:seed=0'"):
+        run_extract(make_config(demo_root, tmp_path / "other.zarr", model={"seed": 1},
+                                extract={"reuse_features": str(old)}))
 
 
 def test_intensity_mapping_is_part_of_the_store_identity(reference_store, demo_root, tmp_path):

@@ -1,11 +1,14 @@
-"""Run control for the recipe: the per-epoch sampler, stop signals, and global RNG state."""
+"""Run control for the recipe: the per-epoch sampler, stop signals, global RNG state, and the run
+folder of a start that never saved a checkpoint."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -79,3 +82,27 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+# What a start writes before its first checkpoint (plus hidden temp files of fileio.atomic_write).
+_START_FILES = ("config.yaml", "subset.json", "metrics.jsonl", "curves.png")
+
+
+def unsaved_start(run: Path) -> bool:
+    """True when ``run`` holds only what a start writes before its first checkpoint: the leftover of a
+    start that failed or was killed (kill -9 leaves it; nothing in it can be resumed)."""
+    for p in run.iterdir():
+        n = p.name
+        if not p.is_file() or not (n in _START_FILES or (n.startswith("eval_boxes_") and n.endswith(".json"))
+                                   or (n.startswith(".") and n.endswith(".tmp"))):
+            return False
+    return True
+
+
+def discard_unsaved_run(run: Path) -> bool:
+    """Remove a run folder that this start made when no checkpoint was saved in it (so the name stays
+    free and a bare ``evaluate`` never picks it). Returns whether it was removed."""
+    if not run.is_dir() or any(run.glob("*.pt")) or not unsaved_start(run):
+        return False
+    shutil.rmtree(run, ignore_errors=True)
+    return True

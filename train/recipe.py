@@ -2,9 +2,11 @@
 resume from any checkpoint it saved.
 
 ``TrainRecipe(cfg, resume).setup()`` opens the store (refusing a mismatched one), loads the data,
-builds the model and optimizer, and only then makes the run folder, so a run that cannot start
-leaves nothing behind. ``train()`` runs the epochs. Everything ``--resume`` needs besides module
-and optimizer state is one :class:`TrainState`, saved in every checkpoint.
+builds the model and optimizer, and only then makes the run folder; a new run that fails (or is
+stopped at once) before its first checkpoint removes the folder it made, and a folder left by a
+start that was killed before its first checkpoint is reused, so neither blocks the name.
+``train()`` runs the epochs. Everything ``--resume`` needs besides module and optimizer state is one
+:class:`TrainState`, saved in every checkpoint.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from boxrefine.shared.boxes import trainable_gt
 from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console, progress
@@ -41,7 +45,15 @@ from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
-from boxrefine.train.control import EpochSampler, StopSignals, restore_rng, rng_state
+from boxrefine.shared.workers import worker_init
+from boxrefine.train.control import (
+    EpochSampler,
+    StopSignals,
+    discard_unsaved_run,
+    restore_rng,
+    rng_state,
+    unsaved_start,
+)
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.steps import batch_loss, lr_lambda, seeded_generator
 
@@ -87,6 +99,7 @@ class TrainRecipe:
         self.cfg, self.tc = cfg, cfg.train
         self.resume_ck: dict[str, Any] | None = None
         self.run: Path | None = None
+        self.made_run = False  # this start made self.run (a new run, not a resumed one)
         if resume is not None:
             self.resume_ck, self.run = self._read_resume(resume)
         self.state = TrainState()
@@ -104,7 +117,8 @@ class TrainRecipe:
             raise TrainError(f"{ck_path}: cannot resume with a changed {'/'.join(FROZEN_ON_RESUME)} config: "
                              + "; ".join(frozen))
         if diffs:
-            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow")
+            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow",
+                          markup=False)
             for d in diffs:
                 console.print(f"  {d}", markup=False)
         return ck, ck_path.parent
@@ -125,37 +139,51 @@ class TrainRecipe:
             self._load_state(self.resume_ck)
         else:
             self.run = self._new_run_dir()
-        self._write_run_files()
+        try:
+            self._write_run_files()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
         return self
 
     def _setup_data(self) -> None:
         cfg, tc = self.cfg, self.tc
         self.train_split = self.store.split(tc.train_split)
-        self.train_rows = self.train_split.complete_indices()
-        if len(self.train_rows) == 0:
-            raise TrainError(f"{cfg.store.path}: split {tc.train_split!r} has no complete rows; run extract first")
-        self.records, self.keys = self.train_split.read_rows(), self.train_split.keys()
+        on_damage = cfg.store.on_damage
+        # both splits are checked before any work: no complete row is refused, damage follows on_damage
+        self.records, self.train_rows = self.train_split.usable_rows(on_damage)
+        self.val_name = cfg.val_split()
+        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name, on_damage=on_damage) \
+            if self.val_name else None
+        self.keys = self.train_split.keys()
         self.image_ids = self.train_split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
+        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys,
+                                 on_damage=on_damage)
         scfg = cfg.data.splits[tc.train_split]
-        dets = load_detections(scfg.detections) if (tc.use_detections and scfg.detections) else None
+        dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
+                if (tc.use_detections and scfg.detections) else None)
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if dets is not None:
-            for i in self.train_rows.tolist():
-                _, gt_boxes, gt_info = self.dataset.read_gt(i)
-                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), torch.from_numpy(gt_boxes),
-                                                    torch.from_numpy(gt_info), tc.match_iou)
+        zero_size: list[int] = []  # annotation ids of non-crowd GT boxes without area: never targets
+        for i in self.train_rows.tolist():
+            gt = self.dataset.read_gt(i)
+            if gt is None:  # damaged, left out (store.on_damage: skip)
+                continue
+            boxes, info = torch.from_numpy(gt[1]), torch.from_numpy(gt[2])
+            zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
+            if dets is not None:
+                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), boxes, info, tc.match_iou)
+        if zero_size:
+            console.print(f"{cfg.store.path}: split {tc.train_split!r}: {len(zero_size)} zero-size GT box(es) (e.g. "
+                          f"annotation id {min(zero_size)}) are never training targets", style="yellow", markup=False)
         first = self.subset(0)
         console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})")
+                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})", markup=False)
         self.position = {int(r): k for k, r in enumerate(self.train_rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [self.position[int(r)] for r in self.epoch_order(epoch)])
         self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
                                  num_workers=tc.num_workers, collate_fn=collate_rows,
                                  pin_memory=self.device.type == "cuda", persistent_workers=tc.num_workers > 0,
-                                 prefetch_factor=2 if tc.num_workers else None)
-        self.val_name = cfg.val_split()
-        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
+                                 prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init())
 
     def _setup_model(self, use_scaler: bool) -> None:
         cfg, tc = self.cfg, self.tc
@@ -183,9 +211,22 @@ class TrainRecipe:
         name = self.tc.name or time.strftime("%Y%m%d-%H%M%S")
         run = self.tc.runs_dir / name
         if run.exists() and any(run.iterdir()):
-            raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            if not unsaved_start(run):
+                raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            console.print(f"{run}: reusing the folder of a start that never saved a checkpoint", style="yellow",
+                          markup=False)
+            shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        self.made_run = True
         return run
+
+    def _discard_if_unsaved(self) -> bool:
+        """After a failure: remove the run folder this start made if it holds no checkpoint yet."""
+        if not (self.made_run and self.run is not None and discard_unsaved_run(self.run)):
+            return False
+        console.print(f"{self.run}: removed (the run ended before its first checkpoint)", style="yellow",
+                      markup=False)
+        return True
 
     def _write_run_files(self) -> None:
         assert self.run is not None
@@ -215,6 +256,13 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------ training
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
+
+    def _train(self) -> TrainResult:
         t_start = time.perf_counter()
         interrupted = False
         with StopSignals() as stop:
@@ -232,8 +280,9 @@ class TrainRecipe:
                 self.loader = None  # shuts persistent DataLoader workers down
             if stop.forced:
                 interrupted = True
-                console.print(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow",
-                              markup=False)
+                if not self._discard_if_unsaved():
+                    console.print(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow",
+                                  markup=False)
             elif stop.requested:
                 interrupted = True
                 self.save()
@@ -255,10 +304,12 @@ class TrainRecipe:
         t0 = time.perf_counter()
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
             bar.advance(skip)
-            for batch in self.loader:
-                n_img = len(batch["row"])
-                loss, terms, n_boxes = batch_loss(batch, self.refiner, self.heads, self.device, self.amp_dtype, tc,
-                                                  self.det_pairs, st.epoch)
+            for raw in self.loader:
+                n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+                batch = self.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+                n_img = len(batch["row"]) if batch is not None else 0
+                loss, terms, n_boxes = (None, {}, 0) if batch is None else batch_loss(
+                    batch, self.refiner, self.heads, self.device, self.amp_dtype, tc, self.det_pairs, st.epoch)
                 if loss is not None:
                     self._optimizer_step(loss)
                     for k, v in (("loss", loss.item()), ("l1", terms["l1"]), ("giou", terms["giou"])):
@@ -266,7 +317,7 @@ class TrainRecipe:
                     st.partial["n"] += n_img
                     st.partial["boxes"] += n_boxes
                 st.step += 1
-                bar.advance(n_img, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
+                bar.advance(n_seen, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self.stop.requested:
                     return
         p, dt = st.partial, time.perf_counter() - t0

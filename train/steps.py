@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.boxes import jitter_boxes
+from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import TrainConfig
 from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
@@ -32,8 +32,8 @@ def training_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, det: tuple[tor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` (coarse, target) pairs for one image (xyxy, original px): GT boxes jittered with the
     noisy-box model and, when given, real detector boxes matched to GT (half the draws each).
-    Crowd GT is never a target."""
-    valid = torch.nonzero(gt_info[:, 2] == 0).flatten() if len(gt_info) else torch.zeros(0, dtype=torch.int64)
+    Crowd GT and zero-size GT boxes are never targets."""
+    valid = torch.nonzero(trainable_gt(gt_boxes, gt_info)).flatten()
     if len(valid) == 0:
         return torch.zeros((0, 4)), torch.zeros((0, 4))
     use_det = det is not None and len(det[0]) > 0
