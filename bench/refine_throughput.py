@@ -28,7 +28,6 @@ shared machine change the figures: read the medians, and the machine line printe
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from boxrefine.extract.refine import RefineResult, RefineRun  # noqa: E402
-from boxrefine.shared.checkpoints import CKPT_FORMAT  # noqa: E402
+from boxrefine.shared.checkpoints import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
 from boxrefine.shared.console import console  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
@@ -78,9 +77,7 @@ def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     fp = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed).fingerprint
     payload = {"format": CKPT_FORMAT, "refiner": BoxRefiner(**args).state_dict(), "refiner_args": args,
                "config": cfg.to_dict(), "store_identity": identity_for(cfg, fp).to_dict(), "state": {}}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, checkpoint_bytes(payload))
 
 
 def folder_detections(root: Path, out: Path) -> tuple[Path, int]:

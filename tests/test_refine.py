@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import boxrefine.extract.run as xr
+from boxrefine.shared.checkpoints import checkpoint_bytes
 from boxrefine.shared.predictor import ImageFeatures, RefineError, RefinePredictor
 from boxrefine.shared.store import open_store
 
@@ -304,13 +305,13 @@ def test_checkpoint_of_another_model_or_mapping_is_refused(demo_root: Path, stor
                                  "random-init:seed=3")):
         other = {**ck, "store_identity": {**ck["store_identity"], field: value}}
         path = tmp_path / f"{field}.pt"
-        torch.save(other, path)
+        path.write_bytes(checkpoint_bytes(other))
         res, text = invoke("refine", "--config", str(cfg), "--checkpoint", str(path), "--split", "val")
         assert res.exit_code == 1, text
         line = next(ln for ln in text.splitlines() if ln.startswith("error:"))
         assert str(path) in line and shown in line, line
     # a head that cannot be rebuilt from its recorded refiner_args
-    torch.save({**ck, "refiner_args": {**ck["refiner_args"], "hidden": 64}}, tmp_path / "arch.pt")
+    (tmp_path / "arch.pt").write_bytes(checkpoint_bytes({**ck, "refiner_args": {**ck["refiner_args"], "hidden": 64}}))
     res, text = invoke("refine", "--config", str(cfg), "--checkpoint", str(tmp_path / "arch.pt"), "--split", "val")
     assert res.exit_code == 1 and "arch.pt: cannot rebuild the refiner from its refiner_args" in text
 
