@@ -1,5 +1,6 @@
 """How values are stored: the storage dtype of features (numpy has no bfloat16: its bits are stored
-as uint16 and reinterpreted on read) and the Blosc codecs of each array."""
+as uint16 and reinterpreted on read), the Blosc codecs of each array, and the zarr group calls that
+several writers may make at the same moment."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.errors import ContainsGroupError
 
 
 def compressors(codec: str, clevel: int, typesize: int) -> Any:
@@ -36,3 +39,21 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def create_or_open_group(path: str, attributes: dict[str, Any]) -> zarr.Group:
+    """Open the group at ``path``, or create it with ``attributes`` (one metadata write), safely when
+    several processes do so at once: zarr checks for a group, then creates it, and a process that lost
+    that race gets ContainsGroupError; the group is there by then, so it opens it."""
+    try:
+        return zarr.open_group(path, mode="a", zarr_format=3, attributes=attributes)
+    except ContainsGroupError:
+        return zarr.open_group(path, mode="a", zarr_format=3)
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``parent.require_group(name)``, safe when another process creates it at the same moment."""
+    try:
+        return parent.require_group(name)
+    except ContainsGroupError:
+        return parent[name]

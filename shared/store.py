@@ -40,7 +40,7 @@ from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_difference
 from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.storage import from_storage, storage_numpy_dtype, to_storage
+from boxrefine.shared.storage import create_or_open_group, from_storage, require_group, storage_numpy_dtype, to_storage
 
 SCHEMA_VERSION = 2  # 2: GT masks in SAM's exact low-res layout; intensity mapping in the identity
 ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
@@ -274,8 +274,7 @@ class SplitStore:
         return {k: v for k, v in reports.items() if k in bad_keys}
 
     def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
-        grp = self.group.require_group("bad_images")
-        sub = grp.require_group(shard)
+        sub = require_group(require_group(self.group, "bad_images"), shard)
         sub.attrs.put({str(k): v for k, v in sorted(reports.items())})
 
 
@@ -309,10 +308,20 @@ class FeatureStore:
         """Open the configured store for writing, creating it if absent. Refuses (StoreError) a store
         whose identity differs from ``identity``, naming both."""
         path = cfg.path
+        # A new store's root is written once, attributes included: processes creating it at the same
+        # moment write identical metadata, and none ever sees (or leaves) a root without attributes.
+        new_attrs = {
+            "boxrefine": {"schema_version": SCHEMA_VERSION, "tool_version": __version__},
+            "identity": identity.to_dict(),
+            "checkpoint": checkpoint,
+            "storage": {"dtype": cfg.dtype, "numpy_dtype": str(storage_numpy_dtype(cfg.dtype)),
+                        "codec": cfg.codec, "clevel": cfg.clevel},
+            "config": config,
+        }
         if overwrite:
-            group = zarr.open_group(path, mode="w", zarr_format=3)
+            group = zarr.open_group(path, mode="w", zarr_format=3, attributes=new_attrs)
         else:
-            group = zarr.open_group(path, mode="a", zarr_format=3)
+            group = create_or_open_group(path, new_attrs)
         attrs = group.attrs.asdict()
         if attrs.get("boxrefine", {}).get("schema_version") == 1:
             from boxrefine.shared.store_upgrade import upgrade_schema_1
@@ -325,21 +334,14 @@ class FeatureStore:
             return store
         if any(True for _ in group.members()):
             time.sleep(0.5)  # another extract process may be creating this store right now
-            group = zarr.open_group(path, mode="a", zarr_format=3)
+            group = create_or_open_group(path, new_attrs)
             if "boxrefine" in group.attrs.asdict():
                 store = cls(path, group)
                 check_identity(path, store.identity, identity)
                 return store
             raise StoreError(f"{path}: a Zarr group with content but no boxrefine attributes; refusing to "
                              "write into it")
-        group.attrs.put({
-            "boxrefine": {"schema_version": SCHEMA_VERSION, "tool_version": __version__},
-            "identity": identity.to_dict(),
-            "checkpoint": checkpoint,
-            "storage": {"dtype": cfg.dtype, "numpy_dtype": str(storage_numpy_dtype(cfg.dtype)),
-                        "codec": cfg.codec, "clevel": cfg.clevel},
-            "config": config,
-        })
+        group.attrs.put(new_attrs)  # an empty Zarr group made by something else
         return cls(path, group)
 
     @property

@@ -15,7 +15,7 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.storage import compressors, storage_numpy_dtype
+from boxrefine.shared.storage import compressors, require_group, storage_numpy_dtype
 from boxrefine.shared.store import INDEX_CHUNK, ROW_FIELDS, STATE_STALE, F, FeatureStore, SplitStore, StoreError
 
 
@@ -35,7 +35,7 @@ def layout_split(store: FeatureStore, name: str, records: list[ImageRecord], ann
     comp_mask = compressors(storage["codec"], storage["clevel"], 1)
     s = store.identity.gt_mask_size
     k_needed = max([len(r.instances) for r in records] + [1])
-    grp = store.group.require_group(name)
+    grp = require_group(store.group, name)
     if name not in [n for n, _ in store.group.groups()]:
         raise StoreError(f"{store.path}: cannot create split group {name!r}")
 
