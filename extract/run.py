@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_row
+from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
@@ -29,7 +30,6 @@ from boxrefine.shared.store import (
     STATE_EMPTY,
     STATE_STALE,
     F,
-    FeatureStore,
     SplitStore,
     StoreError,
     identity_for,
@@ -70,8 +70,7 @@ class Extractor:
         ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
         ckpt_attrs = {"kind": ckpt.kind, "fingerprint": ckpt.fingerprint, "sha256": ckpt.sha256,
                       "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
-        self.store = FeatureStore.open_or_create(cfg.store, identity_for(cfg, ckpt.fingerprint), ckpt_attrs,
-                                                 cfg.to_dict(), overwrite=self.ecfg.overwrite)
+        self.store = open_output_store(cfg, identity_for(cfg, ckpt.fingerprint), ckpt_attrs)
         self.shard = shard_of(cfg)
         self.shard_name = f"shard-{self.shard[0]}-of-{self.shard[1]}"
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_config, write_config
+from conftest import REPO, invoke, make_config, write_config
+from test_crash_and_shards import _assert_stores_equal
 
-from boxrefine.shared.store import open_store
+from boxrefine.extract.run import run_extract
+from boxrefine.shared.store import StoreError, open_store
 
 # ------------------------------------------------------------------------------------ concurrent creation
 
@@ -92,3 +97,70 @@ def test_processes_creating_one_fresh_store_at_once(demo_root, tmp_path):
         for s in st.splits:
             np.testing.assert_array_equal(st.split(s).keys(), alone.split(s).keys())
             assert st.split(s).group.attrs["layout"] == alone.split(s).group.attrs["layout"]
+
+
+# ------------------------------------------------------------------------------------ torchrun launches
+
+ENTRY = REPO / "tests" / "torchrun_entry.py"
+
+
+def _console_script() -> list[str]:
+    """The ``boxrefine`` console script as torchrun runs it (``--no-python``), else the module form."""
+    script = Path(sys.executable).with_name("boxrefine")
+    found = str(script) if script.is_file() else shutil.which("boxrefine")
+    return ["--no-python", found] if found else ["-m", "boxrefine.shared.cli"]
+
+
+def _torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` (a free port of its own) as ``python -m torch.distributed.run``."""
+    full_env = {**os.environ, "CI": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def _encoded(output: str) -> int:
+    """Rows encoded, summed over the summaries every rank prints."""
+    return sum(int(m) for m in re.findall(r"^\w+: rows \d+: encoded (\d+),", output, re.M))
+
+
+@pytest.mark.slow
+def test_torchrun_extract_two_ranks_fill_one_store_like_one_process(demo_root, reference_store, tmp_path):
+    store = tmp_path / "features.zarr"
+    cfg = write_config(tmp_path / "cfg.yaml", demo_root, store)
+    proc = _torchrun("-m", "boxrefine.shared.cli", "extract", "--config", str(cfg))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "shard-0-of-2" in out and "shard-1-of-2" in out
+    assert _encoded(out) == 5  # every row once, by one of the ranks
+    _assert_stores_equal(store, reference_store)
+
+
+def test_overwrite_with_shards_is_refused_and_deletes_nothing(demo_root, reference_store, tmp_path):
+    """Separate --shard processes cannot agree on one reset: --overwrite is refused before anything is
+    deleted (it used to delete the rows every other shard had written)."""
+    store = tmp_path / "features.zarr"
+    shutil.copytree(reference_store, store)
+    cfg = write_config(tmp_path / "cfg.yaml", demo_root, store)
+    res, out = invoke("extract", "--config", str(cfg), "--shard", "1/2", "--overwrite")
+    assert res.exit_code == 1
+    assert out.startswith("error: ") and len(out.strip().splitlines()) == 1, out
+    assert "--overwrite with --shard 1/2" in out and str(store) in out
+    with pytest.raises(StoreError, match="delete the store once"):
+        run_extract(make_config(demo_root, store, extract={"shard": "0/2", "overwrite": True}))
+    _assert_stores_equal(store, reference_store)
+
+
+@pytest.mark.slow
+def test_torchrun_overwrite_resets_once_while_the_other_rank_waits(demo_root, reference_store, tmp_path):
+    """Rank 1 starts late on purpose (once rank 0 committed a row, or waits for it): with the reset
+    behind a barrier nothing rank 0 writes is deleted; before, rank 1's own reset deleted rank 0's rows."""
+    store = tmp_path / "features.zarr"
+    shutil.copytree(reference_store, store)
+    cfg = write_config(tmp_path / "cfg.yaml", demo_root, store)
+    proc = _torchrun(str(ENTRY), "extract", "--config", str(cfg), "--overwrite",
+                     env={"BOXREFINE_TEST_HOLD": f"1:{tmp_path / 'markers'}"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    _assert_stores_equal(store, reference_store)
+    assert _encoded(out) == 5  # a fresh store: every row encoded again, once
+    assert "rank 0 of 2 reset" in out
