@@ -81,7 +81,10 @@ def row_geometry(record: np.ndarray) -> ImageGeometry:
 
 
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the per-image features (same shape for every row); keep the rest as lists."""
+    """Stack the per-image features (same shape for every row); keep the rest as lists. No items (a
+    DDP rank's empty part of a step) make a batch with no rows."""
+    if not items:
+        return {"row": [], "key": []}
     out: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
     out["image_embeddings"] = torch.stack(out["image_embeddings"])
     out["interm_embeddings"] = torch.stack(out["interm_embeddings"])
