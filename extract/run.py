@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
+from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
 from boxrefine.extract.reuse import FeatureSource, mark_reusable
 from boxrefine.extract.sources import split_records
@@ -31,7 +32,6 @@ from boxrefine.shared.store import (
     STATE_EMPTY,
     STATE_STALE,
     F,
-    FeatureStore,
     SplitStore,
     StoreError,
     identity_for,
@@ -77,8 +77,7 @@ class Extractor:
                       "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
         identity = identity_for(cfg, ckpt.fingerprint)
         self.source = FeatureSource(self.ecfg.reuse_features, identity) if self.ecfg.reuse_features else None
-        self.store = FeatureStore.open_or_create(cfg.store, identity, ckpt_attrs, cfg.to_dict(),
-                                                 overwrite=self.ecfg.overwrite)
+        self.store = open_output_store(cfg, identity, ckpt_attrs)
         self.shard = shard_of(cfg)
         self.shard_name = f"shard-{self.shard[0]}-of-{self.shard[1]}"
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "

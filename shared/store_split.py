@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from boxrefine.shared.console import console
-from boxrefine.shared.storage import digest, from_storage
+from boxrefine.shared.storage import digest, from_storage, require_group
 from boxrefine.shared.store_files import StoreError, raise_environment, store_access
 
 FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
@@ -296,6 +296,5 @@ class SplitStore:
         return {k: v for k, v in reports.items() if k in bad_keys}
 
     def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
-        grp = self.group.require_group("bad_images")
-        sub = grp.require_group(shard)
+        sub = require_group(require_group(self.group, "bad_images"), shard)
         sub.attrs.put({str(k): v for k, v in sorted(reports.items())})
