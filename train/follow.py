@@ -52,26 +52,24 @@ class FollowRows:
     def split(self) -> SplitStore:
         return open_store(self.store_path).split(self.split_name)
 
-    def rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(records N×F, keys N, rows of the epoch): recorded for this epoch, or the rows complete now
-        (then recorded)."""
+    def rows(self, epoch: int) -> np.ndarray:
+        """The store rows of ``epoch``: recorded for it, or the rows complete now (then recorded)."""
         sp = self.split()
         path = epoch_file(self.run, epoch)
+        keys = sp.keys()
         if path.is_file():
             saved = json.loads(path.read_text())
             rows = np.asarray(saved["rows"], np.int64)
-            records, keys = sp.usable_rows(self.on_damage)[0], sp.keys()
             if len(rows) and (rows.max() >= len(keys) or not np.array_equal(keys[rows], saved["keys"])):
                 raise StoreError(f"{path}: the rows this epoch started with are not in {self.store_path} any more "
                                  "(the store was rebuilt); start a new run")
-            return records, keys, rows
-        records, rows = sp.usable_rows(self.on_damage)
-        keys = sp.keys()
+            return rows
+        rows = sp.usable_rows(self.on_damage)[1]
         atomic_write_json(path, {"epoch": epoch + 1, "split": self.split_name, "rows": rows.tolist(),
                                  "keys": keys[rows].tolist(), "image_ids": sp.image_ids()[rows].tolist(),
                                  "of_rows": int(len(keys)), "recorded": time.time()})
         console.print(f"epoch {epoch + 1} (--follow): {len(rows)} complete rows of {len(keys)}", markup=False)
-        return records, keys, rows
+        return rows
 
     def steps(self, epoch: int) -> int:
         """Optimizer steps of a recorded epoch."""
