@@ -329,7 +329,7 @@ class TrainRecipe:
         rows = self.pg.broadcast(self.pg.main_first(lambda: follow.rows(epoch)))
         assert rows is not None
         self.data.split = follow.split()  # the split may have grown since (new images)
-        self.data.use_rows(self.data.split.read_rows(), rows)
+        self.data.use_rows(self.data.split.records(), rows)
         self.lr_plan = lr_lambda(*self.pg.broadcast(self.pg.main_first(
             lambda: follow.schedule(epoch, self.tc.epochs, self.tc.warmup_epochs))))
 
