@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import typer
 
 from boxrefine.shared.cli.common import config_option, device_option, load_cli_config, set_option, stage_command
-from boxrefine.shared.console import console
 
 app = typer.Typer(help="Encode images once with HQ-SAM into the Zarr feature store.")
 
@@ -50,13 +47,9 @@ def extract(
 
         run_extract(cfg)
         return
-    from boxrefine.extract.watch import run_watch
+    from boxrefine.extract.watch import exit_at_once, run_watch
 
     try:
         run_watch(cfg, cfg.extract.watch_interval)
-    except KeyboardInterrupt:  # a second signal: exit now; rows in flight are redone next time
-        console.print("stopped at once; the rows in flight are redone by the next extract", style="yellow",
-                      markup=False)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were set: exit now
+        exit_at_once()

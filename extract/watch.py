@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -86,11 +87,21 @@ def _refuse_second_watcher(store_path: str, state: WatcherState) -> None:
                              f"({other.describe()}); stop it first, or give this one another --shard")
 
 
+def exit_at_once() -> None:
+    """A second signal: leave now (exit code 130); the rows in flight are redone by the next extract, as
+    after ``kill -9``, and the published state goes stale ("not running")."""
+    console.print("stopped at once; the rows in flight are redone by the next extract", style="yellow",
+                  markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def run_watch(cfg: PipelineConfig, interval: float, *, model: torch.nn.Module | None = None,
               announce: bool = True) -> int:
     """Serve the configured store until SIGTERM/SIGINT; returns the number of cycles run. A second
-    signal raises KeyboardInterrupt (the CLI exits at once)."""
-    stop = StopSignals("finishing the rows in flight, then exiting (again to exit at once)")
+    signal ends the process at once (:func:`exit_at_once`)."""
+    stop = StopSignals("finishing the rows in flight, then exiting (again to exit at once)", on_force=exit_at_once)
     with stop:
         ex = Extractor(cfg, model, announce, stop=stop, quiet=True).setup()
         state = WatcherState(shard=ex.shard_name, host=socket.gethostname(), pid=os.getpid(), started=time.time(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -15,13 +16,16 @@ from boxrefine.shared.console import console
 
 class StopSignals:
     """While active (main thread only): the first SIGINT or SIGTERM sets ``requested`` and prints
-    ``"<SIGNAL>: <what>"``, and the caller stops at its next safe point; a second one raises
-    KeyboardInterrupt at once with ``forced`` set."""
+    ``"<SIGNAL>: <what>"``, and the caller stops at its next safe point; a second one sets ``forced``
+    and calls ``on_force`` (``extract --watch``: leave the process at once) or, without one, raises
+    KeyboardInterrupt. (A KeyboardInterrupt raised from a handler is lost when the signal arrives while
+    Python runs a finaliser or a weakref callback: a process that must end has to end in the handler.)"""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, what: str = "stopping after the current step (again to stop at once)") -> None:
-        self.what = what
+    def __init__(self, what: str = "stopping after the current step (again to stop at once)",
+                 on_force: Callable[[], None] | None = None) -> None:
+        self.what, self.on_force = what, on_force
         self.requested = False
         self.forced = False
         self.event = threading.Event()  # set with ``requested``: a sleeping loop can wait on it
@@ -30,6 +34,8 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             self.forced = True
+            if self.on_force is not None:
+                self.on_force()
             raise KeyboardInterrupt
         self.requested = True
         self.event.set()
