@@ -119,15 +119,19 @@ def test_missing_bucket_wrong_credentials_and_no_server_fail_in_one_line(s3, s3_
     for args in (("store", "info", missing),
                  ("extract", "--config", str(write_config(tmp_path / "m.yaml", demo_root, missing))),
                  ("train", "--config", str(write_config(tmp_path / "t.yaml", demo_root, missing)))):
-        line = _one_error_line(*_cli(*args)[:2])
+        rc, out, seconds = _cli(*args)
+        line = _one_error_line(rc, out)
         assert missing in line and "bucket does not exist" in line, line
+        print(f"missing bucket, {args[0]}: one-line error after {seconds:.1f} s (process start included)")
 
     url = f"{s3}/features.zarr"
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks keys
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
     for args in (("store", "info", url),
                  ("extract", "--config", str(write_config(tmp_path / "c.yaml", demo_root, url)))):
-        line = _one_error_line(*_cli(*args)[:2])
+        rc, out, seconds = _cli(*args)
+        line = _one_error_line(rc, out)
+        print(f"wrong credentials, {args[0]}: one-line error after {seconds:.1f} s (process start included)")
         assert url in line and "PermissionDenied" in line and "check the cloud credentials" in line, line
     monkeypatch.undo()
 
