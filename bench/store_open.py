@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,21 +33,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from store_checksums import machine  # noqa: E402
 
 from boxrefine.shared.config import StoreConfig  # noqa: E402
 from boxrefine.shared.records import ImageRecord  # noqa: E402
 from boxrefine.shared.rowdata import StoreRows  # noqa: E402
 from boxrefine.shared.store import ROW_FIELDS, STATE_COMPLETE, F, FeatureStore, StoreIdentity, open_store  # noqa: E402
 from boxrefine.shared.store_index import INDEX, IndexPart  # noqa: E402
-
-
-def machine() -> str:
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def identity() -> StoreIdentity:

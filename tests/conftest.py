@@ -176,6 +176,21 @@ def complete_rows(store: Path) -> int:
         return 0
 
 
+def kill_9_after_rows(proc: subprocess.Popen, store: Path | str, rows: int = 2, timeout: float = 300) -> int:
+    """``kill -9`` a running extract once ``store`` holds ``rows`` complete rows; returns how many it
+    holds after the kill."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while complete_rows(store) < rows and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"extract ended before it could be killed:\n{proc.stdout.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return complete_rows(store)
+
+
 def copy_store(reference_store: Path, tmp_path: Path) -> Path:
     """A writable copy of a (session, read-only) store."""
     store = tmp_path / "features.zarr"

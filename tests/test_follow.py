@@ -8,9 +8,8 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
-import torch
 from conftest import copy_store, make_config
+from test_train import _assert_same_training
 
 from boxrefine.shared.checkpoints import load_checkpoint
 from boxrefine.shared.store import ROW_FIELDS, F, FeatureStore
@@ -93,11 +92,4 @@ def test_follow_epochs_use_the_rows_complete_at_their_start_and_resume_exactly(d
     ex.finish(3)
     resumed = run_train(cfg_b, resume=first.run_dir)
     assert resumed.epochs_done == 2 and sorted(_recorded(first.run_dir, 1)) == [0, 1, 2]
-    wa, wb = load_checkpoint(straight.run_dir / "last.pt")["refiner"], load_checkpoint(first.run_dir / "last.pt")["refiner"]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
-    la = [json.loads(ln)["loss"] for ln in (straight.run_dir / "metrics.jsonl").read_text().splitlines()
-          if json.loads(ln)["kind"] == "epoch"]
-    lb = [json.loads(ln)["loss"] for ln in (first.run_dir / "metrics.jsonl").read_text().splitlines()
-          if json.loads(ln)["kind"] == "epoch"]
-    assert np.allclose(la, lb, rtol=1e-5)
+    _assert_same_training(straight.run_dir, first.run_dir)

@@ -6,7 +6,6 @@ requests that opening a split costs."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from conftest import (
     REPO,
     assert_stores_equal,
-    complete_rows,
+    kill_9_after_rows,
     make_config,
     spawn_extract,
     without_feature_digests,
@@ -73,13 +72,7 @@ def test_two_concurrent_shards_fill_one_s3_store(s3, demo_root, reference_store,
 def test_kill_9_mid_extract_on_s3_then_rerun_equals_uninterrupted(s3, demo_root, reference_store, tmp_path, sam):
     url = f"{s3}/features.zarr"
     proc = spawn_extract(write_config(tmp_path / "cfg.yaml", demo_root, url))
-    deadline = time.time() + 300
-    while complete_rows(url) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, f"extract ended before it could be killed:\n{proc.stdout.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = complete_rows(url)
+    done = kill_9_after_rows(proc, url, timeout=300)
     assert 2 <= done < 5
     st, ref = open_store(url), open_store(str(reference_store))
     for name in st.splits:  # whatever a reader can see right after the kill is whole
