@@ -47,6 +47,10 @@ class StoreRows(Dataset):
         self._split: SplitStore | None = None
         self._pid: int | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned DataLoader workers (``shared/workers.py``): each opens the store anew."""
+        return {**self.__dict__, "_split": None, "_pid": None}
+
     @classmethod
     def from_store(cls, store_path: str, split: str, rows: Sequence[int] | None = None,
                    with_masks: bool = False, on_damage: str = "error") -> StoreRows:

@@ -17,7 +17,7 @@ from boxrefine.shared.console import console
 from boxrefine.shared.evalboxes import load_detections, sample_subset
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.store import FeatureStore
-from boxrefine.shared.workers import worker_init
+from boxrefine.shared.workers import worker_context, worker_init
 from boxrefine.train.control import EpochSampler
 from boxrefine.train.steps import gt_targets, seeded_generator
 
@@ -65,7 +65,8 @@ class TrainData:
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=tc.num_workers, collate_fn=collate_rows,
             pin_memory=self.pin_memory, persistent_workers=tc.num_workers > 0,
-            prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init())
+            prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init(),
+            multiprocessing_context=worker_context(cfg.store.path, tc.num_workers))
 
     def subset(self, epoch: int) -> np.ndarray:
         """Store rows trained on in ``epoch`` (seeded; redrawn per epoch if configured)."""
