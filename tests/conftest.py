@@ -191,6 +191,20 @@ def kill_9_after_rows(proc: subprocess.Popen, store: Path | str, rows: int = 2, 
     return complete_rows(store)
 
 
+def reindex(store: Path | str) -> None:
+    """Rewrite the row index (the part a single extract writes) from the row records, as the next
+    extract does: for tests that set records directly instead of through extract."""
+    from boxrefine.shared.store import FeatureStore
+    from boxrefine.shared.store_index import IndexPart
+
+    st = FeatureStore.open(str(store), "a")
+    for name in st.splits:
+        sp = st.split(name)
+        part = IndexPart(sp, (0, 1))
+        part.load(sp.read_rows())
+        part.flush()
+
+
 def copy_store(reference_store: Path, tmp_path: Path) -> Path:
     """A writable copy of a (session, read-only) store."""
     store = tmp_path / "features.zarr"
