@@ -201,6 +201,7 @@ class Extractor:
                             prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
         lock = threading.Lock()
+        failed = True  # until the loop ends: a failure of the index write must not hide the first error
         try:
             with progress(f"extract {split.name}", len(jobs)) as bar:
                 for items in loader:
@@ -228,13 +229,17 @@ class Extractor:
                     self.parts[split.name].maybe_flush()
                     if self.stopping:  # SIGTERM/SIGINT: the rows of this batch are committed below, then stop
                         break
+            failed = False
         finally:
             try:
-                writer.close()
+                writer.close()  # raises a failed row write
+            except BaseException:
+                failed = True
+                raise
             finally:
                 self._record_bad(split, summ)
                 if not (self.stop is not None and self.stop.forced):
-                    self._flush_index(split, required=True)
+                    self._flush_index(split, required=not failed)
 
     def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summ: SplitSummary, writer: RowWriter,
              lock: threading.Lock) -> None:
@@ -268,8 +273,9 @@ class Extractor:
         return self.stop is not None and self.stop.requested
 
     def _flush_index(self, split: SplitStore, required: bool) -> None:
-        """Write this process's part of the split's row index if it changed. With nothing done
-        (``required`` False) a failure is only a warning: a read-only store stays usable."""
+        """Write this process's part of the split's row index if it changed. With nothing done, or after
+        another error (``required`` False), a failure is only a warning: a read-only store stays usable,
+        and the first error is the one reported."""
         try:
             self.parts[split.name].flush()
         except BoxrefineError as e:

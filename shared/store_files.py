@@ -46,8 +46,8 @@ def _first_line(e: BaseException) -> str:
 
 def environment_problem(e: BaseException) -> str | None:
     """One line describing an exception the environment caused, or None (a bug: keep its traceback)."""
-    if isinstance(e, ImportError):  # fsspec: "Install s3fs to access S3"
-        return f"{_first_line(e)} (the fsspec backend for this URL is not installed)"
+    if isinstance(e, ImportError):  # fsspec: "Install gcsfs to access Google Storage"; s3://: obstore
+        return f"{_first_line(e)} (the storage backend for this URL is not installed)"
     if isinstance(e, OSError):
         what = e.strerror or _first_line(e) or type(e).__name__
         if e.errno == errno.ENOSPC:

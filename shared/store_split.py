@@ -170,6 +170,7 @@ class SplitStore:
         :meth:`read_rows`."""
         from boxrefine.shared.store_index import read_index
 
+        self.array("rows")  # its metadata (one small read): corrupt, it is reported here as before the index
         index = read_index(self)
         if index is None:
             return self.read_rows()
