@@ -26,15 +26,30 @@ def extract(
     reuse_features: str = typer.Option(
         None, "--reuse-features",
         help="Another store (e.g. an older schema): copy the features of unchanged images instead of encoding."),
+    watch: bool = typer.Option(False, "--watch", help="Run as a service until SIGTERM/SIGINT (extract.watch)."),
+    interval: float = typer.Option(None, "--interval", help="Seconds between two --watch cycles "
+                                   "(extract.watch_interval)."),
     set_: list[str] = set_option(),
 ) -> None:
-    """Extract features for every image of the configured splits (incremental, crash-safe)."""
+    """Extract features for every image of the configured splits (incremental, crash-safe).
+
+    With --watch, a service: every cycle picks up new or changed images and annotations; SIGTERM
+    commits the rows in flight and exits 0, a second signal exits at once."""
     cfg = load_cli_config(config, set_, {
         "extract.splits": split or None, "extract.shard": shard, "extract.batch_size": batch_size,
         "extract.num_workers": num_workers, "store.path": store,
         "model.checkpoint": str(checkpoint) if checkpoint else None, "model.device": device,
         "extract.strict": strict, "extract.overwrite": overwrite or None, "extract.reuse_features": reuse_features,
+        "extract.watch": watch or None, "extract.watch_interval": interval,
     })
-    from boxrefine.extract.run import run_extract
+    if not cfg.extract.watch:
+        from boxrefine.extract.run import run_extract
 
-    run_extract(cfg)
+        run_extract(cfg)
+        return
+    from boxrefine.extract.watch import exit_at_once, run_watch
+
+    try:
+        run_watch(cfg, cfg.extract.watch_interval)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were set: exit now
+        exit_at_once()

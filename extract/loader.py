@@ -74,22 +74,24 @@ def collate_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_row(split: SplitStore, job: Job, fp: tuple[int, int], feats: tuple[np.ndarray, np.ndarray] | None,
-              gt: tuple[np.ndarray, np.ndarray, np.ndarray], had_record: bool) -> None:
+              gt: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     """The row protocol: clear the old record, write the chunks, then the record (the commit), which
-    carries the digests of what was written (features kept by a GT-only rewrite keep theirs)."""
+    carries the digests of what was written (features kept by a GT-only rewrite keep theirs) and the
+    row's new generation."""
     with store_access(split.store_path, f"write {split.name} row {job.row} ({job.path})"):
-        if had_record:
-            split.clear_row(job.row)
+        if job.had_record:
+            split.clear_row(job.row, job.generation)
         digests = dict(job.kept) if feats is None else split.write_features(job.row, *feats)
         digests.update(split.write_gt(job.row, *gt))
-        split.commit_row(job.row, {**row_record(job.record, fp, STATE_COMPLETE, len(gt[1])), **digests})
+        split.commit_row(job.row, {**row_record(job.record, fp, STATE_COMPLETE, len(gt[1]), job.generation),
+                                   **digests})
 
 
 def copy_row(split: SplitStore, job: Job, fp: tuple[int, int], source: Any,
-             gt: tuple[np.ndarray, np.ndarray, np.ndarray], had_record: bool) -> None:
+             gt: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     """:func:`write_row` with the features read from ``source`` (``extract/reuse.py``), on a writer thread."""
     assert job.reuse_row is not None
-    write_row(split, job, fp, source.read(split.name, job.reuse_row), gt, had_record)
+    write_row(split, job, fp, source.read(split.name, job.reuse_row), gt)
 
 
 def write_bad(split: SplitStore, job: Job, record: dict[str, int]) -> None:

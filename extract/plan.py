@@ -18,7 +18,7 @@ from boxrefine.shared.config import PipelineConfig, parse_shard
 from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.imageio import source_fingerprint
 from boxrefine.shared.records import ImageRecord, instance_mask, resolve_image
-from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, F, SplitStore
+from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, STATE_EMPTY, F, SplitStore
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Job:
     record: ImageRecord
     path: Path
     gt_only: bool  # image unchanged, only annotations changed: no decode, no encoder
+    generation: int = 1  # the generation this write gives the row (its record's + 1)
+    had_record: bool = False  # the row has a record to clear first (crash protocol)
     kept: dict[str, int] = field(default_factory=dict)  # gt_only: the record's feature digests, carried over
     reuse_row: int | None = None  # features copied from this row of --reuse-features (extract/reuse.py)
 
@@ -58,16 +60,15 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
     return 0, 1
 
 
-def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
-               ) -> tuple[list[Job], int, list[ImageRecord]]:
+def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int],
+               rows: np.ndarray) -> tuple[list[Job], int, list[ImageRecord]]:
     """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
     those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since).
 
     A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
     its annotations changed, but only while the annotated image size is the stored one: a new
-    width/height re-encodes the image."""
+    width/height re-encodes the image. ``rows``: the split's records (``SplitStore.read_rows``)."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
-    rows = split.read_rows()
     jobs, skipped, kept_bad = [], 0, []
     i_shard, n_shard = shard
     for rec in records:
@@ -84,15 +85,16 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         same_size = (int(r[F["orig_h"]]), int(r[F["orig_w"]])) == (rec.height, rec.width)
         same_ann = int(r[F["ann_hash"]]) == rec.ann_hash
         state = int(r[F["state"]])
+        write = {"generation": int(r[F["generation"]]) + 1, "had_record": state != STATE_EMPTY}
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
             if state == STATE_BAD:
                 kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src and same_size:
             kept = {DIGEST[a]: int(r[F[DIGEST[a]]]) for a in FEATURE_ARRAYS}
-            jobs.append(Job(i, rec, path, gt_only=True, kept=kept))
+            jobs.append(Job(i, rec, path, gt_only=True, kept=kept, **write))
         else:
-            jobs.append(Job(i, rec, path, gt_only=False))
+            jobs.append(Job(i, rec, path, gt_only=False, **write))
     return jobs, skipped, kept_bad
 
 
@@ -109,8 +111,9 @@ def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.n
     return small, boxes, info
 
 
-def row_record(rec: ImageRecord, fp: tuple[int, int], state: int, n_inst: int) -> dict[str, int]:
+def row_record(rec: ImageRecord, fp: tuple[int, int], state: int, n_inst: int, generation: int = 1) -> dict[str, int]:
     """The store record of a row (see ``ROW_FIELDS``), written last as the row's commit."""
     ih, iw = ImageGeometry.of(rec.height, rec.width).input_hw
     return {"state": state, "src_size": fp[0], "src_mtime_ns": fp[1], "ann_hash": rec.ann_hash,
-            "orig_h": rec.height, "orig_w": rec.width, "input_h": ih, "input_w": iw, "n_instances": n_inst}
+            "orig_h": rec.height, "orig_w": rec.width, "input_h": ih, "input_w": iw, "n_instances": n_inst,
+            "generation": generation}

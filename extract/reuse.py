@@ -22,6 +22,7 @@ import zarr
 from boxrefine.extract.plan import Job
 from boxrefine.shared.config import dict_differences
 from boxrefine.shared.imageio import is_8bit_file
+from boxrefine.shared.objstore import zarr_location
 from boxrefine.shared.store import STATE_COMPLETE, F, StoreError, StoreIdentity
 from boxrefine.shared.store_files import store_access
 
@@ -37,7 +38,7 @@ class FeatureSource:
         self.path = path
         with store_access(path, "open the store to reuse features from"):
             try:
-                self.group = zarr.open_group(path, mode="r", zarr_format=3)
+                self.group = zarr.open_group(zarr_location(path, "r"), mode="r", zarr_format=3)
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 raise StoreError(f"{path}: no feature store here to reuse features from") from None
         attrs = self.group.attrs.asdict()

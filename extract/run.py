@@ -27,9 +27,9 @@ from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.records import SplitRecords
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
+from boxrefine.shared.signals import StopSignals
 from boxrefine.shared.store import (
     STATE_BAD,
-    STATE_EMPTY,
     STATE_STALE,
     F,
     SplitStore,
@@ -38,6 +38,7 @@ from boxrefine.shared.store import (
     to_storage,
 )
 from boxrefine.shared.store_files import store_access
+from boxrefine.shared.store_index import IndexPart
 from boxrefine.shared.workers import worker_init
 
 
@@ -52,6 +53,7 @@ class ExtractResult:
     wall_s: float
     encoder_s: float
     encoded: int
+    stopped: bool = False  # ended early by SIGTERM/SIGINT (the rows in flight were committed)
 
     @property
     def images_per_s(self) -> float:
@@ -63,13 +65,20 @@ class ExtractResult:
 
 
 class Extractor:
-    def __init__(self, cfg: PipelineConfig, model: torch.nn.Module | None = None, announce: bool = True):
+    """``setup()`` (open the store, :meth:`plan`) → ``run()``; ``--watch`` calls plan → run again and
+    again (``extract/watch.py``). ``stop`` (a :class:`StopSignals`) ends a run after the batch in flight,
+    its rows committed."""
+
+    def __init__(self, cfg: PipelineConfig, model: torch.nn.Module | None = None, announce: bool = True,
+                 stop: StopSignals | None = None, quiet: bool = False):
         self.cfg, self.ecfg = cfg, cfg.extract
-        self.model, self.announce = model, announce
+        self.model, self.announce, self.stop, self.quiet = model, announce, stop, quiet
         self.encoder_s, self.encoded = 0.0, 0
+        self.rows_done = 0  # rows processed (encoded, rewritten, reused or found bad) since the start
         self.all_bad_is_error = True  # refine passes the boxes of bad images through instead
 
     def setup(self) -> Extractor:
+        """Open (or create) the store, then plan every split (:meth:`plan`)."""
         self.t_start = time.perf_counter()
         cfg = self.cfg
         ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
@@ -83,6 +92,14 @@ class Extractor:
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
+        self.parts: dict[str, IndexPart] = {}  # what this process knows of its rows' records, per split
+        return self.plan()
+
+    def plan(self) -> Extractor:
+        """Read the annotation files, lay out every split and plan the rows of this shard that need work
+        (again on every cycle of ``--watch``: new images, changed images, changed annotations)."""
+        cfg = self.cfg
+        self.t_start = time.perf_counter()
         self.plans: list[tuple[SplitStore, list[Job], SplitSummary]] = []
         self.records: dict[str, SplitRecords] = {}
         for name in self.ecfg.splits or list(cfg.data.splits):
@@ -92,7 +109,8 @@ class Extractor:
             ann = {"path": str(scfg.annotations) if scfg.annotations else None, "sha256": recs.sha256,
                    "ground_truth": recs.ground_truth}
             split = self.store.layout_split(name, recs.images, ann, str(scfg.images), INTERM_CHANNELS[cfg.model.type])
-            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard)
+            rows = self._records(split)
+            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard, rows)
             summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
             for rep in unreadable.values():
                 console.print(f"bad image: {rep['reason']}", markup=False, style="red")
@@ -107,6 +125,20 @@ class Extractor:
                     raise ExtractError(self._strict_message(name, summ.kept_bad))
             self.plans.append((split, jobs, summ))
         return self
+
+    def _records(self, split: SplitStore) -> np.ndarray:
+        """The split's records for planning: read from the rows themselves on the first plan; on later
+        cycles of ``--watch``, what this process knows (it is the only writer of its rows) plus the
+        rows added since and the index's newer records (rows ``store verify --repair`` marked)."""
+        part = self.parts.get(split.name)
+        if part is None or part.known.shape[0] > split.n_rows:
+            rows = split.read_rows()
+            part = self.parts[split.name] = IndexPart(split, self.shard)
+            part.load(rows)
+        else:
+            rows = part.grow(split, split.marked_stale)
+        split.on_record = part.set
+        return rows
 
     def restrict(self, split: str, keys: set[int]) -> None:
         """Do only the rows of ``split`` whose key is in ``keys`` (refine: the images with boxes to refine)."""
@@ -131,13 +163,20 @@ class Extractor:
         if self.model is not None:
             self.device = next(self.model.parameters()).device
         for split, jobs, summ in self.plans:
+            if self.stopping:
+                break
             if not jobs:
-                console.print(f"{split.name}: {summ.rows} rows, all up to date — nothing to do", markup=False)
+                if not self.quiet:
+                    console.print(f"{split.name}: {summ.rows} rows, all up to date — nothing to do", markup=False)
+                self._flush_index(split, required=False)
                 continue
             self.extract_split(split, jobs, summ)
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
-                            self.encoder_s, self.encoded)
-        print_summary(res)
+                            self.encoder_s, self.encoded, stopped=self.stopping)
+        if not (self.quiet and not any(s.todo for s in res.splits)):
+            print_summary(res)
+        if self.stopping:
+            return res
         unusable = [m for split, _, summ in self.plans if (m := self._all_bad(split, summ))]
         if unusable and self.all_bad_is_error:
             raise ExtractError("; ".join(unusable))
@@ -146,7 +185,7 @@ class Extractor:
     def _all_bad(self, split: SplitStore, summ: SplitSummary) -> str | None:
         """The error when every image of a split is bad (a wrong image folder, typically): extract ends
         non-zero instead of leaving train a split with nothing in it."""
-        states = split.read_rows()[:, F["state"]]
+        states = self.parts[split.name].records()[:, F["state"]]
         states = states[states != STATE_STALE]
         if len(states) == 0 or not (states == STATE_BAD).all():
             return None  # some row is complete, or still to do (e.g. by another shard)
@@ -156,7 +195,6 @@ class Extractor:
 
     def extract_split(self, split: SplitStore, jobs: list[Job], summ: SplitSummary) -> None:
         ecfg = self.ecfg
-        rows_before = split.read_rows()
         loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size, self.cfg.data.intensity.mapping()),
                             batch_size=ecfg.batch_size,
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
@@ -169,29 +207,34 @@ class Extractor:
                     to_encode = []
                     for it in items:
                         job = jobs[it["idx"]]
-                        had = int(rows_before[job.row, F["state"]]) != STATE_EMPTY
                         if "warning" in it:
                             console.print(f"warning: {it['warning']}", style="yellow", markup=False)
                         if "error" in it:
                             self._bad(split, job, it, summ, writer, lock)
                         elif job.gt_only:
-                            writer.submit(write_row, split, job, it["fingerprint"], None, it["gt"], had)
+                            writer.submit(write_row, split, job, it["fingerprint"], None, it["gt"])
                             summ.gt_only += 1
                         elif job.reuse_row is not None:
-                            writer.submit(copy_row, split, job, it["fingerprint"], self.source, it["gt"], had)
+                            writer.submit(copy_row, split, job, it["fingerprint"], self.source, it["gt"])
                             summ.reused += 1
                         else:
-                            to_encode.append((job, it, had))
+                            to_encode.append((job, it))
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summ.encoded += len(to_encode)
                     writer.raise_errors(done_only=True)  # a failed write (disk full) stops the run here
                     bar.advance(len(items))
+                    self.rows_done += len(items)
+                    self.parts[split.name].maybe_flush()
+                    if self.stopping:  # SIGTERM/SIGINT: the rows of this batch are committed below, then stop
+                        break
         finally:
             try:
                 writer.close()
             finally:
                 self._record_bad(split, summ)
+                if not (self.stop is not None and self.stop.forced):
+                    self._flush_index(split, required=True)
 
     def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summ: SplitSummary, writer: RowWriter,
              lock: threading.Lock) -> None:
@@ -200,13 +243,14 @@ class Extractor:
         console.print(f"bad image: {it['error']}", markup=False, style="red")
         if self.ecfg.strict:
             raise ExtractError(f"{it['error']} (--strict)")
-        writer.submit(write_bad, split, job, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
+        writer.submit(write_bad, split, job, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0,
+                                                        job.generation))
 
-    def _encode(self, split: SplitStore, batch: list[tuple[Job, dict[str, Any], bool]], writer: RowWriter) -> None:
+    def _encode(self, split: SplitStore, batch: list[tuple[Job, dict[str, Any]]], writer: RowWriter) -> None:
         assert self.model is not None
         cfg = self.cfg
         pin = self.device.type == "cuda"
-        imgs = [it["image"][None].pin_memory() if pin else it["image"][None] for _, it, _ in batch]
+        imgs = [it["image"][None].pin_memory() if pin else it["image"][None] for _, it in batch]
         t0 = time.perf_counter()
         emb, interm = encode(self.model, imgs, self.ecfg.encoder_precision)
         emb_np = to_storage(emb, cfg.store.dtype)  # cast on the device, then one copy
@@ -215,9 +259,23 @@ class Extractor:
         if cfg.store.dtype == "float16" and not (np.isfinite(emb_np).all() and np.isfinite(interm_np).all()):
             raise StoreError(f"{cfg.store.path}: features overflow float16 for {batch[0][0].path}; set store.dtype "
                              "to bfloat16 or float32")
-        for b, (job, it, had) in enumerate(batch):
-            writer.submit(write_row, split, job, it["fingerprint"], (emb_np[b], interm_np[b]), it["gt"], had)
+        for b, (job, it) in enumerate(batch):
+            writer.submit(write_row, split, job, it["fingerprint"], (emb_np[b], interm_np[b]), it["gt"])
         self.encoded += len(batch)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+    def _flush_index(self, split: SplitStore, required: bool) -> None:
+        """Write this process's part of the split's row index if it changed. With nothing done
+        (``required`` False) a failure is only a warning: a read-only store stays usable."""
+        try:
+            self.parts[split.name].flush()
+        except BoxrefineError as e:
+            if required:
+                raise
+            console.print(f"warning: the row index was not updated: {e}", style="yellow", markup=False)
 
     def _record_bad(self, split: SplitStore, summ: SplitSummary) -> None:
         if not summ.bad:

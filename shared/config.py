@@ -126,6 +126,8 @@ class ExtractConfig(_Section):
     strict: bool = False
     overwrite: bool = False
     reuse_features: str | None = None  # another store to copy unchanged images' features from
+    watch: bool = False  # run as a service until SIGTERM/SIGINT, re-planning every watch_interval seconds
+    watch_interval: float = Field(60.0, gt=0.0)
 
     @field_validator("shard")
     @classmethod
@@ -167,6 +169,7 @@ class TrainConfig(_Section):
     keep_top_k: int = Field(3, ge=0)
     num_workers: int = Field(2, ge=0)
     seed: int = 0
+    follow: bool = False  # each epoch trains on the rows complete when it starts (an extractor is running)
 
     @field_validator("name")
     @classmethod

@@ -20,6 +20,7 @@ from boxrefine.shared.store import (
     StoreError,
 )
 from boxrefine.shared.store_files import store_access
+from boxrefine.shared.store_index import IndexPart
 
 
 @dataclass
@@ -74,12 +75,16 @@ def verify_store(store: FeatureStore, splits: list[str] | None = None, repair: b
             if on_row is not None:
                 on_row()
         report.damaged += damaged
-        if repair:
+        if repair and damaged:
+            part = IndexPart(split, (0, 1), name="verify")  # readers learn of the marks through the row index
+            part.load(split.read_rows())
+            split.on_record = part.set
             with store_access(store.path, f"mark damaged rows of {name}"):
                 for err in damaged:
                     assert err.row is not None
                     split.mark_damaged(err.row)
                     report.repaired += 1
+            part.flush()
     return report
 
 
@@ -88,7 +93,7 @@ def count_rows(store: FeatureStore, splits: list[str] | None = None) -> int:
     total = 0
     for name in splits or store.splits:
         try:
-            total += int((store.split(name).read_rows()[:, F["state"]] == STATE_COMPLETE).sum())
+            total += int((store.split(name).records()[:, F["state"]] == STATE_COMPLETE).sum())
         except StoreError:
             pass
     return total

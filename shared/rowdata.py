@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.geometry import ImageGeometry
-from boxrefine.shared.store import F, SplitStore, StoreDamage, StoreError, open_store
+from boxrefine.shared.store import F, RowBusy, SplitStore, StoreDamage, StoreError, open_store
 
 
 class StoreRows(Dataset):
@@ -29,6 +29,11 @@ class StoreRows(Dataset):
     exception: the item carries its message instead (``damage``), and :meth:`accept`, in the main
     process, stops the run (``on_damage="error"``) or reports the row once and drops it ("skip").
     Any other one-line error (an unreadable store) travels the same way and always stops the run.
+
+    Rows may be rewritten while they are read (an extract running beside train): every read checks the
+    row's record again after its chunks (``SplitStore.read_row``), so a rewritten row is read again in
+    its new version, and one being rewritten right now is left out of this pass (``busy``: reported
+    once per row by :meth:`accept`), never served torn nor reported as damage.
     """
 
     def __init__(self, store_path: str, split: str, rows: Sequence[int], records: np.ndarray, keys: np.ndarray,
@@ -38,8 +43,13 @@ class StoreRows(Dataset):
         self.records, self.keys = records, keys
         self.with_masks, self.on_damage = with_masks, on_damage
         self.skipped: dict[int, str] = {}  # row → damage, rows left out under on_damage="skip"
+        self.busy: set[int] = set()  # rows left out of a pass because they were being rewritten
         self._split: SplitStore | None = None
         self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned DataLoader workers (``shared/workers.py``): each opens the store anew."""
+        return {**self.__dict__, "_split": None, "_pid": None}
 
     @classmethod
     def from_store(cls, store_path: str, split: str, rows: Sequence[int] | None = None,
@@ -72,9 +82,13 @@ class StoreRows(Dataset):
         """Ground truth of store row ``i`` (see ``SplitStore.read_gt``), checked against its record;
         None for a damaged row under ``on_damage="skip"``. Main process only."""
         try:
-            return self.split().read_gt(i, masks=masks, record=self.records[i])
+            _, (_, _, *gt) = self.split().read_row(i, self.records[i], features=False, masks=masks)
+            return tuple(gt)  # type: ignore[return-value]
         except StoreDamage as e:
             self._damaged(i, str(e))
+            return None
+        except RowBusy:
+            self._busy([i])
             return None
 
     def __getitem__(self, k: int) -> dict[str, Any]:
@@ -82,12 +96,12 @@ class StoreRows(Dataset):
         if i in self.skipped:
             return {"row": i, "damage": self.skipped[i]}
         sp = self.split()
-        rec = self.records[i]
         try:
-            emb, interm = sp.read_features(i, record=rec)
-            gt_masks, gt_boxes, gt_info = sp.read_gt(i, masks=self.with_masks, record=rec)
+            rec, (emb, interm, gt_masks, gt_boxes, gt_info) = sp.read_row(i, self.records[i], masks=self.with_masks)
         except StoreDamage as e:
             return {"row": i, "damage": str(e)}
+        except RowBusy:
+            return {"row": i, "busy": True}
         except BoxrefineError as e:  # an unreadable store (permissions, network): always stops the run
             return {"row": i, "damage": str(e), "fatal": True}
         item = {
@@ -106,7 +120,15 @@ class StoreRows(Dataset):
             if fatal:
                 raise StoreError(message)
             self._damaged(i, message)
+        self._busy(batch.pop("busy", []))
         return batch if batch["row"] else None
+
+    def _busy(self, rows: list[int]) -> None:
+        new = [i for i in rows if i not in self.busy]
+        if new:
+            console.print(f"{self.store_path}: split {self.split_name!r}: row(s) {new} are being rewritten "
+                          "(by extract) and are left out this time", style="yellow", markup=False)
+        self.busy.update(rows)
 
 
 def row_geometry(record: np.ndarray) -> ImageGeometry:
@@ -117,15 +139,18 @@ def row_geometry(record: np.ndarray) -> ImageGeometry:
 
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the per-image features (same shape for every row); keep the rest as lists. Damaged or
-    unreadable rows go to ``damaged`` as (row, message, fatal), for :meth:`StoreRows.accept`. No items (a
-    DDP rank's empty part of a step) make a batch with no rows."""
+    unreadable rows go to ``damaged`` as (row, message, fatal), rows being rewritten to ``busy``, for
+    :meth:`StoreRows.accept`. No items (a DDP rank's empty part of a step) make a batch with no rows."""
     damaged = [(it["row"], it["damage"], it.get("fatal", False)) for it in items if "damage" in it]
-    items = [it for it in items if "damage" not in it]
+    busy = [it["row"] for it in items if "busy" in it]
+    items = [it for it in items if "damage" not in it and "busy" not in it]
     if not items:
-        return {"row": [], "key": [], "damaged": damaged}
+        return {"row": [], "key": [], "damaged": damaged, "busy": busy}
     out: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
     out["image_embeddings"] = torch.stack(out["image_embeddings"])
     out["interm_embeddings"] = torch.stack(out["interm_embeddings"])
     if damaged:
         out["damaged"] = damaged
+    if busy:
+        out["busy"] = busy
     return out

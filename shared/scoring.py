@@ -22,7 +22,7 @@ from boxrefine.shared.metrics import box_metrics, mask_iou
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import SamHeads
-from boxrefine.shared.workers import worker_init
+from boxrefine.shared.workers import worker_context, worker_init
 
 
 @dataclass
@@ -121,12 +121,13 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
     """
     coarse_masks = masks if coarse_masks is None else coarse_masks
     loader = DataLoader(dataset, batch_size=batch_images, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_rows, pin_memory=device.type == "cuda", worker_init_fn=worker_init())
+                        collate_fn=collate_rows, pin_memory=device.type == "cuda", worker_init_fn=worker_init(),
+                        multiprocessing_context=worker_context(dataset.store_path, num_workers))
     out: list[ImagePrediction] = []
     if refiner is not None:
         refiner.eval()
     for raw in loader:
-        n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+        n_seen = len(raw["row"]) + len(raw.get("damaged", [])) + len(raw.get("busy", []))
         batch = dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
         if batch is None:
             if on_batch is not None:

@@ -6,7 +6,8 @@ Layout::
       <split>/                  attrs: annotations{path, sha256, ground_truth}, images_root, max_instances
         keys           (N,)       int64   image_key(file_name) of each row
         image_ids      (N,)       int64   COCO image id of each row
-        rows           (N, 14)    int64   per-row record, chunk (1, 14) — see ROW_FIELDS; written LAST
+        rows           (N, 15)    int64   per-row record, chunk (1, 15) — see ROW_FIELDS; written LAST
+        row_index/<part>  (N, 15) int64   the records as a few chunks, for readers (shared/store_index.py)
         image_embeddings  (N, 256, 64, 64)  storage dtype, one chunk per row
         interm_embeddings (N, 64, 64, C)    storage dtype, one chunk per row (C = 160/768/1024/1280)
         gt_masks       (N, K, S, S) uint8   GT instance masks in SAM's low-res frame (S = gt_mask_size)
@@ -40,6 +41,7 @@ import zarr
 from boxrefine.shared import __version__
 from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_differences, is_url
 from boxrefine.shared.console import console
+from boxrefine.shared.objstore import location_fs, zarr_location
 from boxrefine.shared.records import ImageRecord
 from boxrefine.shared.storage import from_storage, storage_numpy_dtype, to_storage
 from boxrefine.shared.store_files import StoreError, delete_store_content, inspect_store_path, store_access
@@ -57,6 +59,7 @@ from boxrefine.shared.store_split import (
     STATE_NAMES,
     STATE_STALE,
     F,
+    RowBusy,
     SplitStore,
     StoreDamage,
 )
@@ -64,7 +67,10 @@ from boxrefine.shared.store_split import (
 # 2: crc32c codec on every array and crc_<array> digests in each row record; GT masks in SAM's exact
 # low-res layout; the intensity mapping in the identity. Every array's codecs changed, so no store is
 # upgraded in place: `extract --reuse-features OLD` rebuilds one without encoder work (extract/reuse.py).
-SCHEMA_VERSION = 2
+# 3: a generation in each row record (ROW_FIELDS grew by one: the rows array's chunk shape changed) and
+# the row index (shared/store_index.py). Rebuilt the same way.
+SCHEMA_VERSION = 3
+SCHEMA_CHANGES = {2: "checksummed chunks, GT in SAM's exact low-res frame", 3: "row generations, the row index"}
 
 
 @dataclass(frozen=True)
@@ -139,8 +145,10 @@ def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdenti
 def _open_group(path: str, mode: str) -> zarr.Group:
     with store_access(path, "open the store"):
         try:
-            return zarr.open_group(path, mode=mode, zarr_format=3)
+            return zarr.open_group(zarr_location(path, mode), mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            fs, root = location_fs(path)
+            fs.exists(root)  # a missing bucket, or credentials that cannot list it, say so here
             raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
 
 
@@ -155,8 +163,9 @@ class FeatureStore:
             raise StoreError(f"{path}: not a boxrefine feature store (no 'boxrefine' attributes)")
         version = meta.get("schema_version")
         if isinstance(version, int) and version < SCHEMA_VERSION:
+            changes = "; ".join(v for k, v in SCHEMA_CHANGES.items() if k > version)
             raise StoreError(f"{path}: store schema {version}; this boxrefine reads schema {SCHEMA_VERSION} "
-                             "(checksummed chunks, GT in SAM's exact low-res frame). Rebuild it into a new store "
+                             f"({changes}). Rebuild it into a new store "
                              "without encoder work for unchanged images: "
                              f"boxrefine extract --store NEW_STORE --reuse-features {path}")
         if version != SCHEMA_VERSION:
@@ -205,7 +214,7 @@ class FeatureStore:
         }
         try:  # one write of zarr.json with its attributes: no reader ever sees a store without them
             with store_access(path, "create the store"):
-                group = zarr.create_group(path, attributes=attrs, zarr_format=3, overwrite=False)
+                group = zarr.create_group(zarr_location(path, "a"), attributes=attrs, zarr_format=3, overwrite=False)
         except zarr.errors.ContainsGroupError:  # another extract process created it a moment ago
             store = cls.open(path, "a")
             check_identity(path, store.identity, identity)
@@ -236,9 +245,7 @@ class FeatureStore:
     def bytes_on_disk(self) -> int | None:
         """Total size of the store's objects (None where the filesystem cannot say)."""
         try:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(self.path)
+            fs, root = location_fs(self.path)
             return int(fs.du(root, total=True))
         except Exception:  # advisory figure only
             return None
@@ -260,7 +267,7 @@ def open_store(path: str) -> FeatureStore:
         return FeatureStore.open(path, "r")
 
 
-__all__ = ["FeatureStore", "SplitStore", "StoreIdentity", "StoreError", "StoreDamage", "open_store", "is_url",
-           "ROW_FIELDS", "ROW_ARRAYS", "FEATURE_ARRAYS", "GT_ARRAYS", "DIGEST", "F", "INDEX_CHUNK", "STATE_NAMES",
-           "STATE_EMPTY", "STATE_COMPLETE", "STATE_BAD", "STATE_STALE", "STATE_DAMAGED", "check_identity",
-           "to_storage", "from_storage"]
+__all__ = ["FeatureStore", "SplitStore", "StoreIdentity", "StoreError", "StoreDamage", "RowBusy", "open_store",
+           "is_url", "ROW_FIELDS", "ROW_ARRAYS", "FEATURE_ARRAYS", "GT_ARRAYS", "DIGEST", "F", "INDEX_CHUNK",
+           "STATE_NAMES", "STATE_EMPTY", "STATE_COMPLETE", "STATE_BAD", "STATE_STALE", "STATE_DAMAGED",
+           "check_identity", "to_storage", "from_storage"]

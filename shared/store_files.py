@@ -3,27 +3,31 @@ deleting a store's own content (``--overwrite``), and one-line errors for the fa
 environment causes (a missing fsspec backend, cloud credentials, permissions, a full disk, corrupt
 ``zarr.json`` metadata).
 
-Local paths and fsspec URLs go through the same code (``fsspec.core.url_to_fs``).
+Local paths and fsspec URLs go through the same code (``fsspec.core.url_to_fs``; ``s3://`` through
+``shared/objstore.py``'s adapter over obstore).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.objstore import location_fs
 
 # Exceptions raised by cloud backends for missing or wrong credentials are not OSErrors
 # (botocore.exceptions.NoCredentialsError, google.auth.exceptions.DefaultCredentialsError, ...).
-CLOUD_ERROR_MODULES = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google.auth", "google.api_core",
-                       "google.cloud", "adlfs", "azure")
+CLOUD_ERROR_MODULES = ("botocore", "aiobotocore", "boto3", "s3fs", "obstore", "gcsfs", "google.auth",
+                       "google.api_core", "google.cloud", "adlfs", "azure")
+_S3_ERROR = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
 TEMP_SUFFIX = ".partial"  # zarr's LocalStore writes <key>.<uuid>.partial, then renames it
+OWN_FOLDERS = ("watchers",)  # a store's own folders that are not zarr nodes (shared/watchers.py)
 
 
 class StoreError(BoxrefineError, ValueError):
@@ -31,7 +35,13 @@ class StoreError(BoxrefineError, ValueError):
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    """The first line of an exception's text; for an S3 error response, its code and message (obstore
+    puts the whole response in the text)."""
+    m = _S3_ERROR.search(str(e))
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"[:200]
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(": Error performing ")[0][:200]  # obstore: the request's details follow
 
 
 def environment_problem(e: BaseException) -> str | None:
@@ -78,7 +88,7 @@ def store_access(path: str, action: str) -> Iterator[None]:
 
 def _fs(path: str) -> tuple[Any, str]:
     with store_access(path, "open the store location"):
-        return fsspec.core.url_to_fs(path)
+        return location_fs(path)
 
 
 def metadata_problem(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
@@ -103,7 +113,7 @@ def find_corrupt_metadata(path: str, max_depth: int = 3) -> tuple[str, str] | No
     """The first ``zarr.json`` under ``path`` (root, splits, their arrays and groups) that zarr cannot
     parse, with the problem; None when they all parse. Chunk folders are not walked."""
     try:
-        fs, root = fsspec.core.url_to_fs(path)
+        fs, root = location_fs(path)
     except Exception:
         return None
 
@@ -171,7 +181,7 @@ def inspect_store_path(path: str) -> StorePath:
         return StorePath(path, "foreign", other=sorted(entries))
     own, other = [], []
     for name in rest:
-        is_node = entries[name] == "directory" and fs.exists(f"{root}/{name}/zarr.json")
+        is_node = entries[name] == "directory" and (name in OWN_FOLDERS or fs.exists(f"{root}/{name}/zarr.json"))
         (own if is_node else other).append(name)
     return StorePath(path, "store", own=own + temp, other=other, attrs=attrs)
 
@@ -190,3 +200,40 @@ def delete_store_content(sp: StorePath) -> list[str]:
             deleted.append(name + ("/" if not name.endswith(TEMP_SUFFIX) else ""))
         fs.rm(f"{root}/zarr.json")
     return [*deleted, "zarr.json"]
+
+
+def write_store_file(path: str, key: str, data: bytes) -> None:
+    """Write a small object ``key`` (``folder/name``) under the store root, replacing it whole: a local
+    file through ``fileio.atomic_write_bytes`` (temp + rename), an object store's single PUT elsewhere."""
+    from boxrefine.shared.config import is_url
+
+    with store_access(path, f"write {key}"):
+        if not is_url(path):
+            from boxrefine.shared.fileio import atomic_write_bytes
+
+            target = Path(path.removeprefix("file://")) / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, data)
+            return
+        fs, root = _fs(path)
+        fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
+
+
+def list_store_files(path: str, folder: str) -> dict[str, bytes]:
+    """The small objects under ``folder`` of the store root, by name (empty when there are none)."""
+    fs, root = _fs(path)
+    where = f"{root.rstrip('/')}/{folder}"
+    out = {}
+    with store_access(path, f"read {folder}"):
+        try:
+            names = [e["name"] for e in fs.ls(where, detail=True) if e.get("type") == "file"]
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            if name.rsplit("/", 1)[-1].startswith("."):  # a temp file of a write in progress
+                continue
+            try:
+                out[name.rsplit("/", 1)[-1]] = fs.cat_file(name)
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+    return out

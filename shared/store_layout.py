@@ -114,12 +114,15 @@ def _layout(store: FeatureStore, name: str, records: list[ImageRecord], annotati
     if n and not same_ids:
         grp["image_ids"][:] = new_ids
     gone = [i for i, k in enumerate(keys.tolist()) if k not in wanted]
-    rows = split.read_rows() if gone else None
+    rows = split.read_rows(np.array(gone, np.int64)) if gone else None
+    marked = {}
     for i in gone:
         if rows[i, F["state"]] != STATE_STALE:  # image left the annotations: never served again
-            split.array("rows")[i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
+            marked[i] = split.mark(i, STATE_STALE, int(rows[i, F["generation"]]) + 1)
     attrs = {"annotations": annotations, "images_root": images_root, "max_instances": k_max,
              "layout": {"n_rows": n, "keys_sha256": keys_digest(keys), "max_instances": k_max}}
     if any(grp.attrs.get(k) != v for k, v in attrs.items()):
         grp.attrs.update(attrs)
-    return SplitStore(grp, name, store.identity.dtype, store.path)
+    split = SplitStore(grp, name, store.identity.dtype, store.path)
+    split.marked_stale = marked  # records written here (rows whose image left the annotations)
+    return split

@@ -4,11 +4,16 @@ A row's record (``rows``, one chunk per row, ``ROW_FIELDS``) is its commit (docs
 "Crash protocol") and carries the crc32c of the values of each of the row's arrays
 (``crc_<array>``); every chunk also ends with the crc32c of its stored bytes (zarr's ``crc32c``
 codec). A read that fails either check raises :class:`StoreDamage`, naming split, row, image file and
-array (docs/architecture.md, "Integrity").
+array (docs/architecture.md, "Integrity"). Each record also holds the row's ``generation`` (incremented
+by every write of the row), and :meth:`SplitStore.read_row` checks the record again after reading the
+chunks, so a row rewritten while it is read is read again or left out, never served torn
+(docs/architecture.md, "Concurrent readers"). Readers open a split through the row index
+(``shared/store_index.py``), not one request per row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,10 @@ FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
 GT_ARRAYS = ("gt_masks", "gt_boxes", "gt_info")
 ROW_ARRAYS = FEATURE_ARRAYS + GT_ARRAYS
 DIGEST = {name: f"crc_{name}" for name in ROW_ARRAYS}  # record field holding the crc32c of a row's values
+# ``generation`` counts the writes of a row (every rewrite, clear or mark increments it): a reader that
+# finds another generation after reading a row's chunks knows the row was rewritten meanwhile.
 ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
-              "n_instances", *DIGEST.values())
+              "n_instances", *DIGEST.values(), "generation")
 F = {name: i for i, name in enumerate(ROW_FIELDS)}
 STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
 STATE_DAMAGED = 4  # marked by `store verify --repair` (or a record failing its checksum); extract redoes it
@@ -33,6 +40,15 @@ STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad
                STATE_DAMAGED: "damaged"}
 INDEX_CHUNK = 1 << 16  # rows per chunk of the small per-split index arrays (keys, image_ids)
 REPAIR = "run `boxrefine store verify --repair {path}`, then `boxrefine extract`"
+
+
+class RowBusy(Exception):
+    """A row that was rewritten (or cleared) while it was being read and is not complete now, or kept
+    changing: not damage; the reader leaves it out this time (``SplitStore.read_row``)."""
+
+    def __init__(self, row: int, record: np.ndarray | None = None):
+        super().__init__(f"row {row} is being rewritten")
+        self.row, self.record = row, record
 
 
 class StoreDamage(StoreError):
@@ -60,6 +76,8 @@ class SplitStore:
         self._arrays: dict[str, zarr.Array] = {}
         self.damaged_records: dict[int, StoreDamage] = {}  # rows whose record failed its checksum (read_rows)
         self._files: dict[int, str] | None = None
+        self.on_record: Callable[[int, np.ndarray], None] | None = None  # called with every record written
+        self.marked_stale: dict[int, np.ndarray] = {}  # set by layout_split: records of rows it marked stale
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -121,25 +139,48 @@ class SplitStore:
     def image_ids(self) -> np.ndarray:
         return self._get("image_ids", slice(None), None)
 
-    def read_rows(self) -> np.ndarray:
-        """All per-row records, N×len(ROW_FIELDS) int64 (one small chunk per row). A record that fails
-        its checksum reads as state DAMAGED (extract redoes it) and is listed in ``damaged_records``."""
+    def read_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The per-row records (the truth: one small chunk per row), N×len(ROW_FIELDS) int64, or only
+        those of ``rows`` (the others zero). A record that fails its checksum reads as state DAMAGED
+        (extract redoes it) and is listed in ``damaged_records``. Costs one request per row: readers
+        open a split with :meth:`records` (the row index) instead."""
         self.damaged_records = {}
         n = int(self.array("rows").shape[0])
-        if n == 0:
-            return np.zeros((0, len(ROW_FIELDS)), np.int64)
-        try:
-            return self._get("rows", slice(None), None)
+        out = np.zeros((n, len(ROW_FIELDS)), np.int64)
+        which = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+        if len(which) == 0:
+            return out
+        try:  # one call; a record failing its checksum fails it, then each row is read alone
+            out[which] = self._get("rows", slice(None) if rows is None else (which, slice(None)), None)
+            return out
         except StoreDamage:
             pass
-        rows = np.zeros((n, len(ROW_FIELDS)), np.int64)
-        for i in range(n):
+        for i in which.tolist():
             try:
-                rows[i] = self._get("rows", i, i)
+                out[i] = self._get("rows", i, i)
             except StoreDamage as e:
-                rows[i, F["state"]] = STATE_DAMAGED
+                out[i, F["state"]] = STATE_DAMAGED
                 self.damaged_records[i] = e
-        return rows
+        return out
+
+    def records(self) -> np.ndarray:
+        """Every row's record as the row index has it (``shared/store_index.py``: a few requests), rows
+        the index does not cover read from their own records. For train, evaluate and info: a row it
+        lists may have been rewritten since, which ``read_row`` notices; extract and verify use
+        :meth:`read_rows`."""
+        from boxrefine.shared.store_index import read_index
+
+        index = read_index(self)
+        if index is None:
+            return self.read_rows()
+        merged, covered = index
+        if covered.all():
+            self.damaged_records = {}
+            return merged
+        rest = np.flatnonzero(~covered)
+        truth = self.read_rows(rest)
+        merged[rest] = truth[rest]
+        return merged
 
     def read_record(self, i: int) -> np.ndarray:
         return self._get("rows", i, i)
@@ -152,7 +193,7 @@ class SplitStore:
         checksum stops the run (``store.on_damage: error``) or is reported and left out (``skip``); a
         split with no complete row is refused (StoreError naming the store and the split), one with
         only some says how many are missing."""
-        records = self.read_rows()
+        records = self.records()
         for err in self.damaged_records.values():
             if on_damage == "error":
                 raise err
@@ -211,15 +252,33 @@ class SplitStore:
                              "`boxrefine extract` (GT only, no encoder work)")
 
     # ---- writing (extract only) -------------------------------------------------------------
-    def clear_row(self, i: int) -> None:
-        """Step 1 of rewriting a row: readers stop trusting it before any chunk changes."""
-        self.array("rows")[i] = np.zeros(len(ROW_FIELDS), np.int64)
-
-    def mark_damaged(self, i: int) -> None:
-        """``store verify --repair``: readers stop trusting the row and extract recomputes it."""
+    def mark(self, i: int, state: int, generation: int) -> np.ndarray:
+        """Write a record holding only ``state`` and ``generation``; returns it."""
         row = np.zeros(len(ROW_FIELDS), np.int64)
-        row[F["state"]] = STATE_DAMAGED
+        row[F["state"]], row[F["generation"]] = state, generation
         self.array("rows")[i] = row
+        if self.on_record is not None:
+            self.on_record(i, row)
+        return row
+
+    def clear_row(self, i: int, generation: int = 0) -> None:
+        """Step 1 of rewriting a row (as ``generation``): readers stop trusting it before any chunk changes."""
+        self.mark(i, STATE_EMPTY, generation)
+
+    def next_generation(self, i: int) -> int:
+        """The generation a new write of row ``i`` gets: its record's + 1 (the row index's when the record
+        itself is unreadable, so that the new record supersedes the index's)."""
+        try:
+            return int(self.read_record(i)[F["generation"]]) + 1
+        except StoreDamage:
+            from boxrefine.shared.store_index import read_index
+
+            index = read_index(self)
+            return 1 + (int(index[0][i, F["generation"]]) if index is not None and i < len(index[0]) else 0)
+
+    def mark_damaged(self, i: int) -> np.ndarray:
+        """``store verify --repair``: readers stop trusting the row and extract recomputes it."""
+        return self.mark(i, STATE_DAMAGED, self.next_generation(i))
 
     def write_features(self, i: int, image_embeddings: np.ndarray, interm_embeddings: np.ndarray) -> dict[str, int]:
         """Write a row's features; returns their digests for the row's record."""
@@ -245,12 +304,16 @@ class SplitStore:
         return {DIGEST["gt_masks"]: digest(pm[:k]), DIGEST["gt_boxes"]: digest(pb[:k]),
                 DIGEST["gt_info"]: digest(pi[:k])}
 
-    def commit_row(self, i: int, record: dict[str, int]) -> None:
-        """Last step: the row's record, with its state, becomes visible in one atomic write."""
+    def commit_row(self, i: int, record: dict[str, int]) -> np.ndarray:
+        """Last step: the row's record, with its state (and generation), becomes visible in one atomic
+        write. Returns the record written."""
         row = np.zeros(len(ROW_FIELDS), np.int64)
         for k, v in record.items():
             row[F[k]] = int(v)
         self.array("rows")[i] = row
+        if self.on_record is not None:
+            self.on_record(i, row)
+        return row
 
     # ---- reading ----------------------------------------------------------------------------
     def _checked(self, i: int, name: str, sel: Any, record: np.ndarray) -> np.ndarray:
@@ -279,6 +342,30 @@ class SplitStore:
         info = self._checked(i, "gt_info", (i, slice(0, n)), record).astype(np.int64).reshape(-1, 3)
         return (self._checked(i, "gt_masks", (i, slice(0, n)), record) if masks else None), boxes, info
 
+    def read_row(self, i: int, record: np.ndarray, features: bool = True, masks: bool = True,
+                 retries: int = 2) -> tuple[np.ndarray, tuple[Any, ...]]:
+        """Row ``i`` read consistently: its chunks are checked against ``record``, then its record is read
+        again. Unchanged: the row is returned as ``(record, (emb, interm, gt_masks, gt_boxes, gt_info))``
+        (``emb``/``interm`` None unless ``features``) and a failed check is damage (:class:`StoreDamage`).
+        Changed (the row was rewritten meanwhile: another generation) and complete: read again with the
+        new record, at most ``retries`` times. Not complete now, or still changing: :class:`RowBusy` —
+        chunks of one write are never combined with the record of another, nor reported as damage."""
+        for _ in range(retries + 1):
+            try:
+                emb, interm = self.read_features(i, record=record) if features else (None, None)
+                parts, damage = (emb, interm, *self.read_gt(i, masks=masks, record=record)), None
+            except StoreDamage as e:
+                parts, damage = (), e
+            now = self.read_record(i)
+            if np.array_equal(now, record):
+                if damage is not None:
+                    raise damage
+                return record, parts
+            if int(now[F["state"]]) != STATE_COMPLETE:
+                raise RowBusy(i, now)
+            record = now
+        raise RowBusy(i, record)
+
     def bad_images(self) -> dict[int, dict[str, str]]:
         """Bad-image reports from every extract shard, for rows still marked bad."""
         try:
@@ -291,7 +378,7 @@ class SplitStore:
                 reports[int(k)] = v
         if not reports:
             return {}
-        rows, keys = self.read_rows(), self.keys()
+        rows, keys = self.records(), self.keys()
         bad_keys = set(keys[rows[:, F["state"]] == STATE_BAD].tolist())
         return {k: v for k, v in reports.items() if k in bad_keys}
 

@@ -50,3 +50,13 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 def worker_init() -> Callable[[int], None]:
     """A DataLoader ``worker_init_fn`` that makes each worker exit when this process dies."""
     return functools.partial(_die_with_parent, os.getpid())
+
+
+def worker_context(store_path: str, num_workers: int) -> str | None:
+    """The start method of DataLoader workers that read the store at ``store_path``: "spawn" for an
+    ``s3://`` store, whose client (obstore's Rust runtime, ``shared/objstore.py``) does not survive a
+    fork (a forked worker's first request never returns), else the platform's default (fork on Linux)."""
+    from boxrefine.shared.objstore import is_s3
+
+    return "spawn" if num_workers and is_s3(store_path) else None
+

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, config_dict, invoke, make_config, write_config
+from conftest import REPO, config_dict, invoke, make_config, reindex, write_config
 
 from boxrefine.extract.run import ExtractError, run_extract
 from boxrefine.shared.config import ConfigError, load_config
@@ -55,6 +55,7 @@ def _set_states(store: Path, split: str, rows: list[int], state: int) -> None:
         rec = sp.read_rows()[i].copy()
         rec[F["state"]] = state
         sp.array("rows")[i] = rec
+    reindex(store)  # as extract's row index would say
 
 
 def _train_cfg(demo_root: Path, store: Path, runs: Path, **train):
@@ -120,6 +121,7 @@ def test_partly_extracted_split_warns(demo_root: Path, reference_store: Path, tm
     store = _store_copy(reference_store, tmp_path)
     sp = FeatureStore.open(str(store), "a").split("train")
     sp.clear_row(2)  # an extract that has not reached this row yet
+    reindex(store)
     cfg = _train_cfg(demo_root, store, tmp_path / "runs")
     run_train(cfg)
     err = capsys.readouterr().err

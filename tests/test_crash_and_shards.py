@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import numpy as np
 import pytest
 from conftest import (
     assert_stores_equal,
-    complete_rows,
+    kill_9_after_rows,
     make_config,
     spawn_extract,
     without_feature_digests,
@@ -26,13 +22,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(demo_root, reference_st
     store = tmp_path / "features.zarr"
     cfg_path = write_config(tmp_path / "cfg.yaml", demo_root, store)
     proc = spawn_extract(cfg_path)
-    deadline = time.time() + 240
-    while complete_rows(store) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"extract ended before it could be killed:\n{proc.stdout.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = complete_rows(store)
+    done = kill_9_after_rows(proc, store, timeout=240)
     assert 2 <= done < 5
 
     # every row a reader can see right after the kill is whole: its chunks equal the uninterrupted run's

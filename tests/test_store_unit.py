@@ -104,7 +104,7 @@ def _random_row(seed: int, k: int, dtype: str) -> dict[str, Any]:
 
 def _record(seed: int, k: int) -> dict[str, int]:
     return {"state": STATE_COMPLETE, "src_size": 1000 + seed, "src_mtime_ns": 10**18 + seed, "ann_hash": 77 + seed,
-            "orig_h": 480, "orig_w": 640, "input_h": 768, "input_w": 1024, "n_instances": k}
+            "orig_h": 480, "orig_w": 640, "input_h": 768, "input_w": 1024, "n_instances": k, "generation": 1}
 
 
 def _write_row(split: SplitStore, i: int, row: dict[str, Any], seed: int, commit: bool = True) -> None:

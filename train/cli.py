@@ -20,6 +20,8 @@ def train(
     epochs: int = typer.Option(None, "--epochs", min=1, help="train.epochs"),
     name: str = typer.Option(None, "--name", help="train.name: the run folder under train.runs_dir"),
     sample_ratio: float = typer.Option(None, "--sample-ratio", help="train.sample_ratio"),
+    follow: bool = typer.Option(False, "--follow", help="train.follow: each epoch uses the rows complete when it "
+                                "starts (train while extract --watch fills the store)."),
     device: str = device_option(),
     set_: list[str] = set_option(),
 ) -> None:
@@ -33,7 +35,8 @@ def train(
         else:
             config = Path("pipeline.yaml")
     cfg = load_cli_config(config, set_, {"train.epochs": epochs, "train.name": name,
-                                         "train.sample_ratio": sample_ratio, "model.device": device}, fast=fast)
+                                         "train.sample_ratio": sample_ratio, "model.device": device,
+                                         "train.follow": follow or None}, fast=fast)
     from boxrefine.train.recipe import run_train
 
     result = run_train(cfg, resume=resume)

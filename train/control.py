@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import random
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from boxrefine.shared.console import console
+from boxrefine.shared.signals import StopSignals
+
+__all__ = ["EpochSampler", "StopSignals", "rng_state", "restore_rng", "unsaved_start", "discard_unsaved_run"]
 
 
 class EpochSampler(Sampler[list[int]]):
@@ -49,38 +48,6 @@ class EpochSampler(Sampler[list[int]]):
         return max(0, self.steps(len(self.order_of(self.epoch))) - self.skip)
 
 
-class StopSignals:
-    """While active (main thread only): the first SIGINT or SIGTERM sets ``requested``, and the
-    recipe stops at its next safe point (after the step in flight) and saves; a second one raises
-    KeyboardInterrupt at once with ``forced`` set (nothing more is saved)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.forced = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            self.forced = True
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print(f"{signal.Signals(signum).name}: stopping after the current step (again to stop at once)",
-                      style="yellow", markup=False)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
-
-
 def rng_state() -> dict[str, Any]:
     """Global RNG states (tensors, ints and lists only, so ``weights_only`` loading accepts them)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -104,7 +71,8 @@ def unsaved_start(run: Path) -> bool:
     start that failed or was killed (kill -9 leaves it; nothing in it can be resumed)."""
     for p in run.iterdir():
         n = p.name
-        if not p.is_file() or not (n in _START_FILES or (n.startswith("eval_boxes_") and n.endswith(".json"))
+        if not p.is_file() or not (n in _START_FILES or (n.startswith(("eval_boxes_", "rows_epoch_"))
+                                                         and n.endswith(".json"))
                                    or (n.startswith(".") and n.endswith(".tmp"))):
             return False
     return True

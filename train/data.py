@@ -12,57 +12,61 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from boxrefine.shared.boxes import trainable_gt
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console
-from boxrefine.shared.evalboxes import detection_pairs, load_detections, sample_subset
+from boxrefine.shared.evalboxes import load_detections, sample_subset
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.store import FeatureStore
-from boxrefine.shared.workers import worker_init
+from boxrefine.shared.workers import worker_context, worker_init
 from boxrefine.train.control import EpochSampler
-from boxrefine.train.steps import seeded_generator
+from boxrefine.train.steps import gt_targets, seeded_generator
 
 
 class TrainData:
     def __init__(self, cfg: PipelineConfig, store: FeatureStore, rank: int = 0, world: int = 1,
                  pin_memory: bool = False):
         tc = self.tc = cfg.train
+        self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
         self.split = store.split(tc.train_split)
         on_damage = cfg.store.on_damage
         # both splits are checked before any work: no complete row is refused, damage follows on_damage
-        self.records, self.rows = self.split.usable_rows(on_damage)
+        records, rows = self.split.usable_rows(on_damage)
         self.val_name = cfg.val_split()
         self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name, on_damage=on_damage) \
             if self.val_name else None
-        self.keys = self.split.keys()
-        self.image_ids = self.split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.rows.tolist(), self.records, self.keys,
-                                 on_damage=on_damage)
+        self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.loader: DataLoader | None = None
+        self.use_rows(records, rows)
+        console.print(f"train: {len(self.subset(0))} of {len(self.rows)} images (sample_ratio {tc.sample_ratio}, "
+                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})"
+                      + (", each epoch from the rows complete when it starts (--follow)" if tc.follow else ""),
+                      markup=False)
+
+    def use_rows(self, records: np.ndarray, rows: np.ndarray) -> None:
+        """Train on store ``rows`` (``records``: the split's records): the dataset, the GT targets of rows
+        not seen yet (zero-size boxes, detections matched to GT) and the loader. ``train --follow`` calls
+        it again at the start of every epoch with the rows complete then (``train/follow.py``)."""
+        cfg, tc = self.cfg, self.tc
+        self.records, self.rows = records, rows
+        self.keys, self.image_ids = self.split.keys(), self.split.image_ids()
+        self.dataset = StoreRows(cfg.store.path, tc.train_split, rows.tolist(), records, self.keys,
+                                 on_damage=cfg.store.on_damage)
         scfg = cfg.data.splits[tc.train_split]
-        dets = (load_detections(scfg.detections, set(self.image_ids.tolist()) - {-1})
-                if (tc.use_detections and scfg.detections) else None)
-        self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        zero_size: list[int] = []  # annotation ids of non-crowd GT boxes without area: never targets
-        for i in self.rows.tolist():
-            gt = self.dataset.read_gt(i)
-            if gt is None:  # damaged, left out (store.on_damage: skip)
-                continue
-            boxes, info = torch.from_numpy(gt[1]), torch.from_numpy(gt[2])
-            zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
-            if dets is not None:
-                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), boxes, info, tc.match_iou)
+        new = [i for i in rows.tolist() if i not in self.det_pairs]
+        dets = (load_detections(scfg.detections, {int(self.image_ids[i]) for i in new} - {-1})
+                if (tc.use_detections and scfg.detections and new) else None)
+        zero_size = gt_targets(self.dataset, new, self.image_ids, dets, tc.match_iou, self.det_pairs)
         if zero_size:
             console.print(f"{cfg.store.path}: split {tc.train_split!r}: {len(zero_size)} zero-size GT box(es) (e.g. "
                           f"annotation id {min(zero_size)}) are never training targets", style="yellow", markup=False)
-        console.print(f"train: {len(self.subset(0))} of {len(self.rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})", markup=False)
-        position = {int(r): k for k, r in enumerate(self.rows.tolist())}
+        position = {int(r): k for k, r in enumerate(rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [position[int(r)] for r in self.epoch_order(epoch)],
-                                    tc.batch_images, rank, world)
-        self.loader: DataLoader | None = DataLoader(
+                                    tc.batch_images, self.rank, self.world)
+        self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=tc.num_workers, collate_fn=collate_rows,
-            pin_memory=pin_memory, persistent_workers=tc.num_workers > 0,
-            prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init())
+            pin_memory=self.pin_memory, persistent_workers=tc.num_workers > 0,
+            prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init(),
+            multiprocessing_context=worker_context(cfg.store.path, tc.num_workers))
 
     def subset(self, epoch: int) -> np.ndarray:
         """Store rows trained on in ``epoch`` (seeded; redrawn per epoch if configured)."""

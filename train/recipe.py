@@ -11,7 +11,8 @@ start that was killed before its first checkpoint is reused, so neither blocks t
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
 mean IoU, :class:`~boxrefine.shared.checkpoints.CheckpointSaver`), ``eval_boxes_<split>.json`` (the
-fixed validation boxes), ``subset.json`` and ``curves.png``.
+fixed validation boxes), ``subset.json``, ``curves.png`` and with ``--follow`` ``rows_epoch_NNN.json``
+(the rows each epoch trained on, ``train/follow.py``).
 
 Stopping: the first SIGINT (Ctrl-C) or SIGTERM finishes the step in flight, saves ``last.pt`` and
 exits; resuming continues exactly (every draw is seeded by (seed, epoch, row key), see
@@ -50,6 +51,7 @@ from boxrefine.train.control import StopSignals, discard_unsaved_run, restore_rn
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.data import TrainData
 from boxrefine.train.distributed import gather_in_order, idle_loss, rank_weight, step_totals, wrap_ddp
+from boxrefine.train.follow import FollowRows, wait_for_rows
 from boxrefine.train.steps import batch_loss, lr_lambda
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
@@ -120,6 +122,8 @@ class TrainRecipe:
 
     def setup(self) -> TrainRecipe:
         cfg, tc = self.cfg, self.tc
+        if tc.follow:
+            wait_for_rows(cfg.store.path, tc.train_split)
         self.store = open_checked_store(cfg, (tc.train_split, cfg.val_split()))
         if self.resume_ck is not None and self.resume_ck["store_identity"] != self.store.identity.to_dict():
             raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
@@ -160,9 +164,9 @@ class TrainRecipe:
         self.refiner_args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
         self.refiner = BoxRefiner(**self.refiner_args).to(self.device)
         self.opt = torch.optim.AdamW(self.refiner.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.steps_per_epoch = self.data.steps_per_epoch
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(tc.epochs * self.steps_per_epoch, int(tc.warmup_epochs * self.steps_per_epoch)))
+        steps = self.data.steps_per_epoch
+        self.lr_plan = lr_lambda(tc.epochs * steps, int(tc.warmup_epochs * steps))  # --follow: set per epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self.lr_plan(step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
     def _load_state(self, ck: dict[str, Any]) -> None:
@@ -273,6 +277,8 @@ class TrainRecipe:
         """Train epoch ``state.epoch`` from step ``state.step``; returns early when the ranks agree to stop.
         Each rank computes its part of a step; the logged sums are the step's global values."""
         st, tc, pg = self.state, self.tc, self.pg
+        if tc.follow:
+            self._follow_rows()
         order_len = len(self.data.epoch_order(st.epoch))
         self.data.sampler.set_epoch(st.epoch, st.step)
         self.refiner.train()
@@ -314,6 +320,18 @@ class TrainRecipe:
         st.pending_eval = self.data.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch
+
+    def _follow_rows(self) -> None:
+        """``--follow``: train this epoch on the rows complete when it starts, recorded by rank 0 (or read
+        back from the record when resuming it) and the same on every rank."""
+        assert self.run is not None
+        follow, epoch = FollowRows.of(self.run, self.cfg), self.state.epoch
+        rows = self.pg.broadcast(self.pg.main_first(lambda: follow.rows(epoch)))
+        assert rows is not None
+        self.data.split = follow.split()  # the split may have grown since (new images)
+        self.data.use_rows(self.data.split.records(), rows)
+        self.lr_plan = lr_lambda(*self.pg.broadcast(self.pg.main_first(
+            lambda: follow.schedule(epoch, self.tc.epochs, self.tc.warmup_epochs))))
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch
 
 from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import TrainConfig
+from boxrefine.shared.evalboxes import detection_pairs
 from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.scoring import autocast_context
@@ -87,3 +88,20 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
     loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
                               tc.l1_weight, tc.giou_weight)
     return loss, terms, n_boxes
+
+
+def gt_targets(dataset: Any, rows: list[int], image_ids: Any, dets: dict[int, list[Any]] | None, match_iou: float,
+               pairs: dict[int, Any]) -> list[int]:
+    """Read the GT of store ``rows`` once: fill ``pairs[row]`` with the detections matched to its GT
+    (None without detections) and return the annotation ids of its non-crowd zero-size GT boxes (never
+    targets). Rows whose GT is damaged and left out (``store.on_damage: skip``) get no entry."""
+    zero_size: list[int] = []
+    for i in rows:
+        gt = dataset.read_gt(i)
+        if gt is None:
+            continue
+        boxes, info = torch.from_numpy(gt[1]), torch.from_numpy(gt[2])
+        zero_size += info[(info[:, 2] == 0) & ~trainable_gt(boxes, info), 0].tolist()
+        pairs[i] = detection_pairs(dets.get(int(image_ids[i]), []), boxes, info, match_iou) if dets is not None \
+            else None
+    return zero_size

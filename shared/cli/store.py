@@ -26,8 +26,10 @@ def _human(n: float | None) -> str:
 @app.command("info")
 @one_line_errors
 def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
-    """Model, checkpoint, dtype, codec, rows complete/total per split, size, bad images."""
+    """Model, checkpoint, dtype, codec, rows complete/total per split, size, bad images, and the state of
+    the extract watchers serving the store (a stale heartbeat reads "not running")."""
     from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_DAMAGED, STATE_STALE, open_store
+    from boxrefine.shared.watchers import read_watchers
 
     store = open_store(path)
     a, ident = store.attrs, store.identity
@@ -48,7 +50,7 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
     total_complete = 0
     for name in store.splits:
         sp = store.split(name)
-        rows = sp.read_rows()
+        rows = sp.records()  # through the row index: a few requests, not one per row
         states = rows[:, 0] if len(rows) else rows
         n_done = int((states == STATE_COMPLETE).sum())
         total_complete += n_done
@@ -65,6 +67,11 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
         console.print(f"bad images ({len(bad_all)}):", markup=False)
         for (name, _), rep in sorted(bad_all.items(), key=lambda kv: (kv[0][0], kv[1]["file"])):
             console.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
+    watchers = read_watchers(path)
+    if watchers:
+        console.print(f"extract watchers ({sum(w.running() for w in watchers)} running):", markup=False)
+        for w in watchers:
+            console.print(f"  {w.describe()}", markup=False, style=None if w.running() else "yellow")
 
 
 @app.command("verify")
