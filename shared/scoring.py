@@ -130,8 +130,10 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                     p.mask_iou_coarse = torch.zeros(0)
             if heads is not None and len(cb) and (zero_shot or coarse_masks
                                                   or (refiner is not None and refiner.use_mask)):
+                # only the refiner reads them: compute the logits where it does (exact there)
+                regions = None if (zero_shot or coarse_masks) else refiner.mask_regions(box_in)  # type: ignore[union-attr]
                 with autocast_context(device, amp_dtype):
-                    logits, _ = heads(emb[b:b + 1], interm[b:b + 1], box_in)
+                    logits, _ = heads(emb[b:b + 1], interm[b:b + 1], box_in, regions=regions)
                 logits = logits.float()
                 if zero_shot:
                     p.zero_shot = geo.clip_original(geo.lowres_to_boxes(logits[:, 0], cb.boxes.to(device)).cpu())
