@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint
+from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
@@ -88,15 +88,7 @@ def load_refiner(path: Path, store: FeatureStore, device: torch.device) -> tuple
              if isinstance(ck_identity, dict) else ["the checkpoint records no store identity"])
     if diffs:
         raise CheckpointFileError(f"{path}: trained on another feature store ({'; '.join(diffs)})")
-    args = ck.get("refiner_args")
-    if not isinstance(args, dict):
-        raise CheckpointFileError(f"{path}: no refiner_args in the checkpoint")
-    try:
-        refiner = BoxRefiner(**args)
-        refiner.load_state_dict(ck["refiner"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: cannot rebuild the refiner from its refiner_args ({first[:160]})") from None
+    refiner = refiner_from_checkpoint(ck, path)
     state = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     info = {"epoch": state.get("epoch"), "best_iou": (state.get("saver") or {}).get("best")}
     return refiner.to(device).eval(), info

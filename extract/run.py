@@ -18,19 +18,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
+from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
 from boxrefine.extract.reuse import FeatureSource, mark_reusable
+from boxrefine.extract.sources import split_records
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.records import load_coco
+from boxrefine.shared.records import SplitRecords
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
 from boxrefine.shared.store import (
     STATE_BAD,
     STATE_EMPTY,
     STATE_STALE,
     F,
-    FeatureStore,
     SplitStore,
     StoreError,
     identity_for,
@@ -66,6 +67,7 @@ class Extractor:
         self.cfg, self.ecfg = cfg, cfg.extract
         self.model, self.announce = model, announce
         self.encoder_s, self.encoded = 0.0, 0
+        self.all_bad_is_error = True  # refine passes the boxes of bad images through instead
 
     def setup(self) -> Extractor:
         self.t_start = time.perf_counter()
@@ -75,21 +77,26 @@ class Extractor:
                       "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
         identity = identity_for(cfg, ckpt.fingerprint)
         self.source = FeatureSource(self.ecfg.reuse_features, identity) if self.ecfg.reuse_features else None
-        self.store = FeatureStore.open_or_create(cfg.store, identity, ckpt_attrs, cfg.to_dict(),
-                                                 overwrite=self.ecfg.overwrite)
+        self.store = open_output_store(cfg, identity, ckpt_attrs)
         self.shard = shard_of(cfg)
         self.shard_name = f"shard-{self.shard[0]}-of-{self.shard[1]}"
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
         self.plans: list[tuple[SplitStore, list[Job], SplitSummary]] = []
+        self.records: dict[str, SplitRecords] = {}
         for name in self.ecfg.splits or list(cfg.data.splits):
             scfg = cfg.data.splits[name]
-            recs = load_coco(scfg.annotations)
-            split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
-                                            str(scfg.images), INTERM_CHANNELS[cfg.model.type])
+            recs, unreadable = split_records(scfg)  # images-only splits: sizes from the image headers
+            self.records[name] = recs
+            ann = {"path": str(scfg.annotations) if scfg.annotations else None, "sha256": recs.sha256,
+                   "ground_truth": recs.ground_truth}
+            split = self.store.layout_split(name, recs.images, ann, str(scfg.images), INTERM_CHANNELS[cfg.model.type])
             jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard)
             summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            for rep in unreadable.values():
+                console.print(f"bad image: {rep['reason']}", markup=False, style="red")
+            summ.bad.update(unreadable)
             if self.source is not None:
                 mark_reusable(self.source, name, jobs)
             if kept_bad:
@@ -100,6 +107,13 @@ class Extractor:
                     raise ExtractError(self._strict_message(name, summ.kept_bad))
             self.plans.append((split, jobs, summ))
         return self
+
+    def restrict(self, split: str, keys: set[int]) -> None:
+        """Do only the rows of ``split`` whose key is in ``keys`` (refine: the images with boxes to refine)."""
+        for sp, jobs, summ in self.plans:
+            if sp.name == split:
+                jobs[:] = [j for j in jobs if j.record.key in keys]
+                summ.todo = len(jobs)
 
     def _strict_message(self, split: str, kept_bad: dict[int, dict[str, str]]) -> str:
         reasons = sorted(rep["reason"] for rep in kept_bad.values())
@@ -125,7 +139,7 @@ class Extractor:
                             self.encoder_s, self.encoded)
         print_summary(res)
         unusable = [m for split, _, summ in self.plans if (m := self._all_bad(split, summ))]
-        if unusable:
+        if unusable and self.all_bad_is_error:
             raise ExtractError("; ".join(unusable))
         return res
 

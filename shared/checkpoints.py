@@ -22,6 +22,7 @@ import torch
 
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.fileio import atomic_write_bytes, read_bytes
+from boxrefine.shared.refiner import BoxRefiner
 
 CKPT_FORMAT = 2  # 2: a content checksum in every checkpoint
 
@@ -82,6 +83,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointFileError(f"{path}: checkpoint content fails its checksum (a flipped byte or a damaged "
                                   "copy); not loaded")
     return ck
+
+
+def refiner_from_checkpoint(ck: dict[str, Any], path: Path) -> BoxRefiner:
+    """The refiner a checkpoint holds, rebuilt from its recorded ``refiner_args`` (so a checkpoint of
+    another head architecture loads unchanged), in eval mode on the CPU; CheckpointFileError (one
+    line naming the file) when it cannot be rebuilt."""
+    args = ck.get("refiner_args")
+    if not isinstance(args, dict):
+        raise CheckpointFileError(f"{path}: no refiner_args in the checkpoint")
+    try:
+        refiner = BoxRefiner(**args)
+        refiner.load_state_dict(ck["refiner"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointFileError(f"{path}: cannot rebuild the refiner from its refiner_args ({_first_line(e)})"
+                                  ) from None
+    return refiner.eval()
 
 
 def epoch_file(epoch: int) -> str:

@@ -42,11 +42,22 @@ class _Section(BaseModel):
 
 
 class SplitConfig(_Section):
-    """One data split: an image folder and its COCO instances JSON (+ optional detections)."""
+    """One data split: an image folder and its COCO instances JSON (+ optional detections).
+
+    Without ``annotations`` the split is *images only*: every image under ``images`` (recursively,
+    common image extensions), sizes from the image headers, no ground truth. A COCO file with images
+    and no annotations is images only too. Such splits can be extracted and refined, not trained
+    on or scored."""
 
     images: Path
-    annotations: Path
+    annotations: Path | None = None
     detections: Path | None = None
+
+    @property
+    def images_only(self) -> bool:
+        """True when the config gives no annotation file (a COCO file without annotations is found
+        out when it is read)."""
+        return self.annotations is None
 
 
 class IntensityConfig(_Section):
@@ -165,6 +176,16 @@ class TrainConfig(_Section):
         return v
 
 
+class RefineConfig(_Section):
+    checkpoint: Path | None = None  # a refiner checkpoint file or a run folder (its best.pt)
+    min_score: float = 0.0
+    low_score: Literal["keep", "drop"] = "keep"
+    masks: bool = False
+    vis: bool = False
+    vis_count: int = Field(10, ge=1)
+    batch_images: int = Field(2, ge=1)
+
+
 class EvaluateConfig(_Section):
     split: str | None = None  # None: train's validation split
     checkpoint: Path | None = None
@@ -183,6 +204,7 @@ class PipelineConfig(_Section):
     refiner: RefinerConfig = RefinerConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    refine: RefineConfig = RefineConfig()
     fast: dict[str, dict[str, Any]] = {}
     fast_applied: dict[str, Any] = {}  # filled by load_config(fast=True): what FAST changed
 
@@ -190,7 +212,8 @@ class PipelineConfig(_Section):
         """The split train evaluates on (``train.val_split``, else "val" if configured)."""
         if self.train.val_split is not None:
             return self.train.val_split
-        return "val" if "val" in self.data.splits else None
+        val = self.data.splits.get("val")
+        return "val" if val is not None and not val.images_only else None  # images only: nothing to score
 
     def eval_split(self) -> str | None:
         return self.evaluate.split if self.evaluate.split is not None else self.val_split()
@@ -202,6 +225,9 @@ class PipelineConfig(_Section):
                            ("evaluate.split", self.evaluate.split)):
             if split is not None and split not in self.data.splits:
                 errors.append((key, f"split {split!r} is not in data.splits {sorted(self.data.splits)}"))
+            elif split is not None and self.data.splits[split].images_only:
+                errors.append((key, f"split {split!r} is images only (data.splits.{split}.annotations is not set): "
+                                    "training and scoring need ground truth; `boxrefine refine` uses such splits"))
         if self.extract.splits is not None:
             unknown = [s for s in self.extract.splits if s not in self.data.splits]
             if unknown:
@@ -326,6 +352,7 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.train.runs_dir = fix(cfg.train.runs_dir)
     cfg.evaluate.checkpoint = fix(cfg.evaluate.checkpoint)
+    cfg.refine.checkpoint = fix(cfg.refine.checkpoint)
     if not is_url(cfg.store.path):
         raw = cfg.store.path.removeprefix("file://")
         cfg.store.path = str(fix(Path(raw)))

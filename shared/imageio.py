@@ -109,6 +109,29 @@ def is_8bit_file(path: Path) -> bool:
     return arr is not None and arr.dtype == np.uint8
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # an images-only folder's files
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as :func:`decode_rgb` will decode it, from the file header alone
+    (PIL reads no pixels): EXIF orientations 5-8 (a quarter turn) swap the two, as the decoder
+    applies them. :class:`ImageError` names a file whose header cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(0x0112)
+            except Exception:  # a damaged EXIF block: the decoder will not rotate either
+                orientation = None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read the image header ({e})") from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def grey_levels(rgb: np.ndarray) -> int:
     """How many distinct values an 8-bit image holds (over all channels)."""
     return int(np.count_nonzero(np.bincount(rgb.ravel(), minlength=256)))

@@ -51,10 +51,11 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class SplitRecords:
-    annotations: Path
-    sha256: str  # fingerprint of the annotations file
+    annotations: Path | None  # None: an image folder without a COCO file
+    sha256: str  # fingerprint of the annotations file (of the file listing for a folder)
     images: tuple[ImageRecord, ...]
     categories: tuple[dict[str, Any], ...]
+    ground_truth: bool = True  # False: images only (no annotations), nothing to train on or score
 
 
 def _int63(data: bytes) -> int:
@@ -116,14 +117,22 @@ def _is_int(x: Any) -> bool:
     return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
 
 
-def load_coco(path: Path) -> SplitRecords:
-    """Read and validate a COCO instances file."""
+def load_coco(path: Path, allow_images_only: bool = False) -> SplitRecords:
+    """Read and validate a COCO instances file.
+
+    ``allow_images_only``: a file with images and no annotations (the ``annotations`` key missing or
+    an empty list) is accepted as an *images-only* split (``SplitRecords.ground_truth`` False); its
+    images may leave out width/height (0 in the records: the caller reads them from the image
+    headers, ``images_only_record``)."""
     data_bytes = read_bytes(path, DataError, "annotations file")
     try:
         data = json.loads(data_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON: {e}") from None
     _need(isinstance(data, dict), path, "top level", "expected a COCO object with 'images' and 'annotations'")
+    images_only = allow_images_only and not data.get("annotations")
+    if images_only:
+        data = {**data, "annotations": []}
     for k in ("images", "annotations"):
         _need(isinstance(data.get(k), list), path, k, "missing or not a list")
     categories = data.get("categories", [])
@@ -133,10 +142,13 @@ def load_coco(path: Path) -> SplitRecords:
     names: dict[str, int] = {}
     for i, im in enumerate(data["images"]):
         where = f"images[{i}]"
-        _need_fields(im, ("id", "file_name", "width", "height"), path, where)
+        _need_fields(im, ("id", "file_name") if images_only else ("id", "file_name", "width", "height"), path, where)
         _need(isinstance(im["id"], int) and not isinstance(im["id"], bool), path, where, "id must be an integer")
         _need(im["id"] not in images, path, where, f"duplicate image id {im['id']}")
         for k in ("width", "height"):
+            if images_only and im.get(k) is None:
+                im = {**im, k: 0}  # unknown: read from the image header
+                continue
             _need(isinstance(im[k], int) and im[k] > 0, path, where, f"{k} must be a positive integer")
         try:
             rel = safe_relpath(im["file_name"])
@@ -171,10 +183,18 @@ def load_coco(path: Path) -> SplitRecords:
         blob += f"|{im['height']}x{im['width']}".encode()
         records.append(ImageRecord(int(im["id"]), im["file_name"], image_key(im["file_name"]),
                                    int(im["height"]), int(im["width"]), tuple(insts), _int63(blob)))
+    if images_only:
+        records = [images_only_record(r.image_id, r.file_name, r.height, r.width) for r in records]
     keys = {r.key for r in records}
     _need(len(keys) == len(records), path, "images", "two file names hash to the same key (rename one)")
     return SplitRecords(path, hashlib.sha256(data_bytes).hexdigest(), tuple(records),
-                        tuple(c for c in categories if isinstance(c, dict)))
+                        tuple(c for c in categories if isinstance(c, dict)), ground_truth=not images_only)
+
+
+def images_only_record(image_id: int, file_name: str, height: int, width: int) -> ImageRecord:
+    """The record of an image without annotations (no instances; its hash depends on the size only)."""
+    return ImageRecord(image_id, file_name, image_key(file_name), height, width, (),
+                       _int63(f"images-only|{height}x{width}".encode()))
 
 
 def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:

@@ -117,11 +117,12 @@ def row_geometry(record: np.ndarray) -> ImageGeometry:
 
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the per-image features (same shape for every row); keep the rest as lists. Damaged or
-    unreadable rows go to ``damaged`` as (row, message, fatal), for :meth:`StoreRows.accept`."""
+    unreadable rows go to ``damaged`` as (row, message, fatal), for :meth:`StoreRows.accept`. No items (a
+    DDP rank's empty part of a step) make a batch with no rows."""
     damaged = [(it["row"], it["damage"], it.get("fatal", False)) for it in items if "damage" in it]
     items = [it for it in items if "damage" not in it]
     if not items:
-        return {"row": [], "damaged": damaged}
+        return {"row": [], "key": [], "damaged": damaged}
     out: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
     out["image_embeddings"] = torch.stack(out["image_embeddings"])
     out["interm_embeddings"] = torch.stack(out["interm_embeddings"])

@@ -114,12 +114,14 @@ def checkpoint_info(model_type: str, checkpoint: Path | None, seed: int) -> Chec
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available (under torchrun, the rank's own GPU, ``cuda:$LOCAL_RANK``)."""
+    """``auto`` → cuda if available, else cpu. ``auto`` and a bare ``cuda`` are the rank's own GPU under
+    torchrun (``cuda:$LOCAL_RANK``); ``cuda:N`` is GPU N wherever it runs."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    dev = torch.device(name)
+    rank_gpu = name == "cuda" and "LOCAL_RANK" in os.environ
+    dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if rank_gpu else name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"model.device is {name!r} but CUDA is not available on this machine")
     return dev

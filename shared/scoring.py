@@ -8,7 +8,7 @@ resized into SAM's low-res frame — nothing is resized here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from boxrefine.shared.evalboxes import CoarseBoxes
 from boxrefine.shared.geometry import ImageGeometry
+from boxrefine.shared.hq_decoder import Region
 from boxrefine.shared.metrics import box_metrics, mask_iou
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
@@ -79,6 +80,32 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device.type, dtype=dtype)
 
 
+def box_prompt_logits(heads: SamHeads, emb: torch.Tensor, interm: torch.Tensor, boxes_in: torch.Tensor,
+                      device: torch.device, amp_dtype: torch.dtype | None,
+                      regions: Sequence[Region] | None = None) -> torch.Tensor:
+    """HQ-SAM's low-res mask logits (n×1×256×256, float32) for box prompts (n×4, input px) on ONE
+    image (``emb`` 1×256×64×64, ``interm`` 1×64×64×C); ``regions``: per box the low-res pixels
+    needed (``BoxRefiner.mask_regions``; 0 elsewhere), None = whole masks."""
+    with autocast_context(device, amp_dtype):
+        logits, _ = heads(emb, interm, boxes_in, regions=regions)
+    return logits.float()
+
+
+def apply_refiner(refiner: BoxRefiner, emb: torch.Tensor, interm: torch.Tensor, boxes_in: list[torch.Tensor],
+                  logits: list[torch.Tensor | None], device: torch.device, amp_dtype: torch.dtype | None
+                  ) -> torch.Tensor:
+    """Refined boxes (Σn×4, input px, float32) of a batch of images: ``boxes_in`` and ``logits`` (the
+    box prompts' mask logits, None for an image without boxes) per image. Evaluate and
+    ``boxrefine.shared.predictor`` both run this, so the two give the same boxes."""
+    mask_in = None
+    if refiner.use_mask:
+        parts = [lg for lg in logits if lg is not None]
+        mask_in = torch.cat(parts) if parts else None
+    with autocast_context(device, amp_dtype):
+        refined = refiner(emb, interm, boxes_in, mask_in)
+    return refined.float()
+
+
 @torch.no_grad()
 def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.device, *,
             refiner: BoxRefiner | None, heads: SamHeads | None, amp_dtype: torch.dtype | None = None,
@@ -130,11 +157,9 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                     p.mask_iou_coarse = torch.zeros(0)
             if heads is not None and len(cb) and (zero_shot or coarse_masks
                                                   or (refiner is not None and refiner.use_mask)):
-                # only the refiner reads them: compute the logits where it does (exact there)
+                # only the refiner reads them: compute the logits where it reads them
                 regions = None if (zero_shot or coarse_masks) else refiner.mask_regions(box_in)  # type: ignore[union-attr]
-                with autocast_context(device, amp_dtype):
-                    logits, _ = heads(emb[b:b + 1], interm[b:b + 1], box_in, regions=regions)
-                logits = logits.float()
+                logits = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], box_in, device, amp_dtype, regions)
                 if zero_shot:
                     p.zero_shot = geo.clip_original(geo.lowres_to_boxes(logits[:, 0], cb.boxes.to(device)).cpu())
                 if coarse_masks:
@@ -142,13 +167,7 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
             logits_all.append(logits)
             preds.append(p)
         if refiner is not None:
-            mask_in = None
-            if refiner.use_mask:
-                mask_in = torch.cat([lg for lg in logits_all if lg is not None]) if any(
-                    lg is not None for lg in logits_all) else None
-            with autocast_context(device, amp_dtype):
-                refined = refiner(emb, interm, boxes_in, mask_in)
-            refined = refined.float()
+            refined = apply_refiner(refiner, emb, interm, boxes_in, logits_all, device, amp_dtype)
             start = 0
             for b, p in enumerate(preds):
                 n = len(p.coarse)
@@ -163,9 +182,8 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                     p.loss_terms = {**terms, "n": int(ok.sum())}
                 if masks and heads is not None:
                     if n:
-                        with autocast_context(device, amp_dtype):
-                            lg, _ = heads(emb[b:b + 1], interm[b:b + 1], r_in)
-                        p.mask_iou_refined = _mask_iou(lg.float(), batch["gt_masks"][b], p.gt_index, geo)
+                        lg = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], r_in, device, amp_dtype)
+                        p.mask_iou_refined = _mask_iou(lg, batch["gt_masks"][b], p.gt_index, geo)
                     else:
                         p.mask_iou_refined = torch.zeros(0)
         out.extend(preds)

@@ -5,7 +5,8 @@ Every array ends its codec chain with zarr's ``crc32c`` codec: the checksum cove
 stored (after Blosc), so a flipped bit anywhere in a chunk file is caught before Blosc decodes it
 (zarr raises ``ValueError: Stored and computed checksum do not match``). The chunk checksum cannot
 see a chunk that is *missing* (zarr reads the fill value), so each row's record also holds the
-crc32c of the values of each of its arrays (:func:`digest`), checked on every read."""
+crc32c of the values of each of its arrays (:func:`digest`), checked on every read. Also: the zarr
+group calls that several writers may make at the same moment."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import torch
+import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.errors import ContainsGroupError
 
 
 def compressors(codec: str, clevel: int, typesize: int) -> list[Any]:
@@ -49,3 +52,11 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``parent.require_group(name)``, safe when another process creates it at the same moment."""
+    try:
+        return parent.require_group(name)
+    except ContainsGroupError:
+        return parent[name]

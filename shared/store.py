@@ -3,7 +3,7 @@
 Layout::
 
     <root>                      attrs: boxrefine{schema, tool_version}, identity{...}, codec, config
-      <split>/                  attrs: annotations{path, sha256}, images_root, max_instances
+      <split>/                  attrs: annotations{path, sha256, ground_truth}, images_root, max_instances
         keys           (N,)       int64   image_key(file_name) of each row
         image_ids      (N,)       int64   COCO image id of each row
         rows           (N, 14)    int64   per-row record, chunk (1, 14) — see ROW_FIELDS; written LAST
@@ -119,7 +119,12 @@ def open_checked_store(cfg: PipelineConfig, splits: Iterable[str | None] = ()) -
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
     check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
     for name in dict.fromkeys(s for s in splits if s is not None):
-        store.split(name).check_annotations(cfg.data.splits[name].annotations)
+        split, annotations = store.split(name), cfg.data.splits[name].annotations
+        split.require_ground_truth()
+        if annotations is None:
+            raise StoreError(f"split {name!r} is images only in the config (data.splits.{name}.annotations is not "
+                             "set): nothing to train on or score")
+        split.check_annotations(annotations)
     return store
 
 

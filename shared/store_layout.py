@@ -15,7 +15,7 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.storage import compressors, storage_numpy_dtype
+from boxrefine.shared.storage import compressors, require_group, storage_numpy_dtype
 from boxrefine.shared.store import (
     INDEX_CHUNK,
     ROW_FIELDS,
@@ -53,7 +53,7 @@ def _layout(store: FeatureStore, name: str, records: list[ImageRecord], annotati
     plain = compressors("none", 0, 8)  # small arrays: only the crc32c checksum
     s = store.identity.gt_mask_size
     k_needed = max([len(r.instances) for r in records] + [1])
-    grp = store.group[name] if name in store.splits else store.group.require_group(name)
+    grp = store.group[name] if name in store.splits else require_group(store.group, name)
     if name not in store.splits:
         raise StoreError(f"{store.path}: cannot create split group {name!r}")
     split = SplitStore(grp, name, store.identity.dtype, store.path)

@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from boxrefine.shared.console import console
-from boxrefine.shared.storage import digest, from_storage
+from boxrefine.shared.storage import digest, from_storage, require_group
 from boxrefine.shared.store_files import StoreError, raise_environment, store_access
 
 FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
@@ -177,6 +177,19 @@ class SplitStore:
         """sha256 of the annotation file this split's GT was extracted from."""
         return (self.group.attrs.get("annotations") or {}).get("sha256")
 
+    @property
+    def has_ground_truth(self) -> bool:
+        """False for an images-only split (extracted from a folder or a COCO file without annotations):
+        its rows hold features and no GT."""
+        return (self.group.attrs.get("annotations") or {}).get("ground_truth", True) is not False
+
+    def require_ground_truth(self) -> None:
+        """Refuse an images-only split where ground truth is needed (training, scoring)."""
+        if not self.has_ground_truth:
+            source = (self.group.attrs.get("annotations") or {}).get("path") or self.group.attrs.get("images_root")
+            raise StoreError(f"{self.store_path}: split {self.name!r} holds images only (no annotations, from "
+                             f"{source}): nothing to train on or score; `boxrefine refine` uses such splits")
+
     def layout_digest(self) -> str | None:
         """sha256 of the published row keys: changes whenever rows are added."""
         return (self.group.attrs.get("layout") or {}).get("keys_sha256")
@@ -283,6 +296,5 @@ class SplitStore:
         return {k: v for k, v in reports.items() if k in bad_keys}
 
     def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
-        grp = self.group.require_group("bad_images")
-        sub = grp.require_group(shard)
+        sub = require_group(require_group(self.group, "bad_images"), shard)
         sub.attrs.put({str(k): v for k, v in sorted(reports.items())})

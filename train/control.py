@@ -19,23 +19,34 @@ from torch.utils.data import Sampler
 from boxrefine.shared.console import console
 
 
-class EpochSampler(Sampler[int]):
-    """Dataset positions in the order ``order_of(epoch)`` gives, from ``skip`` on. The sampler lives
-    in the main process, so persistent DataLoader workers serve every epoch (``set_epoch``, as
-    ``DistributedSampler`` does) instead of being started anew each epoch."""
+class EpochSampler(Sampler[list[int]]):
+    """The batches of an epoch, as a DataLoader ``batch_sampler``: per step, this rank's part of the
+    step's slice of ``order_of(epoch)`` (dataset positions).
 
-    def __init__(self, order_of: Callable[[int], Sequence[int]]):
-        self.order_of = order_of
+    ``batch_size`` is the global batch: step s covers positions [s·B, (s+1)·B) of the order, and rank
+    r of W takes every W-th of them from the r-th, so the ranks together see exactly the batch one
+    process would (a part may be empty when a step holds fewer than W images). ``set_epoch`` picks the
+    epoch and the steps already done (resume), as ``DistributedSampler.set_epoch`` does, so persistent
+    DataLoader workers serve every epoch instead of being started anew."""
+
+    def __init__(self, order_of: Callable[[int], Sequence[int]], batch_size: int, rank: int = 0, world: int = 1):
+        self.order_of, self.batch_size, self.rank, self.world = order_of, batch_size, rank, world
         self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_steps
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.order_of(self.epoch))[self.skip:])
+    def steps(self, n: int) -> int:
+        """Steps of an epoch of ``n`` images."""
+        return -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, b = list(self.order_of(self.epoch)), self.batch_size
+        for s in range(self.skip, self.steps(len(order))):
+            yield order[s * b:(s + 1) * b][self.rank::self.world]
 
     def __len__(self) -> int:
-        return max(0, len(self.order_of(self.epoch)) - self.skip)
+        return max(0, self.steps(len(self.order_of(self.epoch))) - self.skip)
 
 
 class StopSignals:

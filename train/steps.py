@@ -83,7 +83,8 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
         boxes = torch.cat(coarse_in)
         image_index = torch.cat([torch.full((len(c),), b) for b, c in enumerate(coarse_in)])
         with torch.inference_mode(), autocast_context(device, amp_dtype):
-            lg, _ = heads(emb, interm, boxes, image_index, refiner.mask_regions(boxes))
+            regions = getattr(refiner, "module", refiner).mask_regions(boxes)  # the head itself under DDP
+            lg, _ = heads(emb, interm, boxes, image_index, regions)
         logits = lg.float().clone()  # a normal tensor again (autograd refuses inference tensors)
     with autocast_context(device, amp_dtype):
         refined = refiner(emb, interm, coarse_in, logits)
