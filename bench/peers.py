@@ -118,6 +118,13 @@ class StoreFormat(ZarrPeer):
     dtype, codecs = np.float16, compressors("zstd", 3, 2)
 
 
+class StoreFormatLz4(ZarrPeer):
+    """The store's layout with ``store.codec: lz4`` (Blosc lz4, byte shuffle): the codec choice alone."""
+
+    name = "boxrefine, lz4"
+    dtype, codecs = np.float16, compressors("lz4", 3, 2)
+
+
 class StorePeer:
     """Reads through the real store (``StoreRows``: checksums verified on every read)."""
 
@@ -199,7 +206,7 @@ def peers_section(cfg, work: Path, repeats: int) -> dict:
     root = work / "peers"
     shutil.rmtree(root, ignore_errors=True)
     peers: dict = {}
-    for cls in (NpyPeer, ZarrPeer, StoreFormat):
+    for cls in (NpyPeer, ZarrPeer, StoreFormat, StoreFormatLz4):
         writes = []
         for _ in range(repeats):
             shutil.rmtree(root / cls.name, ignore_errors=True)
@@ -213,7 +220,10 @@ def peers_section(cfg, work: Path, repeats: int) -> dict:
             out["zarr_default_codecs"] = str(p.emb.compressors)
         out["peers"][cls.name] = {"write_s_per_image": med(writes),
                                   "bytes_per_image": sum(f.stat().st_size for f in p.files()) / n}
-    # boxrefine: written as the store does above; read through the real store
+    # boxrefine: written as the store does above; read through the real store (and, for the codec
+    # alone, as plain zarr arrays with the store's codecs: zstd, and lz4)
+    out["peers"]["boxrefine, zarr read"] = dict(out["peers"]["boxrefine"])
+    peers["boxrefine, zarr read"] = peers["boxrefine"]
     out["peers"]["boxrefine"]["bytes_per_image"] = sum(f.stat().st_size for f in store.files()) / n
     peers["boxrefine"] = store
     for name, p in peers.items():
@@ -236,11 +246,13 @@ def peers_section(cfg, work: Path, repeats: int) -> dict:
             return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
         return feats_of
 
-    runs: dict[str, list[float]] = {name: [] for name in peers}
+    trained = ("npy float32", "zarr float32", "boxrefine")
+    runs: dict[str, list[float]] = {name: [] for name in trained}
     for _ in range(repeats):
-        for name, p in peers.items():
+        for name in trained:
+            p = peers[name]
             runs[name].append(train_epoch(batches, reader(p), cfg, heads, amp_dtype))
-    for name in peers:
+    for name in trained:
         out["peers"][name]["epoch_s"] = med(runs[name])
     naive_s = train_epoch(batches, lambda b: naive(b["key"]), cfg, heads, amp_dtype)
     out["peers"]["no cache"] = {"bytes_per_image": 0, "write_s_per_image": 0, "epoch_s": naive_s}
