@@ -52,6 +52,7 @@ from boxrefine.shared.storage import compressors  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
 CPU = torch.device("cpu")
+ALL = {"peers", "speedup", "datapath"}
 Feats = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -299,6 +300,49 @@ def speedup_section(cfg, fast_cfg, repeats: int, naive_repeats: int) -> dict:
             "median_s": {k: med(v) for k, v in res.items()}, "runs_s": res}
 
 
+def data_path_section(cfg, repeats: int, large: int = 8) -> dict:
+    """Streamed vs in-memory epochs with the head alone (``refiner.use_mask: false``: no HQ decoder in
+    the step, so the data path is most of the epoch), for the data set once and ``large`` times over."""
+    run_extract(cfg, announce=False)
+    cfg = cfg.model_copy(update={"refiner": cfg.refiner.model_copy(update={"use_mask": False})})
+    ds = StoreRows.from_store(cfg.store.path, cfg.train.train_split)
+    bs, workers = cfg.train.batch_images, cfg.train.num_workers
+    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU)
+    out = {}
+    for size, times in (("small", 1), ("large", large)):
+        rows = StoreRows(cfg.store.path, ds.split_name, ds.rows * times, ds.records, ds.keys)
+        memory = list(DataLoader(rows, batch_size=bs, collate_fn=collate_rows))
+        persistent = DataLoader(rows, batch_size=bs, num_workers=workers, collate_fn=collate_rows,
+                                persistent_workers=workers > 0)
+        train_epoch(persistent, None, cfg, None, amp_dtype)  # starts its workers
+        res: dict[str, list[float]] = {"memory": [], "store, no workers": [], f"store, {workers} workers fresh": [],
+                                       f"store, {workers} workers persistent": []}
+        for _ in range(repeats):
+            res["memory"].append(train_epoch(memory, None, cfg, None, amp_dtype))
+            res["store, no workers"].append(train_epoch(DataLoader(rows, batch_size=bs, collate_fn=collate_rows),
+                                                        None, cfg, None, amp_dtype))
+            res[f"store, {workers} workers fresh"].append(train_epoch(
+                DataLoader(rows, batch_size=bs, num_workers=workers, collate_fn=collate_rows), None, cfg, None,
+                amp_dtype))
+            res[f"store, {workers} workers persistent"].append(train_epoch(persistent, None, cfg, None, amp_dtype))
+        # the loaders alone (no step): how fast the data path can deliver the epoch
+        alone: dict[str, list[float]] = {"no workers": [], f"{workers} workers fresh": [],
+                                         f"{workers} workers persistent": []}
+        for _ in range(repeats):
+            loaders = {"no workers": DataLoader(rows, batch_size=bs, collate_fn=collate_rows),
+                       f"{workers} workers fresh": DataLoader(rows, batch_size=bs, num_workers=workers,
+                                                              collate_fn=collate_rows),
+                       f"{workers} workers persistent": persistent}
+            for name, loader in loaders.items():  # a non-persistent loader starts its workers per epoch
+                t0 = time.perf_counter()
+                for _batch in loader:
+                    pass
+                alone[name].append(time.perf_counter() - t0)
+        out[size] = {"images": len(rows), "median_s": {k: med(v) for k, v in res.items()}, "runs_s": res,
+                     "loader_alone_s": {k: med(v) for k, v in alone.items()}}
+    return {"model": cfg.model.type, "batch_images": bs, "workers": workers, "repeats": repeats, **out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=REPO / "pipeline.yaml")
@@ -307,15 +351,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "work")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--only", default="peers,speedup,datapath",
+                    help="sections to run (comma-separated); with --json, the others are kept from that file")
     args = ap.parse_args()
-    res: dict = {"machine_start": machine(), "repeats": args.repeats, "zarr": zarr.__version__}
+    only = set(args.only.split(","))
+    old = json.loads(args.json.read_text()) if args.json and args.json.exists() and only != ALL else {}
+    res: dict = {**old, "machine_start": machine(), "repeats": args.repeats, "zarr": zarr.__version__}
     cfg = bench_config(args.work, args.images, config=args.config)
-    res["peers"] = peers_section(cfg, args.work, args.repeats)
-    print(json.dumps(res["peers"]["peers"], indent=1), flush=True)
-    res["speedup"] = [speedup_section(cfg, bench_config(args.work, args.images, fast=True, config=args.config),
-                                      args.repeats, args.repeats)]
-    print(json.dumps(res["speedup"][-1]["median_s"], indent=1), flush=True)
-    if args.vit_b_images:
+    if "peers" in only:
+        res["peers"] = peers_section(cfg, args.work, args.repeats)
+        print(json.dumps(res["peers"]["peers"], indent=1), flush=True)
+    if "datapath" in only:
+        res["datapath"] = data_path_section(cfg, args.repeats)
+        print(json.dumps({k: res["datapath"][k]["median_s"] for k in ("small", "large")}, indent=1), flush=True)
+    if "speedup" in only:
+        res["speedup"] = [speedup_section(cfg, bench_config(args.work, args.images, fast=True, config=args.config),
+                                          args.repeats, args.repeats)]
+        print(json.dumps(res["speedup"][-1]["median_s"], indent=1), flush=True)
+    if "speedup" in only and args.vit_b_images:
         b = bench_config(args.work, args.vit_b_images, "vit_b", config=args.config)
         bf = bench_config(args.work, args.vit_b_images, "vit_b", fast=True, config=args.config)
         res["speedup"].append(speedup_section(b, bf, 1, 1))

@@ -106,17 +106,28 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
     return made
 
 
+def _stream_table(title: str, m: dict) -> list[str]:
+    lines = [title, "", "| epoch | s (median) | in-memory ÷ this (throughput vs memory) |", "|---|---:|---:|"]
+    for k, v in m.items():
+        if k.startswith(("memory", "store")):
+            lines.append(f"| {k} | {v:.2f} | {m['memory'] / v:.3f} |")
+    return lines + [""]
+
+
 def streaming(peers: dict | None) -> list[str]:
     lines = []
     for s in (peers or {}).get("speedup", []):
-        m = s["median_s"]
-        lines += [f"**{s['model']}**, {s['images']} images, batch {s['batch_images']}, "
-                  f"{s['boxes_per_image']} boxes/image:", "",
-                  "| epoch | s (median) | in-memory ÷ this (throughput vs memory) |", "|---|---:|---:|"]
-        for k, v in m.items():
-            if k.startswith(("memory", "store")):
-                lines.append(f"| {k} | {v:.2f} | {m['memory'] / v:.3f} |")
-        lines.append("")
+        lines += _stream_table(f"**{s['model']}, full step** (HQ decoder + refiner), {s['images']} images, batch "
+                               f"{s['batch_images']}, {s['boxes_per_image']} boxes/image:", s["median_s"])
+    d = (peers or {}).get("datapath")
+    if d:
+        for size in ("small", "large"):
+            lines += _stream_table(f"**{d['model']}, head alone** (`use_mask: false`: the data path is most of the "
+                                   f"step), {size} epoch, {d[size]['images']} images, batch {d['batch_images']}, "
+                                   f"{d['repeats']} repeats:", d[size]["median_s"])
+            n = d[size]["images"]
+            lines += ["The store's loader alone (no training step) over the same epoch: " + "; ".join(
+                f"{k} {v:.2f} s ({n / v:.1f} img/s)" for k, v in d[size]["loader_alone_s"].items()) + ".", ""]
     return lines
 
 
