@@ -55,12 +55,13 @@ def summary(peers: dict | None, step: dict | None) -> list[str]:
         row("training epoch (s)", "epoch_s", "{:.2f}")
         ref = p["boxrefine"]["epoch_s"]
         lines.append("| epoch ÷ boxrefine epoch | " + " | ".join(f"{p[n]['epoch_s'] / ref:.2f}" for n in PEERS) + " |")
-    out = ["| speed-up (one epoch, same images and boxes) | model | images | naive (s) | cached (s) | "
+    out = ["| speed-up (one epoch, same images and boxes) | model | images | naive (s) | cached, store (s) | "
            "cached FAST (s) | naive ÷ cached | naive ÷ FAST |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in (peers or {}).get("speedup", []):
         m = s["median_s"]
+        cached = m[f"store, {s['workers']} workers persistent"]  # as train/data.py reads the store
         out.append(f"| encoder in the loop vs store | {s['model']} | {s['images']} (FAST {s['fast_images']}) | "
-                   f"{m['naive']:.1f} | {m['memory']:.1f} | {m['fast']:.2f} | {m['naive'] / m['memory']:.1f}× | "
+                   f"{m['naive']:.1f} | {cached:.1f} | {m['fast']:.2f} | {m['naive'] / cached:.1f}× | "
                    f"{m['naive'] / m['fast']:.1f}× |")
     if step:
         b, a = step["median_s"]["before"], step["median_s"]["after"]
@@ -80,7 +81,8 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
         vals = [p[n]["epoch_s"] for n in PEERS]
         ax.bar(PEERS, vals, color=["#999", "#69c", "#2a7", "#c66"])
         ax.set_ylabel("training epoch (s, median)")
-        ax.set_title(f"{peers['peers']['images']} images, vit_tiny", fontsize=9)
+        ax.set_title(f"{peers['peers']['images']} images, vit_tiny; median of {peers['repeats']} repeats "
+                     "(no cache: 1 run)", fontsize=9)
         fig.text(0.01, 0.01, machine_line(peers["machine_start"]), fontsize=6)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(out / "epoch_per_peer.png", dpi=120)
@@ -160,7 +162,8 @@ def report(out: Path) -> str:
                "| cache | MiB per image | write s per image | read warm img/s | read cold img/s | epoch s |",
                "|---|---:|---:|---:|---:|---:|"]
         for name, v in pp["peers"].items():
-            cells = [f"{v['bytes_per_image'] / MIB:.2f}", f"{v['write_s_per_image']:.3f}"]
+            cells = [f"{v['bytes_per_image'] / MIB:.2f}" if "bytes_per_image" in v else "–",
+                     f"{v['write_s_per_image']:.3f}" if "write_s_per_image" in v else "–"]
             cells += [f"{v[k]:.1f}" if k in v else "–" for k in ("read_warm_img_s", "read_cold_img_s")]
             cells.append(f"{v['epoch_s']:.2f}" if "epoch_s" in v else "–")
             md.append(f"| {name} | " + " | ".join(cells) + " |")
