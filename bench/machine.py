@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
+
+from boxrefine.shared.fileio import atomic_write_json
 
 
 def cpu_model() -> str:
@@ -33,3 +36,9 @@ def machine() -> dict:
     d["summary"] = (f"{d['cpu']}, {d['cores']} cores, {'GPU ' + gpu if gpu else 'no GPU'}, "
                     f"{d['torch_threads']} torch threads, load average {d['load']}")
     return d
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """A bench's figures, atomically (its folder made first)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj, indent=1)

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, write_json  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
@@ -375,8 +375,7 @@ def main() -> None:
         print(json.dumps(res["speedup"][-1]["median_s"], indent=1), flush=True)
     res["machine_end"] = machine()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

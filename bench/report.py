@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from boxrefine.shared.fileio import atomic_write_text  # noqa: E402
+from boxrefine.shared.fileio import atomic_savefig, atomic_write_text  # noqa: E402
 
 START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
@@ -85,7 +85,7 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
                      "(no cache: 1 run)", fontsize=9)
         fig.text(0.01, 0.01, machine_line(peers["machine_start"]), fontsize=6)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        fig.savefig(out / "epoch_per_peer.png", dpi=120)
+        atomic_savefig(fig, out / "epoch_per_peer.png", dpi=120)
         plt.close(fig)
         made.append("epoch_per_peer.png")
     if step:
@@ -102,7 +102,7 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
                      f"{step['repeats']} repeats", fontsize=9)
         fig.text(0.01, 0.01, machine_line(step["machine"]), fontsize=6)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        fig.savefig(out / "step_profile.png", dpi=120)
+        atomic_savefig(fig, out / "step_profile.png", dpi=120)
         plt.close(fig)
         made.append("step_profile.png")
     return made
@@ -134,6 +134,7 @@ def streaming(peers: dict | None) -> list[str]:
 
 
 def report(out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
     peers, step = _load(out / "peers.json"), _load(out / "step_profile.json")
     summ = summary(peers, step)
     atomic_write_text(out / "summary.md", "\n".join(summ) + "\n")

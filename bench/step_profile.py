@@ -15,7 +15,6 @@ same boxes for both variants), split into its parts and timed ``--repeats`` time
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, write_json  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.refiner import BoxRefiner, refine_loss  # noqa: E402
@@ -121,8 +120,7 @@ def main() -> None:
     print(f"{res['machine']['summary']}\none step: {res['images']} images, {res['boxes']} boxes, {res['model']}, "
           f"amp {res['amp']}; medians of {res['repeats']} repeats\n{table(res)}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":
