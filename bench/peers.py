@@ -193,7 +193,7 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def peers_section(cfg, work: Path, repeats: int) -> dict:
+def peers_section(cfg, work: Path, repeats: int, read_repeats: int) -> dict:
     split = cfg.train.train_split
     run_extract(cfg, announce=False)
     store = StorePeer(cfg, split)
@@ -207,31 +207,34 @@ def peers_section(cfg, work: Path, repeats: int) -> dict:
     root = work / "peers"
     shutil.rmtree(root, ignore_errors=True)
     peers: dict = {}
-    for cls in (NpyPeer, ZarrPeer, StoreFormat, StoreFormatLz4):
-        writes = []
-        for _ in range(repeats):
+    classes = (NpyPeer, ZarrPeer, StoreFormat, StoreFormatLz4)
+    writes: dict[str, list[float]] = {cls.name: [] for cls in classes}
+    for _ in range(repeats):  # round robin: a change of load hits every peer alike
+        for cls in classes:
             shutil.rmtree(root / cls.name, ignore_errors=True)
-            p = cls(root / cls.name, n, ch)
+            p = peers[cls.name] = cls(root / cls.name, n, ch)
             t0 = time.perf_counter()
             for i, (e, m) in enumerate(feats):
                 p.write(i, e[0].numpy(), m[0].numpy())
-            writes.append((time.perf_counter() - t0) / n)
-        peers[cls.name] = p
-        if cls is ZarrPeer:
-            out["zarr_default_codecs"] = str(p.emb.compressors)
-        out["peers"][cls.name] = {"write_s_per_image": med(writes),
-                                  "bytes_per_image": sum(f.stat().st_size for f in p.files()) / n}
+            writes[cls.name].append((time.perf_counter() - t0) / n)
+    out["zarr_default_codecs"] = str(peers[ZarrPeer.name].emb.compressors)
+    for name, p in peers.items():
+        out["peers"][name] = {"write_s_per_image": med(writes[name]),
+                              "bytes_per_image": sum(f.stat().st_size for f in p.files()) / n}
     # boxrefine: written as the store does above; read through the real store (and, for the codec
     # alone, as plain zarr arrays with the store's codecs: zstd, and lz4)
     out["peers"]["boxrefine, zarr read"] = dict(out["peers"]["boxrefine"])
     peers["boxrefine, zarr read"] = peers["boxrefine"]
     out["peers"]["boxrefine"]["bytes_per_image"] = sum(f.stat().st_size for f in store.files()) / n
     peers["boxrefine"] = store
-    for name, p in peers.items():
-        read_epoch(p, n, 0, cold=False)  # warm the page cache
-        warm = [n / read_epoch(p, n, r, cold=False) for r in range(repeats)]
-        cold = [n / read_epoch(p, n, r, cold=True) for r in range(repeats)]
-        out["peers"][name].update(read_warm_img_s=med(warm), read_cold_img_s=med(cold))
+    reads = {name: {"warm": [], "cold": []} for name in peers}
+    for r in range(read_repeats):  # round robin, a cold and a warm epoch of each peer per round
+        for name, p in peers.items():
+            reads[name]["cold"].append(n / read_epoch(p, n, r, cold=True))
+            reads[name]["warm"].append(n / read_epoch(p, n, r, cold=False))  # the cold epoch warmed it
+    for name in peers:
+        out["peers"][name].update(read_warm_img_s=med(reads[name]["warm"]), read_cold_img_s=med(reads[name]["cold"]))
+    out["read_repeats"] = read_repeats
     # a training epoch reading from each (same order and boxes); no cache = the encoder in the loop
     amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU)
     heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
@@ -349,6 +352,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="train images (vit_tiny)")
     ap.add_argument("--vit-b-images", type=int, default=2, help="train images for vit_b (0 = skip vit_b)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--read-repeats", type=int, default=9, help="shuffled read epochs per cache (cheap)")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "work")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--only", default="peers,speedup,datapath",
@@ -359,7 +363,7 @@ def main() -> None:
     res: dict = {**old, "machine_start": machine(), "repeats": args.repeats, "zarr": zarr.__version__}
     cfg = bench_config(args.work, args.images, config=args.config)
     if "peers" in only:
-        res["peers"] = peers_section(cfg, args.work, args.repeats)
+        res["peers"] = peers_section(cfg, args.work, args.repeats, args.read_repeats)
         print(json.dumps(res["peers"]["peers"], indent=1), flush=True)
     if "datapath" in only:
         res["datapath"] = data_path_section(cfg, args.repeats)

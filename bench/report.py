@@ -158,7 +158,9 @@ def report(out: Path) -> str:
                "boxrefine: the store `extract` wrote (float16, Blosc "
                "zstd level 3, byte shuffle, crc32c), read through `StoreRows` (every read checksum-verified); "
                "its write time is the same arrays written with the store's codecs. Cold reads drop every "
-               "file of the cache with `posix_fadvise(DONTNEED)` first. The training epoch reads each batch's "
+               "file of the cache with `posix_fadvise(DONTNEED)` first; reads are medians of "
+               f"{pp.get('read_repeats', '?')} shuffled epochs per cache, round robin over the caches. "
+               "The training epoch reads each batch's "
                "features from the cache inside the loop (no DataLoader workers), same boxes and order.", "",
                "| cache | MiB per image | write s per image | read warm img/s | read cold img/s | epoch s |",
                "|---|---:|---:|---:|---:|---:|"]
