@@ -252,8 +252,8 @@ def peers_section(cfg, work: Path, repeats: int, read_repeats: int) -> dict:
 
     trained = ("npy float32", "zarr float32", "boxrefine")
     runs: dict[str, list[float]] = {name: [] for name in trained}
-    for _ in range(repeats):
-        for name in trained:
+    for r in range(repeats):
+        for name in trained[r % 3:] + trained[:r % 3]:  # each cache goes first in turn (load drifts)
             p = peers[name]
             runs[name].append(train_epoch(batches, reader(p), cfg, heads, amp_dtype))
     for name in trained:
@@ -363,7 +363,7 @@ def main() -> None:
     res: dict = {**old, "machine_start": machine(), "repeats": args.repeats, "zarr": zarr.__version__}
     cfg = bench_config(args.work, args.images, config=args.config)
     if "peers" in only:
-        res["peers"] = peers_section(cfg, args.work, args.repeats, args.read_repeats)
+        res["peers"] = {**peers_section(cfg, args.work, args.repeats, args.read_repeats), "machine": machine()}
         print(json.dumps(res["peers"]["peers"], indent=1), flush=True)
     if "datapath" in only:
         res["datapath"] = data_path_section(cfg, args.repeats)

@@ -140,7 +140,7 @@ def report(out: Path) -> str:
     atomic_write_text(out / "summary.md", "\n".join(summ) + "\n")
     made = charts(out, peers, step)
     machines = [x for x in ((peers or {}).get("machine_start"), (peers or {}).get("machine_end"),
-                            (step or {}).get("machine")) if x]
+                            (peers or {}).get("peers", {}).get("machine"), (step or {}).get("machine")) if x]
     md = ["# boxrefine benchmarks", "",
           "Machine: " + (machines[0]["summary"].rsplit(", load", 1)[0] if machines else "unknown") + ".",
           "Load averages (1/5/15 min) when the benches ran: " + "; ".join(m["load"] for m in machines) + ".",
@@ -170,6 +170,11 @@ def report(out: Path) -> str:
             cells += [f"{v[k]:.1f}" if k in v else "–" for k in ("read_warm_img_s", "read_cold_img_s")]
             cells.append(f"{v['epoch_s']:.2f}" if "epoch_s" in v else "–")
             md.append(f"| {name} | " + " | ".join(cells) + " |")
+        md += ["", "Training epochs per repeat (s): " + "; ".join(
+            f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in pp["train_runs_s"].items())
+            + f"; no cache (1 run) {pp['peers']['no cache']['epoch_s']:.1f}. Under this load the spread between "
+            "repeats is larger than the differences between caches: the epoch row compares the caches only "
+            "where they differ by more than that spread."]
         md += ["", "*boxrefine, zarr read*: the same arrays with the store's codecs read as plain zarr arrays "
                "(no GT, no row checksums): the codec's share of the store read. *boxrefine, lz4*: the same with "
                "`store.codec: lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
