@@ -108,11 +108,13 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
     return made
 
 
-def _stream_table(title: str, m: dict) -> list[str]:
-    lines = [title, "", "| epoch | s (median) | in-memory ÷ this (throughput vs memory) |", "|---|---:|---:|"]
+def _stream_table(title: str, m: dict, runs: dict) -> list[str]:
+    lines = [title, "", "| epoch | s (median) | each repeat (s) | in-memory ÷ this (throughput vs memory) |",
+             "|---|---:|---:|---:|"]
     for k, v in m.items():
         if k.startswith(("memory", "store")):
-            lines.append(f"| {k} | {v:.2f} | {m['memory'] / v:.3f} |")
+            each = " / ".join(f"{x:.1f}" for x in runs[k])
+            lines.append(f"| {k} | {v:.2f} | {each} | {m['memory'] / v:.3f} |")
     return lines + [""]
 
 
@@ -120,13 +122,14 @@ def streaming(peers: dict | None) -> list[str]:
     lines = []
     for s in (peers or {}).get("speedup", []):
         lines += _stream_table(f"**{s['model']}, full step** (HQ decoder + refiner), {s['images']} images, batch "
-                               f"{s['batch_images']}, {s['boxes_per_image']} boxes/image:", s["median_s"])
+                               f"{s['batch_images']}, {s['boxes_per_image']} boxes/image:", s["median_s"], s["runs_s"])
     d = (peers or {}).get("datapath")
     if d:
         for size in ("small", "large"):
-            lines += _stream_table(f"**{d['model']}, head alone** (`use_mask: false`: the data path is most of the "
-                                   f"step), {size} epoch, {d[size]['images']} images, batch {d['batch_images']}, "
-                                   f"{d['repeats']} repeats:", d[size]["median_s"])
+            lines += _stream_table(f"**{d['model']}, head alone** (`use_mask: false`: no HQ decoder in the step, "
+                                   f"so the data path is a larger share), {size} epoch, {d[size]['images']} images, "
+                                   f"batch {d['batch_images']}, {d['repeats']} repeats:", d[size]["median_s"],
+                                   d[size]["runs_s"])
             n = d[size]["images"]
             lines += ["The store's loader alone (no training step) over the same epoch: " + "; ".join(
                 f"{k} {v:.2f} s ({n / v:.1f} img/s)" for k, v in d[size]["loader_alone_s"].items()) + ".", ""]
@@ -146,7 +149,9 @@ def report(out: Path) -> str:
           "Load averages (1/5/15 min) when the benches ran: " + "; ".join(m["load"] for m in machines) + ".",
           "This machine was shared by 4 engineers running tests and benches at the same time: absolute times "
           "are inflated and noisy; ratios measured side by side in one run stay meaningful.",
-          f"Repeats: {(peers or step or {}).get('repeats', '?')} (medians); vit_b: 1 repeat.", "",
+          "Medians of repeats: " + "; ".join(
+              ([f"caches and epochs {peers['repeats']}", f"reads {peers['peers'].get('read_repeats', '?')}",
+                "vit_b 1"] if peers else []) + ([f"step profile {step['repeats']}"] if step else [])) + ".", "",
           "## Summary", "", *summ, ""]
     if peers:
         pp = peers["peers"]
