@@ -363,7 +363,8 @@ def main() -> None:
     res: dict = {**old, "machine_start": machine(), "repeats": args.repeats, "zarr": zarr.__version__}
     cfg = bench_config(args.work, args.images, config=args.config)
     if "peers" in only:
-        res["peers"] = {**peers_section(cfg, args.work, args.repeats, args.read_repeats), "machine": machine()}
+        res["peers"] = {**peers_section(cfg, args.work, args.repeats, args.read_repeats), "machine": machine(),
+                        "repeats": args.repeats}
         print(json.dumps(res["peers"]["peers"], indent=1), flush=True)
     if "datapath" in only:
         res["datapath"] = data_path_section(cfg, args.repeats)

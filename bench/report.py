@@ -81,7 +81,8 @@ def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
         vals = [p[n]["epoch_s"] for n in PEERS]
         ax.bar(PEERS, vals, color=["#999", "#69c", "#2a7", "#c66"])
         ax.set_ylabel("training epoch (s, median)")
-        ax.set_title(f"{peers['peers']['images']} images, vit_tiny; median of {peers['repeats']} repeats "
+        ax.set_title(f"{peers['peers']['images']} images, vit_tiny; median of "
+                     f"{peers['peers'].get('repeats', peers['repeats'])} repeats "
                      "(no cache: 1 run)", fontsize=9)
         fig.text(0.01, 0.01, machine_line(peers["machine_start"]), fontsize=6)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -150,8 +151,10 @@ def report(out: Path) -> str:
           "This machine was shared by 4 engineers running tests and benches at the same time: absolute times "
           "are inflated and noisy; ratios measured side by side in one run stay meaningful.",
           "Medians of repeats: " + "; ".join(
-              ([f"caches and epochs {peers['repeats']}", f"reads {peers['peers'].get('read_repeats', '?')}",
-                "vit_b 1"] if peers else []) + ([f"step profile {step['repeats']}"] if step else [])) + ".", "",
+              ([f"caches {peers['peers'].get('repeats', peers['repeats'])}",
+                f"reads {peers['peers'].get('read_repeats', '?')}",
+                f"streamed vs memory and naive vs cached {peers['repeats']} (vit_b 1)"] if peers else [])
+              + ([f"step profile {step['repeats']}"] if step else [])) + ".", "",
           "## Summary", "", *summ, ""]
     if peers:
         pp = peers["peers"]
