@@ -70,7 +70,8 @@ def summary(peers: dict | None, step: dict | None) -> list[str]:
                      f"{b['step']:.2f} s with the package's HQ decoder → {a['step']:.2f} s "
                      f"({b['step'] / a['step']:.1f}×); the frozen decoder alone {b['frozen HQ decoder']:.2f} s → "
                      f"{a['frozen HQ decoder']:.2f} s.")
-    return lines + [""] + out
+    return lines + [""] + out + ["", "Not measured yet: accuracy beside the speed-ups and the evaluation rows "
+                                 "(bench/out/report.md, \"Not in this report\")."]
 
 
 def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
