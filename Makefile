@@ -14,6 +14,10 @@ CKPT    ?= $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
 STAMP   := $(VENV)/.installed
 
 TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
+QUICK   := $(filter 1 true yes,$(BENCH_QUICK))
+BENCH_IMAGES  ?= $(if $(QUICK),4,16)
+BENCH_VIT_B   ?= $(if $(QUICK),1,4)
+BENCH_REPEATS ?= $(if $(QUICK),2,3)
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo-data extract train evaluate refine demo test test-fast bench lint clean
@@ -21,6 +25,7 @@ TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
+	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats)"
 	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -62,11 +67,14 @@ test: $(STAMP) ## Run the whole test suite (what CI runs)
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## Benchmarks on the demo data (extract overhead, train throughput, cached-GT evaluation, refine)
-	$(BIN)/python bench/extract_overhead.py $(ARGS)
-	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/eval_gt_cache.py
-	$(BIN)/python bench/refine_throughput.py
+bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG charts (BENCH_QUICK=1: < 10 min)
+	$(BIN)/python bench/step_profile.py --images $(BENCH_IMAGES) --repeats $(BENCH_REPEATS) --json bench/out/step_profile.json
+	$(BIN)/python bench/peers.py --images $(BENCH_IMAGES) --vit-b-images $(BENCH_VIT_B) --repeats $(BENCH_REPEATS) \
+		--json bench/out/peers.json
+	$(BIN)/python bench/report.py --out bench/out
+	$(if $(QUICK),,$(BIN)/python bench/extract_overhead.py $(ARGS))
+	$(if $(QUICK),,$(BIN)/python bench/eval_gt_cache.py)
+	$(if $(QUICK),,$(BIN)/python bench/refine_throughput.py)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

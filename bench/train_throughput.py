@@ -1,8 +1,8 @@
 """Train throughput on the demo data, measured side by side in one process.
 
-(a) data path: one epoch streamed from the store (DataLoader workers over StoreRows) vs the same
-    epoch from batches already in memory — same rows, same steps (``train.run.batch_loss`` +
-    optimizer). Target: store ≥ 0.9× the in-memory throughput.
+(a) data path: one epoch streamed from the store (persistent DataLoader workers over StoreRows, as
+    train/data.py reads it) vs the same epoch from batches already in memory — same rows, same
+    steps (``train.steps.batch_loss`` + optimizer). Target: store ≥ 0.9× the in-memory throughput.
 (b) caching: an epoch with the HQ-SAM image encoder in the loop (decode, resize, encode every image
     every step — the naive pipeline) vs the cached epoch over the same images, and vs the FAST epoch
     (the fast: block of pipeline.yaml).
@@ -77,7 +77,12 @@ def main() -> None:
     bs = cfg.train.batch_images
 
     def store_loader(dataset):
-        return DataLoader(dataset, batch_size=bs, num_workers=cfg.train.num_workers, collate_fn=collate_rows)
+        """As ``train/data.py`` reads the store: workers started once and kept for every epoch (a
+        loader made anew per epoch spends each epoch's first seconds starting its workers)."""
+        loader = DataLoader(dataset, batch_size=bs, num_workers=cfg.train.num_workers, collate_fn=collate_rows,
+                            persistent_workers=cfg.train.num_workers > 0)
+        next(iter(loader))  # start the workers
+        return loader
 
     in_memory = list(DataLoader(ds, batch_size=bs, num_workers=0, collate_fn=collate_rows))
     fast_rows = [ds.rows[i] for i in sample_subset(len(ds), fast.train.sample_ratio, fast.train.seed)]
@@ -98,10 +103,11 @@ def main() -> None:
             yield {**batch, "image_embeddings": emb, "interm_embeddings": interm}
 
     rows = []
+    stream, stream_fast = store_loader(ds), store_loader(fast_ds)
     for r in range(args.repeats):
-        t_store = run_epoch(store_loader(ds), cfg, heads, device, amp_dtype)
+        t_store = run_epoch(stream, cfg, heads, device, amp_dtype)
         t_mem = run_epoch(in_memory, cfg, heads, device, amp_dtype)
-        t_fast = run_epoch(store_loader(fast_ds), fast, heads, device, amp_dtype)
+        t_fast = run_epoch(stream_fast, fast, heads, device, amp_dtype)
         rows.append({"store_s": t_store, "memory_s": t_mem, "fast_s": t_fast})
         print(f"repeat {r}: epoch from store {t_store:.2f}s, from memory {t_mem:.2f}s "
               f"(store throughput = {t_mem / t_store:.3f}x memory), FAST epoch {t_fast:.2f}s", flush=True)

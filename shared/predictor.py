@@ -238,7 +238,8 @@ class RefinePredictor:
         interm = torch.stack([f.interm_embeddings for f in feats]).to(dev).float()
         boxes_in = [f.geometry.boxes_to_input(b).to(dev) for f, b in zip(feats, boxes, strict=True)]
         heads = self.heads() if self.refiner.use_mask else None
-        logits = [box_prompt_logits(heads, emb[i:i + 1], interm[i:i + 1], b, dev, self.amp_dtype)
+        logits = [box_prompt_logits(heads, emb[i:i + 1], interm[i:i + 1], b, dev, self.amp_dtype,
+                                    self.refiner.mask_regions(b))
                   if heads is not None and len(b) else None for i, b in enumerate(boxes_in)]
         refined = apply_refiner(self.refiner, emb, interm, boxes_in, logits, dev, self.amp_dtype)
         out, start = [], 0

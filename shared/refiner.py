@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from boxrefine.shared.boxes import expand_boxes
-from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES_STRIDE
+from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES, LOWRES_STRIDE
 
 
 class BoxRefiner(nn.Module):
@@ -37,6 +37,18 @@ class BoxRefiner(nn.Module):
                                  nn.Linear(hidden, 4))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+
+    def mask_regions(self, boxes: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """Per coarse box (n×4 xyxy, input frame): the low-res pixels (x0, y0, x1, y1, exclusive
+        ends) that :meth:`forward` reads of its mask logits — RoIAlign (aligned, 2 samples per bin)
+        samples inside the context box shifted by half a pixel and reads each sample's bilinear
+        neighbours — with one pixel to spare. The frozen decoder computes only these
+        (``SamHeads(..., regions=...)``); ``tests/test_hq_decoder.py`` checks the refiner's output is
+        the same as with whole masks."""
+        ctx = expand_boxes(boxes.float(), self.context) / LOWRES_STRIDE - 0.5
+        lo = (torch.floor(ctx[:, :2]) - 1).clamp(0, LOWRES)
+        hi = (torch.floor(ctx[:, 2:]) + 3).clamp(0, LOWRES)
+        return [tuple(int(v) for v in r) for r in torch.cat([lo, hi], 1).tolist()]
 
     def forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: list[torch.Tensor],
                 mask_logits: torch.Tensor | None = None) -> torch.Tensor:

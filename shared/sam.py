@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +24,7 @@ from boxrefine.shared.console import console, warn_loud
 from boxrefine.shared.errors import BoxrefineError, DeviceError
 from boxrefine.shared.fileio import atomic_write_json
 from boxrefine.shared.geometry import IMG_SIZE
+from boxrefine.shared.hq_decoder import Region, decode_boxes
 from boxrefine.shared.records import file_sha256
 
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
@@ -220,16 +222,28 @@ class SamHeads(torch.nn.Module):
         super().__init__()
         self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
 
-    def forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: torch.Tensor
+    def forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: torch.Tensor,
+                image_index: torch.Tensor | None = None, regions: Sequence[Region] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for box prompts on ONE image.
+        """Masks for box prompts on B images (:func:`~boxrefine.shared.hq_decoder.decode_boxes`: the
+        package's decoder with the per-image work done once and nothing computed that is not read).
 
         Args:
-          image_embeddings: 1×256×64×64; interm_embeddings: 1×64×64×C (float, on the heads' device).
-          boxes: n×4 xyxy in the 1024-px model input frame.
+          image_embeddings: B×256×64×64; interm_embeddings: B×64×64×C (float, on the heads' device).
+          boxes: n×4 xyxy in the 1024-px model input frame; image_index: the image of each box
+            (default: all on image 0).
+          regions: per box, the low-res pixels (x0, y0, x1, y1) whose logits are needed (0 elsewhere);
+            None = the whole mask.
         Returns:
           low-res mask logits n×1×256×256 (frame of the padded 1024 input, /4) and IoU scores n×1.
         """
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, image_embeddings, interm_embeddings, boxes,
+                            image_index, regions)
+
+    def package_forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for ONE image through the package's ``MaskDecoderHQ.forward`` unchanged (what
+        :meth:`forward` is tested and benchmarked against)."""
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         return self.mask_decoder(image_embeddings=image_embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,

@@ -8,7 +8,7 @@ resized into SAM's low-res frame — nothing is resized here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from boxrefine.shared.evalboxes import CoarseBoxes
 from boxrefine.shared.geometry import ImageGeometry
+from boxrefine.shared.hq_decoder import Region
 from boxrefine.shared.metrics import box_metrics, mask_iou
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
@@ -80,11 +81,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 
 
 def box_prompt_logits(heads: SamHeads, emb: torch.Tensor, interm: torch.Tensor, boxes_in: torch.Tensor,
-                      device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+                      device: torch.device, amp_dtype: torch.dtype | None,
+                      regions: Sequence[Region] | None = None) -> torch.Tensor:
     """HQ-SAM's low-res mask logits (n×1×256×256, float32) for box prompts (n×4, input px) on ONE
-    image (``emb`` 1×256×64×64, ``interm`` 1×64×64×C)."""
+    image (``emb`` 1×256×64×64, ``interm`` 1×64×64×C); ``regions``: per box the low-res pixels
+    needed (``BoxRefiner.mask_regions``; 0 elsewhere), None = whole masks."""
     with autocast_context(device, amp_dtype):
-        logits, _ = heads(emb, interm, boxes_in)
+        logits, _ = heads(emb, interm, boxes_in, regions=regions)
     return logits.float()
 
 
@@ -155,7 +158,9 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                     p.mask_iou_coarse = torch.zeros(0)
             if heads is not None and len(cb) and (zero_shot or coarse_masks
                                                   or (refiner is not None and refiner.use_mask)):
-                logits = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], box_in, device, amp_dtype)
+                # only the refiner reads them: compute the logits where it reads them
+                regions = None if (zero_shot or coarse_masks) else refiner.mask_regions(box_in)  # type: ignore[union-attr]
+                logits = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], box_in, device, amp_dtype, regions)
                 if zero_shot:
                     p.zero_shot = geo.clip_original(geo.lowres_to_boxes(logits[:, 0], cb.boxes.to(device)).cpu())
                 if coarse_masks:

@@ -38,7 +38,7 @@ from boxrefine.shared.store import StoreError
 class FakeHeads(torch.nn.Module):
     """A cheap stand-in for HQ-SAM's prompt encoder + HQ decoder: the mask is the prompt box itself."""
 
-    def forward(self, emb: torch.Tensor, interm: torch.Tensor, boxes: torch.Tensor):
+    def forward(self, emb: torch.Tensor, interm: torch.Tensor, boxes: torch.Tensor, image_index=None, regions=None):
         lg = torch.full((len(boxes), 1, 256, 256), -1.0)
         for i, (x0, y0, x1, y1) in enumerate((boxes / 4).round().long().clamp(0, 256).tolist()):
             lg[i, 0, y0:y1, x0:x1] = 1.0

@@ -69,22 +69,26 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
     Returns (loss or None when the batch has no boxes, loss terms, number of boxes)."""
     emb = batch["image_embeddings"].to(device, non_blocking=True).float()
     interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
-    coarse_in, target_in, logits = [], [], []
+    coarse_in, target_in = [], []
     for b, row in enumerate(batch["row"]):
         g = seeded_generator(tc.seed, epoch, batch["key"][b])
         c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
                               batch["geometry"][b], tc.boxes_per_image, tc.jitter, g)
         coarse_in.append(batch["geometry"][b].boxes_to_input(c).to(device))
         target_in.append(batch["geometry"][b].boxes_to_input(t).to(device))
-        if heads is not None and len(c):
-            with torch.no_grad(), autocast_context(device, amp_dtype):
-                lg, _ = heads(emb[b:b + 1], interm[b:b + 1], coarse_in[-1])
-            logits.append(lg.float())
     n_boxes = int(sum(len(c) for c in coarse_in))
     if n_boxes == 0:
         return None, {}, 0
+    logits = None
+    if heads is not None:  # the boxes of every image in one decoder call, logits only where the refiner reads
+        boxes = torch.cat(coarse_in)
+        image_index = torch.cat([torch.full((len(c),), b) for b, c in enumerate(coarse_in)])
+        with torch.inference_mode(), autocast_context(device, amp_dtype):
+            regions = getattr(refiner, "module", refiner).mask_regions(boxes)  # the head itself under DDP
+            lg, _ = heads(emb, interm, boxes, image_index, regions)
+        logits = lg.float().clone()  # a normal tensor again (autograd refuses inference tensors)
     with autocast_context(device, amp_dtype):
-        refined = refiner(emb, interm, coarse_in, torch.cat(logits) if logits else None)
+        refined = refiner(emb, interm, coarse_in, logits)
     loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
                               tc.l1_weight, tc.giou_weight)
     return loss, terms, n_boxes
