@@ -147,7 +147,7 @@ def test_schema_1_store_is_refused_and_rebuilt_without_encoder_work_for_8bit_ima
     real = er.Extractor._encode
 
     def spy(self, split, batch, writer):
-        encoded_files.extend(job.path.name for job, _, _ in batch)
+        encoded_files.extend(job.path.name for job, *_ in batch)
         return real(self, split, batch, writer)
 
     monkeypatch.setattr(er.Extractor, "_encode", spy)
