@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from boxrefine.shared.cli.common import one_line_errors
 from boxrefine.shared.console import console
@@ -40,6 +41,11 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
                      if ident.checkpoint.startswith("random-init") else ""))
     console.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
                   f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}")
+    signal = a.get("signal_store")
+    if signal:
+        console.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
+                           f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
+                           style="bold yellow"))
     table = Table("split", "complete", "total", "bad", "stale", "annotations sha256")
     bad_all = {}
     total_complete = 0
