@@ -36,7 +36,7 @@ from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.evalboxes import detection_pairs, fixed_coarse_boxes, load_detections, sample_subset
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
-from boxrefine.shared.refiner import BoxRefiner
+from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
@@ -76,6 +76,7 @@ class TrainState:
     partial: dict[str, float] = field(default_factory=_zero_partial)  # running sums of that epoch
     pending_eval: bool = False  # epoch ``epoch`` is trained but its validation is not logged yet
     saver: dict[str, Any] = field(default_factory=dict)  # CheckpointSaver bookkeeping (top-k, best)
+    health: dict[str, Any] = field(default_factory=dict)  # HeadHealth counts of that epoch
 
     @property
     def best_iou(self) -> float | None:
@@ -253,7 +254,8 @@ class TrainRecipe:
         self.sampler.set_epoch(st.epoch, skip)
         self.refiner.train()
         t0 = time.perf_counter()
-        with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
+        health = HeadHealth(self.refiner, st.health)
+        with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar, health:
             bar.advance(skip)
             for batch in self.loader:
                 n_img = len(batch["row"])
@@ -266,6 +268,7 @@ class TrainRecipe:
                     st.partial["n"] += n_img
                     st.partial["boxes"] += n_boxes
                 st.step += 1
+                st.health = health.state()
                 bar.advance(n_img, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self.stop.requested:
                     return
@@ -274,11 +277,19 @@ class TrainRecipe:
         entry = {"kind": "epoch", "epoch": st.epoch + 1, "loss": p["loss"] / n, "l1": p["l1"] / n,
                  "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
                  "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - skip) / max(dt, 1e-9)}
+        head = health.summary()
+        why = head_collapse(head)
+        entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
         self.log(entry)
         console.print(f"epoch {st.epoch + 1}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou "
-                      f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s", markup=False)
+                      f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
+                      + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
+                         if head else ""), markup=False)
+        if why:
+            console.print(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}",
+                          style="yellow", markup=False)
         last = st.epoch + 1 == tc.epochs
-        st.epoch, st.step, st.partial = st.epoch + 1, 0, _zero_partial()
+        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, _zero_partial(), {}
         st.pending_eval = self.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch
