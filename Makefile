@@ -8,16 +8,20 @@ CONFIG  ?= pipeline.yaml
 DEMO    ?= data/demo
 FAST    ?=
 ARGS    ?=
+SPLIT   ?= val
+# refine's checkpoint: the newest runs/*/best.pt unless CKPT is given (a file or a run folder)
+CKPT    ?= $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
 STAMP   := $(VENV)/.installed
 
 TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-data extract train evaluate demo test test-fast bench lint clean
+.PHONY: help venv demo-data extract train evaluate refine demo test test-fast bench lint clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
+	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +46,9 @@ train: $(STAMP) ## Train the refiner from the store (FAST=1 applies the fast: bl
 evaluate: $(STAMP) ## Score checkpoints on the cached ground truth
 	$(BIN)/boxrefine evaluate --config $(CONFIG) $(ARGS)
 
+refine: $(STAMP) ## Refine the detections of a split with a trained refiner (CKPT, SPLIT; writes <detections>.refined.json)
+	$(BIN)/boxrefine refine --config $(CONFIG) --split $(SPLIT) $(if $(CKPT),--checkpoint $(CKPT),) $(ARGS)
+
 demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate on the built-in demo data
 	$(BIN)/boxrefine demo-data --out $(DEMO)
 	$(BIN)/boxrefine extract --config $(CONFIG)
@@ -55,10 +62,11 @@ test: $(STAMP) ## Run the whole test suite (what CI runs)
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## Benchmarks on the demo data (extract overhead, train throughput, cached-GT evaluation)
+bench: $(STAMP) ## Benchmarks on the demo data (extract overhead, train throughput, cached-GT evaluation, refine)
 	$(BIN)/python bench/extract_overhead.py $(ARGS)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/eval_gt_cache.py
+	$(BIN)/python bench/refine_throughput.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

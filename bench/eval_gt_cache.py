@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import boxrefine.evaluate.run as er  # noqa: E402
 from boxrefine.extract.plan import gt_arrays  # noqa: E402
-from boxrefine.shared.checkpoints import CKPT_FORMAT  # noqa: E402
+from boxrefine.shared.checkpoints import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
 from boxrefine.shared.console import console  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
@@ -63,9 +63,11 @@ class RecomputedGTRows(StoreRows):
     gt_size: int
 
     @classmethod
-    def from_store(cls, store_path: str, split: str, rows=None, with_masks: bool = False) -> RecomputedGTRows:
-        base = StoreRows.from_store(store_path, split, rows, with_masks=False)
-        ds = cls(base.store_path, base.split_name, base.rows, base.records, base.keys, with_masks=False)
+    def from_store(cls, store_path: str, split: str, rows=None, with_masks: bool = False,
+                   on_damage: str = "error") -> RecomputedGTRows:
+        base = StoreRows.from_store(store_path, split, rows, with_masks=False, on_damage=on_damage)
+        ds = cls(base.store_path, base.split_name, base.rows, base.records, base.keys, with_masks=False,
+                 on_damage=on_damage)
         ds.coco = {r.key: r for r in load_coco(cls.annotations).images}
         return ds
 
@@ -90,10 +92,10 @@ def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     torch.manual_seed(0)
     refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
                          cfg.refiner.context, cfg.refiner.use_mask)
-    torch.save({"format": CKPT_FORMAT, "refiner": refiner.state_dict(), "state": {"epoch": 0},
-                "config": cfg.to_dict(), "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,
-                "refiner_args": {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}},
-               path)
+    path.write_bytes(checkpoint_bytes({
+        "format": CKPT_FORMAT, "refiner": refiner.state_dict(), "state": {"epoch": 0}, "config": cfg.to_dict(),
+        "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,
+        "refiner_args": {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}}))
     return path
 
 

@@ -1,7 +1,8 @@
 """Which checkpoints evaluate scores, in which order, and loading a refiner from one.
 
-Default: ``best.pt`` of the latest run in ``train.runs_dir``; else a checkpoint file, or every
-``*.pt`` of a folder in natural order (as timm's ``validate.py`` takes a folder of checkpoints).
+Default: ``best.pt`` of the latest run in ``train.runs_dir`` that holds a checkpoint; else a
+checkpoint file, or every ``*.pt`` of a folder in natural order (as timm's ``validate.py`` takes a
+folder of checkpoints).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint
+from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
@@ -49,6 +50,10 @@ def latest_best(runs_dir: Path) -> Path:
     runs = [d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if not runs:
         raise EvaluateError(f"{runs_dir}: no run folders; train first or pass --checkpoint")
+    # a run without any checkpoint (a start killed before its first save) is not a candidate
+    runs = [d for d in runs if folder_checkpoints(d)]
+    if not runs:
+        raise EvaluateError(f"{runs_dir}: no run folder holds a checkpoint (*.pt); train first or pass --checkpoint")
     latest = max(runs, key=_activity)
     best = latest / "best.pt"
     if not best.is_file():
@@ -83,15 +88,7 @@ def load_refiner(path: Path, store: FeatureStore, device: torch.device) -> tuple
              if isinstance(ck_identity, dict) else ["the checkpoint records no store identity"])
     if diffs:
         raise CheckpointFileError(f"{path}: trained on another feature store ({'; '.join(diffs)})")
-    args = ck.get("refiner_args")
-    if not isinstance(args, dict):
-        raise CheckpointFileError(f"{path}: no refiner_args in the checkpoint")
-    try:
-        refiner = BoxRefiner(**args)
-        refiner.load_state_dict(ck["refiner"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: cannot rebuild the refiner from its refiner_args ({first[:160]})") from None
+    refiner = refiner_from_checkpoint(ck, path)
     state = ck.get("state") if isinstance(ck.get("state"), dict) else {}
     info = {"epoch": state.get("epoch"), "best_iou": (state.get("saver") or {}).get("best")}
     return refiner.to(device).eval(), info

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from boxrefine.shared.boxes import paired_iou, xyxy_to_xywh
 from boxrefine.shared.config import PipelineConfig
@@ -73,7 +74,7 @@ class APScorer:
             self.reason = "no scores (jittered GT boxes)"
             return
         if not ann.is_file():
-            console.print(f"[yellow]{ann}: annotation file not found; COCO AP is not computed[/yellow]")
+            console.print(f"{ann}: annotation file not found; COCO AP is not computed", style="yellow", markup=False)
             self.reason = "annotations missing"
             return
         from pycocotools.coco import COCO
@@ -165,7 +166,7 @@ def print_table(res: EvalResult) -> None:
     for name in ("IoU", "≥.5", "≥.75", "≥.9", "side", "AP", "AP50", "AP75", "mask"):
         table.add_column(name, justify="right", no_wrap=True)
 
-    def add(label: str, r: dict[str, Any], style: str | None = None) -> None:
+    def add(label: str | Text, r: dict[str, Any], style: str | None = None) -> None:
         table.add_row(label, *(_fmt(r[k], 3) for k in BOX_KEYS[:-1]), _fmt(r["side_err_px"], 1),
                       *(_fmt(r[k], 3) for k in AP_KEYS), _fmt(r["mask_iou"], 3), style=style)
 
@@ -173,11 +174,11 @@ def print_table(res: EvalResult) -> None:
     add("zero-shot", res.baselines["zero_shot"], "dim")
     for r in res.rows:
         best = r["checkpoint"] == res.best and len(res.rows) > 1
-        add(f"{r['checkpoint']}{' *' if best else ''}", r, "bold" if best else None)
+        add(Text(f"{r['checkpoint']}{' *' if best else ''}"), r, "bold" if best else None)  # a file name: verbatim
     console.print(table)
     console.print(legend, markup=False, style="dim")
     if len(res.rows) > 1:
         console.print(f"* best (refined mean IoU): {res.best}", markup=False)
     for _, reason in res.skipped:
-        console.print(f"[yellow]skipped[/yellow] {reason}", soft_wrap=True)
+        console.print(Text.assemble(("skipped ", "yellow"), reason), soft_wrap=True)
     console.print(f"results in {res.out_dir}", markup=False)

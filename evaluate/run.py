@@ -116,10 +116,9 @@ class Evaluator:
         if split not in cfg.data.splits:
             raise EvaluateError(f"split {split!r} is not in data.splits {sorted(cfg.data.splits)}")
         self.paths, self.out_dir = resolve_checkpoints(cfg, self.checkpoint)
-        self.store = open_checked_store(cfg)
-        self.ds = StoreRows.from_store(cfg.store.path, split, with_masks=True)
-        if len(self.ds) == 0:
-            raise EvaluateError(f"{cfg.store.path}: split {split!r} has no complete rows; run extract first")
+        self.store = open_checked_store(cfg, (split,))
+        # refuses a split without usable rows; damaged rows follow store.on_damage
+        self.ds = StoreRows.from_store(cfg.store.path, split, with_masks=True, on_damage=cfg.store.on_damage)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.boxes_path = self.out_dir / f"eval_boxes_{split}.json"
         self.coarse, self.source = eval_boxes(cfg, split, self.ds, self.boxes_path)
@@ -135,9 +134,14 @@ class Evaluator:
 
     def _predict(self, desc: str, **kw: Any) -> list[ImagePrediction]:
         with progress(desc, len(self.ds)) as bar:
-            return predict(self.ds, self.coarse, self.device, heads=self.heads, amp_dtype=self.amp,
-                           batch_images=self.ec.batch_images, num_workers=self.cfg.train.num_workers,
-                           on_batch=bar.advance, **kw)
+            preds = predict(self.ds, self.coarse, self.device, heads=self.heads, amp_dtype=self.amp,
+                            batch_images=self.ec.batch_images, num_workers=self.cfg.train.num_workers,
+                            on_batch=bar.advance, **kw)
+        if self.ds.skipped:  # damaged rows left out (store.on_damage: skip): AP is scored without them
+            left_out = {int(self.ds.keys[i]) for i in self.ds.skipped}
+            self.ap.image_ids = sorted(v for k, v in self.image_ids.items() if k not in left_out)
+            preds = [p for p in preds if p.row not in self.ds.skipped]
+        return preds
 
     def _baselines(self) -> None:
         """Coarse boxes, zero-shot boxes and the coarse-prompt mask IoU: once, before the first checkpoint."""
@@ -217,7 +221,7 @@ class Evaluator:
 
         scfg = self.cfg.data.splits[self.split]
         return draw_overlays(scfg.images, scfg.annotations, preds, gt_of, self.out_dir / "vis", self.ec.vis_count,
-                             self.split, label)
+                             self.split, label, self.cfg.data.intensity.mapping())
 
 
 def run_evaluate(cfg: PipelineConfig, checkpoint: Path | None = None, split: str | None = None,

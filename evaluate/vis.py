@@ -9,48 +9,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from boxrefine.shared.console import console
-from boxrefine.shared.imageio import ImageError, read_rgb
+from boxrefine.shared.imageio import ImageError, Intensity, read_rgb
+from boxrefine.shared.overlay import (  # noqa: F401  (line_width: part of this module's API)
+    COARSE_COLOUR,
+    GT_COLOUR,
+    REFINED_COLOUR,
+    draw_boxes,
+    line_width,
+    with_legend,
+    write_png,
+)
 from boxrefine.shared.records import DataError, load_coco, resolve_image
 from boxrefine.shared.scoring import ImagePrediction
-
-# RGB
-GT_COLOUR = (0, 200, 0)
-COARSE_COLOUR = (230, 30, 30)
-REFINED_COLOUR = (30, 90, 255)
-
-
-def _draw_boxes(img: np.ndarray, boxes: np.ndarray, colour: tuple[int, int, int], thickness: int) -> None:
-    for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        if not np.isfinite([x0, y0, x1, y1]).all():
-            continue
-        cv2.rectangle(img, (int(round(x0)), int(round(y0))), (int(round(x1)) - 1, int(round(y1)) - 1), colour,
-                      thickness, lineType=cv2.LINE_AA)
-
-
-def _legend(img: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> None:
-    scale = max(0.4, min(img.shape[:2]) / 900)
-    th = max(1, int(round(scale * 2)))
-    y = 0
-    for text, colour in items:
-        (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, th)
-        cv2.rectangle(img, (0, y), (w + 8, y + h + base + 6), (255, 255, 255), -1)
-        cv2.putText(img, text, (4, y + h + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, th, cv2.LINE_AA)
-        y += h + base + 6
 
 
 def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePrediction],
                   gt_of: Callable[[ImagePrediction], np.ndarray], out_dir: Path, count: int, split: str,
-                  label: str) -> list[Path]:
+                  label: str, intensity: Intensity | None = None) -> list[Path]:
     """Write up to ``count`` PNGs (first images with boxes, in store order): GT green, coarse red,
-    refined blue. An image that cannot be read is reported and skipped."""
+    refined blue, over the image as the encoder saw it (``intensity``, as extract maps it), with the
+    legend above. An image that cannot be read is reported and skipped."""
     try:
         records = {r.key: r for r in load_coco(annotations).images}
     except DataError as e:
-        console.print(f"[yellow]--vis: {e}; no overlays[/yellow]", soft_wrap=True)
+        console.print(f"--vis: {e}; no overlays", style="yellow", soft_wrap=True, markup=False)
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -62,23 +47,23 @@ def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePredict
             continue
         path = resolve_image(Path(images_root), rec.file_name)
         try:
-            img = read_rgb(path)
+            img = read_rgb(path, intensity)
         except ImageError as e:
-            console.print(f"[yellow]--vis: {e}; skipped[/yellow]", soft_wrap=True)
+            console.print(f"--vis: {e}; skipped", style="yellow", soft_wrap=True, markup=False)
             continue
         if img.shape[:2] != (rec.height, rec.width):
-            console.print(f"[yellow]--vis: {path}: image is {img.shape[1]}x{img.shape[0]}, annotations say "
-                          f"{rec.width}x{rec.height}; skipped[/yellow]", soft_wrap=True)
+            console.print(f"--vis: {path}: image is {img.shape[1]}x{img.shape[0]}, annotations say "
+                          f"{rec.width}x{rec.height}; skipped", style="yellow", soft_wrap=True, markup=False)
             continue
         img = np.ascontiguousarray(img)
-        t = max(2, int(round(max(img.shape[:2]) / 320)))
-        _draw_boxes(img, gt_of(p), GT_COLOUR, t)
-        _draw_boxes(img, p.coarse.numpy(), COARSE_COLOUR, 2 * t)  # wider: stays visible under a refined box
+        t = line_width(img.shape[:2])
+        draw_boxes(img, gt_of(p), GT_COLOUR, t)
+        draw_boxes(img, p.coarse.numpy(), COARSE_COLOUR, 2 * t)  # wider: stays visible under a refined box
         if p.refined is not None:
-            _draw_boxes(img, p.refined.numpy(), REFINED_COLOUR, t)
-        _legend(img, [("ground truth", GT_COLOUR), ("coarse", COARSE_COLOUR), (f"refined ({label})", REFINED_COLOUR)])
+            draw_boxes(img, p.refined.numpy(), REFINED_COLOUR, t)
+        img = with_legend(img, [("ground truth", GT_COLOUR), ("coarse", COARSE_COLOUR),
+                                (f"refined ({label})", REFINED_COLOUR)])
         dst = out_dir / f"{split}_{rec.image_id}_{Path(rec.file_name).stem}.png"
-        if not cv2.imwrite(str(dst), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{dst}: cannot write overlay")
+        write_png(dst, img)
         written.append(dst)
     return written

@@ -23,6 +23,9 @@ def extract(
     device: str = device_option(),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Make bad images fatal."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and rebuild it."),
+    reuse_features: str = typer.Option(
+        None, "--reuse-features",
+        help="Another store (e.g. an older schema): copy the features of unchanged images instead of encoding."),
     set_: list[str] = set_option(),
 ) -> None:
     """Extract features for every image of the configured splits (incremental, crash-safe)."""
@@ -30,7 +33,7 @@ def extract(
         "extract.splits": split or None, "extract.shard": shard, "extract.batch_size": batch_size,
         "extract.num_workers": num_workers, "store.path": store,
         "model.checkpoint": str(checkpoint) if checkpoint else None, "model.device": device,
-        "extract.strict": strict, "extract.overwrite": overwrite or None,
+        "extract.strict": strict, "extract.overwrite": overwrite or None, "extract.reuse_features": reuse_features,
     })
     from boxrefine.extract.run import run_extract
 

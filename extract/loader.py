@@ -18,20 +18,23 @@ import torch
 from torch.utils.data import Dataset
 
 from boxrefine.extract.plan import Job, gt_arrays, row_record
-from boxrefine.shared.imageio import ImageError, decode_rgb, source_fingerprint
+from boxrefine.shared.geometry import IMG_SIZE
+from boxrefine.shared.imageio import ImageError, Intensity, decode_rgb, grey_levels, source_fingerprint
 from boxrefine.shared.records import DataError
-from boxrefine.shared.sam import IMG_SIZE
 from boxrefine.shared.store import STATE_COMPLETE, SplitStore
+from boxrefine.shared.store_files import store_access
+
+MIN_GREY_LEVELS = 16  # fewer after decoding: warn, the encoder sees an almost flat image
 
 
 class ImageJobs(Dataset):
     """Decodes and resizes the images of ``jobs``. Never raises for a bad image: the item carries the
     reason instead, so one corrupt file cannot kill the loader."""
 
-    def __init__(self, jobs: list[Job], gt_size: int):
+    def __init__(self, jobs: list[Job], gt_size: int, intensity: Intensity | None = None):
         from segment_anything_hq.utils.transforms import ResizeLongestSide
 
-        self.jobs, self.gt_size = jobs, gt_size
+        self.jobs, self.gt_size, self.intensity = jobs, gt_size, intensity or Intensity()
         self.transform = ResizeLongestSide(IMG_SIZE)
 
     def __len__(self) -> int:
@@ -43,8 +46,12 @@ class ImageJobs(Dataset):
         out: dict[str, Any] = {"idx": idx}
         try:
             out["fingerprint"] = source_fingerprint(job.path)
-            if not job.gt_only:
-                rgb = decode_rgb(job.path.read_bytes(), job.path)
+            if job.needs_image:
+                rgb = decode_rgb(job.path.read_bytes(), job.path, self.intensity)
+                levels = grey_levels(rgb)
+                if levels < MIN_GREY_LEVELS:
+                    out["warning"] = (f"{job.path}: decodes to only {levels} grey level(s) "
+                                      f"(data.intensity is {self.intensity.fingerprint}); check the image")
                 h, w = rgb.shape[:2]
                 if (h, w) != (rec.height, rec.width):
                     raise ImageError(f"{job.path}: image is {w}x{h} but the annotations say "
@@ -68,13 +75,26 @@ def collate_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_row(split: SplitStore, job: Job, fp: tuple[int, int], feats: tuple[np.ndarray, np.ndarray] | None,
               gt: tuple[np.ndarray, np.ndarray, np.ndarray], had_record: bool) -> None:
-    """The row protocol: clear the old record, write the chunks, then the record (the commit)."""
-    if had_record:
-        split.clear_row(job.row)
-    if feats is not None:
-        split.write_features(job.row, *feats)
-    split.write_gt(job.row, *gt)
-    split.commit_row(job.row, row_record(job.record, fp, STATE_COMPLETE, len(gt[1])))
+    """The row protocol: clear the old record, write the chunks, then the record (the commit), which
+    carries the digests of what was written (features kept by a GT-only rewrite keep theirs)."""
+    with store_access(split.store_path, f"write {split.name} row {job.row} ({job.path})"):
+        if had_record:
+            split.clear_row(job.row)
+        digests = dict(job.kept) if feats is None else split.write_features(job.row, *feats)
+        digests.update(split.write_gt(job.row, *gt))
+        split.commit_row(job.row, {**row_record(job.record, fp, STATE_COMPLETE, len(gt[1])), **digests})
+
+
+def copy_row(split: SplitStore, job: Job, fp: tuple[int, int], source: Any,
+             gt: tuple[np.ndarray, np.ndarray, np.ndarray], had_record: bool) -> None:
+    """:func:`write_row` with the features read from ``source`` (``extract/reuse.py``), on a writer thread."""
+    assert job.reuse_row is not None
+    write_row(split, job, fp, source.read(split.name, job.reuse_row), gt, had_record)
+
+
+def write_bad(split: SplitStore, job: Job, record: dict[str, int]) -> None:
+    with store_access(split.store_path, f"write {split.name} row {job.row} ({job.path})"):
+        split.commit_row(job.row, record)
 
 
 class RowWriter:

@@ -2,8 +2,8 @@
 
 Incremental: a row is skipped when its record is COMPLETE and both the image file (size, mtime) and
 its annotations are unchanged; only the GT is rewritten (no decode, no encoder) when just the
-annotations changed. ``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from
-RANK/WORLD_SIZE.
+annotations changed. Any other row (empty, torn, DAMAGED, a record failing its checksum) is redone.
+``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from RANK/WORLD_SIZE.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.imageio import source_fingerprint
-from boxrefine.shared.records import ImageRecord, instance_mask, preprocess_shape, resize_gt_masks, resolve_image
-from boxrefine.shared.sam import IMG_SIZE
-from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, SplitStore
+from boxrefine.shared.records import ImageRecord, instance_mask, resolve_image
+from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, F, SplitStore
 
 
 @dataclass
@@ -27,6 +27,13 @@ class Job:
     record: ImageRecord
     path: Path
     gt_only: bool  # image unchanged, only annotations changed: no decode, no encoder
+    kept: dict[str, int] = field(default_factory=dict)  # gt_only: the record's feature digests, carried over
+    reuse_row: int | None = None  # features copied from this row of --reuse-features (extract/reuse.py)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether the image is decoded and encoded (neither a GT-only rewrite nor reused features)."""
+        return not self.gt_only and self.reuse_row is None
 
 
 @dataclass
@@ -36,8 +43,10 @@ class SplitSummary:
     todo: int = 0
     encoded: int = 0
     gt_only: int = 0
+    reused: int = 0  # features copied from --reuse-features instead of encoded
     skipped: int = 0
-    bad: dict[int, dict[str, str]] = field(default_factory=dict)
+    bad: dict[int, dict[str, str]] = field(default_factory=dict)  # found bad by this run, by key
+    kept_bad: dict[int, dict[str, str]] = field(default_factory=dict)  # recorded bad earlier, file unchanged
 
 
 def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
@@ -50,11 +59,16 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int]
-               ) -> tuple[list[Job], int]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date)."""
+               ) -> tuple[list[Job], int, list[ImageRecord]]:
+    """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
+    those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since).
+
+    A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
+    its annotations changed, but only while the annotated image size is the stored one: a new
+    width/height re-encodes the image."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
     rows = split.read_rows()
-    jobs, skipped = [], 0
+    jobs, skipped, kept_bad = [], 0, []
     i_shard, n_shard = shard
     for rec in records:
         i = row_of[rec.key]
@@ -67,24 +81,29 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
             fp = (-1, -1)
         r = rows[i]
         same_src = (int(r[F["src_size"]]), int(r[F["src_mtime_ns"]])) == fp
+        same_size = (int(r[F["orig_h"]]), int(r[F["orig_w"]])) == (rec.height, rec.width)
         same_ann = int(r[F["ann_hash"]]) == rec.ann_hash
         state = int(r[F["state"]])
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
-        elif state == STATE_COMPLETE and same_src:
-            jobs.append(Job(i, rec, path, gt_only=True))
+            if state == STATE_BAD:
+                kept_bad.append(rec)
+        elif state == STATE_COMPLETE and same_src and same_size:
+            kept = {DIGEST[a]: int(r[F[DIGEST[a]]]) for a in FEATURE_ARRAYS}
+            jobs.append(Job(i, rec, path, gt_only=True, kept=kept))
         else:
             jobs.append(Job(i, rec, path, gt_only=False))
-    return jobs, skipped
+    return jobs, skipped, kept_bad
 
 
 def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masks k×S×S uint8 in SAM's low-res frame, boxes k×4 xyxy original px, info k×3)."""
+    """(masks k×S×S uint8 laid out as SAM lays out its low-res masks (``ImageGeometry.masks_to_lowres``),
+    boxes k×4 xyxy original px, info k×3)."""
     if rec.instances:
         masks = np.stack([instance_mask(a, rec.height, rec.width) for a in rec.instances])
     else:
         masks = np.zeros((0, rec.height, rec.width), np.uint8)
-    small = resize_gt_masks(masks, size)
+    small = ImageGeometry.of(rec.height, rec.width).masks_to_lowres(masks, size)
     boxes = np.array([a.box for a in rec.instances], np.float32).reshape(-1, 4)
     info = np.array([[a.ann_id, a.category_id, a.iscrowd] for a in rec.instances], np.int64).reshape(-1, 3)
     return small, boxes, info
@@ -92,6 +111,6 @@ def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def row_record(rec: ImageRecord, fp: tuple[int, int], state: int, n_inst: int) -> dict[str, int]:
     """The store record of a row (see ``ROW_FIELDS``), written last as the row's commit."""
-    ih, iw = preprocess_shape(rec.height, rec.width, IMG_SIZE)
+    ih, iw = ImageGeometry.of(rec.height, rec.width).input_hw
     return {"state": state, "src_size": fp[0], "src_mtime_ns": fp[1], "ann_hash": rec.ann_hash,
             "orig_h": rec.height, "orig_w": rec.width, "input_h": ih, "input_w": iw, "n_instances": n_inst}

@@ -17,23 +17,28 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, write_row
+from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
+from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
+from boxrefine.extract.reuse import FeatureSource, mark_reusable
+from boxrefine.extract.sources import split_records
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.records import load_coco
+from boxrefine.shared.records import SplitRecords
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
 from boxrefine.shared.store import (
     STATE_BAD,
     STATE_EMPTY,
+    STATE_STALE,
     F,
-    FeatureStore,
     SplitStore,
     StoreError,
     identity_for,
     to_storage,
 )
+from boxrefine.shared.store_files import store_access
+from boxrefine.shared.workers import worker_init
 
 
 class ExtractError(BoxrefineError, RuntimeError):
@@ -62,6 +67,7 @@ class Extractor:
         self.cfg, self.ecfg = cfg, cfg.extract
         self.model, self.announce = model, announce
         self.encoder_s, self.encoded = 0.0, 0
+        self.all_bad_is_error = True  # refine passes the boxes of bad images through instead
 
     def setup(self) -> Extractor:
         self.t_start = time.perf_counter()
@@ -69,27 +75,57 @@ class Extractor:
         ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
         ckpt_attrs = {"kind": ckpt.kind, "fingerprint": ckpt.fingerprint, "sha256": ckpt.sha256,
                       "path": ckpt.path, "official_name": ckpt.official_name, "seed": ckpt.seed}
-        self.store = FeatureStore.open_or_create(cfg.store, identity_for(cfg, ckpt.fingerprint), ckpt_attrs,
-                                                 cfg.to_dict(), overwrite=self.ecfg.overwrite)
+        identity = identity_for(cfg, ckpt.fingerprint)
+        self.source = FeatureSource(self.ecfg.reuse_features, identity) if self.ecfg.reuse_features else None
+        self.store = open_output_store(cfg, identity, ckpt_attrs)
         self.shard = shard_of(cfg)
         self.shard_name = f"shard-{self.shard[0]}-of-{self.shard[1]}"
         console.print(f"extract → {cfg.store.path}  model {cfg.model.type}, weights {ckpt.describe()}, "
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
         self.plans: list[tuple[SplitStore, list[Job], SplitSummary]] = []
+        self.records: dict[str, SplitRecords] = {}
         for name in self.ecfg.splits or list(cfg.data.splits):
             scfg = cfg.data.splits[name]
-            recs = load_coco(scfg.annotations)
-            split = self.store.layout_split(name, recs.images, {"path": str(scfg.annotations), "sha256": recs.sha256},
-                                            str(scfg.images), INTERM_CHANNELS[cfg.model.type])
-            jobs, skipped = plan_split(split, list(recs.images), scfg.images, self.shard)
-            self.plans.append((split, jobs, SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)))
+            recs, unreadable = split_records(scfg)  # images-only splits: sizes from the image headers
+            self.records[name] = recs
+            ann = {"path": str(scfg.annotations) if scfg.annotations else None, "sha256": recs.sha256,
+                   "ground_truth": recs.ground_truth}
+            split = self.store.layout_split(name, recs.images, ann, str(scfg.images), INTERM_CHANNELS[cfg.model.type])
+            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard)
+            summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            for rep in unreadable.values():
+                console.print(f"bad image: {rep['reason']}", markup=False, style="red")
+            summ.bad.update(unreadable)
+            if self.source is not None:
+                mark_reusable(self.source, name, jobs)
+            if kept_bad:
+                reports = split.bad_images()
+                summ.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
+                                 for r in kept_bad}
+                if self.ecfg.strict:
+                    raise ExtractError(self._strict_message(name, summ.kept_bad))
+            self.plans.append((split, jobs, summ))
         return self
+
+    def restrict(self, split: str, keys: set[int]) -> None:
+        """Do only the rows of ``split`` whose key is in ``keys`` (refine: the images with boxes to refine)."""
+        for sp, jobs, summ in self.plans:
+            if sp.name == split:
+                jobs[:] = [j for j in jobs if j.record.key in keys]
+                summ.todo = len(jobs)
+
+    def _strict_message(self, split: str, kept_bad: dict[int, dict[str, str]]) -> str:
+        reasons = sorted(rep["reason"] for rep in kept_bad.values())
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        return (f"{self.cfg.store.path}: split {split!r}: --strict, and {len(reasons)} image(s) are recorded bad by "
+                f"an earlier run: {'; '.join(reasons[:3])}{more}. Fix them (a changed file is retried), remove them "
+                "from the annotations, or run without --strict")
 
     def run(self) -> ExtractResult:
         cfg = self.cfg
         self.device = resolve_device(cfg.model.device)
-        if self.model is None and any(not j.gt_only for _, jobs, _ in self.plans for j in jobs):
+        if self.model is None and any(j.needs_image for _, jobs, _ in self.plans for j in jobs):
             self.model = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, self.device,
                                       announce=self.announce)
         if self.model is not None:
@@ -102,14 +138,29 @@ class Extractor:
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
                             self.encoder_s, self.encoded)
         print_summary(res)
+        unusable = [m for split, _, summ in self.plans if (m := self._all_bad(split, summ))]
+        if unusable and self.all_bad_is_error:
+            raise ExtractError("; ".join(unusable))
         return res
+
+    def _all_bad(self, split: SplitStore, summ: SplitSummary) -> str | None:
+        """The error when every image of a split is bad (a wrong image folder, typically): extract ends
+        non-zero instead of leaving train a split with nothing in it."""
+        states = split.read_rows()[:, F["state"]]
+        states = states[states != STATE_STALE]
+        if len(states) == 0 or not (states == STATE_BAD).all():
+            return None  # some row is complete, or still to do (e.g. by another shard)
+        example = next(iter({**summ.kept_bad, **summ.bad, **split.bad_images()}.values()), {}).get("reason", "?")
+        return (f"{self.cfg.store.path}: split {split.name!r}: all {len(states)} images are bad (e.g. {example}); "
+                f"check data.splits.{split.name}.images ({self.cfg.data.splits[split.name].images})")
 
     def extract_split(self, split: SplitStore, jobs: list[Job], summ: SplitSummary) -> None:
         ecfg = self.ecfg
         rows_before = split.read_rows()
-        loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size), batch_size=ecfg.batch_size,
+        loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size, self.cfg.data.intensity.mapping()),
+                            batch_size=ecfg.batch_size,
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
-                            prefetch_factor=4 if ecfg.num_workers else None)
+                            prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
         lock = threading.Lock()
         try:
@@ -119,16 +170,22 @@ class Extractor:
                     for it in items:
                         job = jobs[it["idx"]]
                         had = int(rows_before[job.row, F["state"]]) != STATE_EMPTY
+                        if "warning" in it:
+                            console.print(f"warning: {it['warning']}", style="yellow", markup=False)
                         if "error" in it:
                             self._bad(split, job, it, summ, writer, lock)
                         elif job.gt_only:
                             writer.submit(write_row, split, job, it["fingerprint"], None, it["gt"], had)
                             summ.gt_only += 1
+                        elif job.reuse_row is not None:
+                            writer.submit(copy_row, split, job, it["fingerprint"], self.source, it["gt"], had)
+                            summ.reused += 1
                         else:
                             to_encode.append((job, it, had))
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summ.encoded += len(to_encode)
+                    writer.raise_errors(done_only=True)  # a failed write (disk full) stops the run here
                     bar.advance(len(items))
         finally:
             try:
@@ -143,7 +200,7 @@ class Extractor:
         console.print(f"bad image: {it['error']}", markup=False, style="red")
         if self.ecfg.strict:
             raise ExtractError(f"{it['error']} (--strict)")
-        writer.submit(split.commit_row, job.row, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
+        writer.submit(write_bad, split, job, row_record(job.record, it.get("fingerprint", (-1, -1)), STATE_BAD, 0))
 
     def _encode(self, split: SplitStore, batch: list[tuple[Job, dict[str, Any], bool]], writer: RowWriter) -> None:
         assert self.model is not None
@@ -171,7 +228,8 @@ class Extractor:
             previous = {}
         merged = {int(k): v for k, v in previous.items()}
         merged.update(summ.bad)
-        split.record_bad_images(self.shard_name, merged)
+        with store_access(split.store_path, f"record the bad images of {split.name}"):
+            split.record_bad_images(self.shard_name, merged)
 
 
 def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, announce: bool = True
@@ -184,9 +242,13 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
 def print_summary(res: ExtractResult) -> None:
     for s in res.splits:
         console.print(f"{s.split}: rows {s.rows}: encoded {s.encoded}, gt-only {s.gt_only}, "
-                      f"up to date {s.skipped}, bad {len(s.bad)}", markup=False)
+                      + (f"features reused {s.reused}, " if s.reused else "")
+                      + f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
         for key, rep in s.bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key})", markup=False)
+        for key, rep in s.kept_bad.items():
+            console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key}; recorded earlier, file unchanged)",
+                          markup=False)
     if res.encoded:
         console.print(f"{res.encoded} images in {res.wall_s:.1f}s = {res.images_per_s:.2f} img/s; "
                       f"encoder {res.encoder_s:.1f}s = {100 * res.encoder_share:.0f}% of wall time", markup=False)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.imageio import Intensity
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -41,15 +42,47 @@ class _Section(BaseModel):
 
 
 class SplitConfig(_Section):
-    """One data split: an image folder and its COCO instances JSON (+ optional detections)."""
+    """One data split: an image folder and its COCO instances JSON (+ optional detections).
+
+    Without ``annotations`` the split is *images only*: every image under ``images`` (recursively,
+    common image extensions), sizes from the image headers, no ground truth. A COCO file with images
+    and no annotations is images only too. Such splits can be extracted and refined, not trained
+    on or scored."""
 
     images: Path
-    annotations: Path
+    annotations: Path | None = None
     detections: Path | None = None
+
+    @property
+    def images_only(self) -> bool:
+        """True when the config gives no annotation file (a COCO file without annotations is found
+        out when it is read)."""
+        return self.annotations is None
+
+
+class IntensityConfig(_Section):
+    """How images that are not 8-bit become 8-bit (``shared/imageio.py`` ``Intensity``)."""
+
+    mode: Literal["percentile", "range", "none"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> IntensityConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {list(self.percentiles)}")
+        if self.mode == "range" and (self.range is None or not self.range[0] < self.range[1]):
+            raise ValueError("mode 'range' needs range: [low, high] with low < high")
+        return self
+
+    def mapping(self) -> Intensity:
+        return Intensity(self.mode, tuple(self.percentiles), tuple(self.range) if self.range else None)
 
 
 class DataConfig(_Section):
     splits: dict[str, SplitConfig] = Field(min_length=1)
+    intensity: IntensityConfig = IntensityConfig()
 
     @field_validator("splits")
     @classmethod
@@ -80,6 +113,7 @@ class StoreConfig(_Section):
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
+    on_damage: Literal["error", "skip"] = "error"
 
 
 class ExtractConfig(_Section):
@@ -91,6 +125,7 @@ class ExtractConfig(_Section):
     shard: str | None = None
     strict: bool = False
     overwrite: bool = False
+    reuse_features: str | None = None  # another store to copy unchanged images' features from
 
     @field_validator("shard")
     @classmethod
@@ -142,6 +177,16 @@ class TrainConfig(_Section):
         return v
 
 
+class RefineConfig(_Section):
+    checkpoint: Path | None = None  # a refiner checkpoint file or a run folder (its best.pt)
+    min_score: float = 0.0
+    low_score: Literal["keep", "drop"] = "keep"
+    masks: bool = False
+    vis: bool = False
+    vis_count: int = Field(10, ge=1)
+    batch_images: int = Field(2, ge=1)
+
+
 class EvaluateConfig(_Section):
     split: str | None = None  # None: train's validation split
     checkpoint: Path | None = None
@@ -160,6 +205,7 @@ class PipelineConfig(_Section):
     refiner: RefinerConfig = RefinerConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    refine: RefineConfig = RefineConfig()
     fast: dict[str, dict[str, Any]] = {}
     fast_applied: dict[str, Any] = {}  # filled by load_config(fast=True): what FAST changed
 
@@ -167,7 +213,8 @@ class PipelineConfig(_Section):
         """The split train evaluates on (``train.val_split``, else "val" if configured)."""
         if self.train.val_split is not None:
             return self.train.val_split
-        return "val" if "val" in self.data.splits else None
+        val = self.data.splits.get("val")
+        return "val" if val is not None and not val.images_only else None  # images only: nothing to score
 
     def eval_split(self) -> str | None:
         return self.evaluate.split if self.evaluate.split is not None else self.val_split()
@@ -179,6 +226,9 @@ class PipelineConfig(_Section):
                            ("evaluate.split", self.evaluate.split)):
             if split is not None and split not in self.data.splits:
                 errors.append((key, f"split {split!r} is not in data.splits {sorted(self.data.splits)}"))
+            elif split is not None and self.data.splits[split].images_only:
+                errors.append((key, f"split {split!r} is images only (data.splits.{split}.annotations is not set): "
+                                    "training and scoring need ground truth; `boxrefine refine` uses such splits"))
         if self.extract.splits is not None:
             unknown = [s for s in self.extract.splits if s not in self.data.splits]
             if unknown:
@@ -236,12 +286,57 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice in one YAML document (``key`` dotted, ``lines`` 1-based)."""
+
+    def __init__(self, key: str, lines: tuple[int, int]):
+        self.key, self.lines = key, lines
+        super().__init__(f"duplicate key {key!r} (lines {lines[0]} and {lines[1]})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in a mapping (PyYAML keeps the last one
+    silently, hiding a pasted-twice or mistyped option). YAML merge keys (``<<``) are not duplicates."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias already checked (and recursive structures)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                _check_unique_keys(value_node, path, seen_nodes)
+                continue
+            dotted = f"{path}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            k = (key_node.tag, key_node.value)
+            if k in first_line:
+                raise DuplicateKeyError(dotted, (first_line[k], line))
+            first_line[k] = line
+            _check_unique_keys(value_node, f"{dotted}.", seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}{i}.", seen_nodes)
+
+
 def parse_set_option(item: str) -> tuple[str, Any]:
-    """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML)."""
+    """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML; ``KEY=null``
+    sets the key to null)."""
     if "=" not in item:
         raise ConfigError("--set", [(item, "expected KEY=VALUE, e.g. extract.batch_size=4")])
     key, _, value = item.partition("=")
-    return key.strip(), yaml.safe_load(value)
+    key = key.strip()
+    try:
+        return key, yaml.load(value, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        problem = str(e) if isinstance(e, DuplicateKeyError) else getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError("--set", [(key, f"not a valid YAML value ({problem}): {value!r}")]) from None
 
 
 def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
@@ -258,6 +353,7 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     cfg.train.runs_dir = fix(cfg.train.runs_dir)
     cfg.evaluate.checkpoint = fix(cfg.evaluate.checkpoint)
+    cfg.refine.checkpoint = fix(cfg.refine.checkpoint)
     if not is_url(cfg.store.path):
         raw = cfg.store.path.removeprefix("file://")
         cfg.store.path = str(fix(Path(raw)))
@@ -331,19 +427,22 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
 
 
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None, fast: bool = False) -> PipelineConfig:
-    """Read ``path`` with ``yaml.safe_load``, apply the ``fast:`` block if ``fast``, then dotted
-    ``overrides`` (CLI flags), and validate."""
+    """Read ``path`` (YAML, safe loading, a key given twice refused), apply the ``fast:`` block if
+    ``fast``, then the dotted ``overrides`` (``--set`` and CLI flags; a None value sets the key to
+    null), and validate."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(str(path), [("<file>", f"cannot read: {e.strerror or e}")]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(str(path), [(e.key, f"duplicate key (lines {e.lines[0]} and {e.lines[1]}); remove one")]
+                          ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         pos = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(str(path), [("<yaml>", f"not valid YAML{pos}: {getattr(e, 'problem', e)}")]) from None
     raw = raw if raw is not None else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     return validate_config(raw, str(path), path.resolve().parent, fast=fast, overrides=overrides)

@@ -1,5 +1,10 @@
 """Terminal output: one rich console, progress bars with rate and ETA on a terminal, and plain
-periodic log lines when output is not a terminal (CI, log files)."""
+periodic log lines when output is not a terminal (CI, log files).
+
+Messages carry user data (paths, values such as ``[x, y, w, h]`` or ``[inf, ...]``), so nothing is
+read as rich markup: print strings with ``markup=False`` (colour through ``style=``) and build other
+renderables from ``rich.text.Text`` (``tests/test_bad_input.py`` checks every ``console.print``).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 
 def _make_console() -> Console:
@@ -38,9 +44,9 @@ def is_interactive() -> bool:
 def warn_loud(title: str, text: str) -> None:
     """A warning that cannot be missed (e.g. random-init weights)."""
     if is_interactive():
-        console.print(Panel(text, title=title, border_style="bold yellow"))
+        console.print(Panel(Text(text), title=Text(title), border_style="bold yellow"))
     else:
-        console.print(f"WARNING [{title}] {text}")
+        console.print(f"WARNING [{title}] {text}", markup=False)
 
 
 class _Task:
@@ -65,7 +71,7 @@ class _Task:
             rate = self.done / max(now - self._t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             console.print(f"{self.desc}: {self.done}/{self.total} {self.unit} "
-                          f"({rate:.2f} {self.unit}/s, eta {eta:.0f}s) {self.postfix}".rstrip())
+                          f"({rate:.2f} {self.unit}/s, eta {eta:.0f}s) {self.postfix}".rstrip(), markup=False)
 
 
 @contextmanager
@@ -75,14 +81,14 @@ def progress(desc: str, total: int, unit: str = "img") -> Iterator[_Task]:
         yield _Task(None, None, desc, total, unit)
         return
     cols = (
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # descriptions name checkpoints
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[rate]}", markup=False),
         TimeElapsedColumn(),
-        TextColumn("eta"),
+        TextColumn("eta", markup=False),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[postfix]}"),
+        TextColumn("{task.fields[postfix]}", markup=False),
     )
     with Progress(*cols, console=console, transient=False) as p:
         task_id = p.add_task(desc, total=total, rate="", postfix="")

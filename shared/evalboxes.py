@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from boxrefine.shared.boxes import jitter_boxes
+from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import PipelineConfig
+from boxrefine.shared.console import console
 from boxrefine.shared.fileio import atomic_write_json, read_bytes
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.records import DataError
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import F
+from boxrefine.shared.rowdata import StoreRows, row_geometry
 
 
 @dataclass
@@ -39,8 +41,42 @@ class CoarseBoxes:
         return len(self.boxes)
 
 
-def load_detections(path: Path) -> dict[int, list[tuple[list[float], float, int]]]:
-    """COCO results JSON → {image_id: [(xyxy, score, category_id), ...]}."""
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integral(x: Any) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+
+
+def _detection(path: Path, i: int, d: Any) -> tuple[int, tuple[list[float], float, int]]:
+    """One checked entry of a detections file: (image_id, (xyxy, score, category_id))."""
+    where = f"{path}: [{i}]"
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: expected an object {{image_id, bbox [x, y, w, h], score}}, got {d!r:.120}")
+    image_id = d.get("image_id")
+    if not _integral(image_id):
+        raise DataError(f"{where}: image_id must be an integer, got {image_id!r:.60}")
+    where += f" (image_id {int(image_id)})"
+    bbox = d.get("bbox")
+    ok = isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)
+    if not ok or bbox[2] < 0 or bbox[3] < 0 or not (_finite(bbox[0] + bbox[2]) and _finite(bbox[1] + bbox[3])):
+        raise DataError(f"{where}: bbox must be [x, y, w, h], finite numbers with w, h >= 0, got {bbox!r:.120}")
+    score, cat = d.get("score", 1.0), d.get("category_id", -1)
+    if not _finite(score):
+        raise DataError(f"{where}: score must be a finite number, got {score!r:.60}")
+    if not _integral(cat):
+        raise DataError(f"{where}: category_id must be an integer, got {cat!r:.60}")
+    x, y, w, h = (float(v) for v in bbox)
+    return int(image_id), ([x, y, x + w, y + h], float(score), int(cat))
+
+
+def load_detections(path: Path, image_ids: Collection[int] | None = None
+                    ) -> dict[int, list[tuple[list[float], float, int]]]:
+    """COCO results JSON → {image_id: [(xyxy, score, category_id), ...]}. Every entry is checked
+    (finite numbers, no negative size): a bad one is a DataError naming the file and the entry.
+    Given the split's ``image_ids``, detections of other images are dropped, with one warning that
+    counts them."""
     try:
         data = json.loads(read_bytes(path, DataError, "detections file"))
     except ValueError as e:
@@ -51,14 +87,15 @@ def load_detections(path: Path) -> dict[int, list[tuple[list[float], float, int]
         raise DataError(f"{path}: detections must be a COCO results list")
     out: dict[int, list[tuple[list[float], float, int]]] = {}
     for i, d in enumerate(data):
-        try:
-            x, y, w, h = (float(v) for v in d["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-                raise ValueError("bad bbox")
-            out.setdefault(int(d["image_id"]), []).append(([x, y, x + w, y + h], float(d.get("score", 1.0)),
-                                                           int(d.get("category_id", -1))))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: [{i}]: expected {{image_id, bbox [x,y,w,h], score}}, got {d!r:.120}") from None
+        image_id, det = _detection(path, i, d)
+        out.setdefault(image_id, []).append(det)
+    if image_ids is not None:
+        known = set(image_ids)
+        unknown = sorted(k for k in out if k not in known)
+        if unknown:
+            n = sum(len(out.pop(k)) for k in unknown)
+            console.print(f"{path}: {n} detection(s) for {len(unknown)} image id(s) not in the split "
+                          f"(e.g. {unknown[0]}); ignored", style="yellow", markup=False)
     return out
 
 
@@ -76,7 +113,7 @@ def _row_generator(seed: int, key: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + int(key)) % (2**63 - 1))
 
 
-def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, hw: tuple[int, int], key: int,
+def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, geometry: ImageGeometry, key: int,
                       detections: list[tuple[list[float], float, int]] | None, seed: int, jitter: float,
                       min_iou: float = 1e-6) -> CoarseBoxes:
     """Fixed evaluation boxes of one image (see module docstring). Crowd GT is never a target."""
@@ -90,7 +127,7 @@ def make_coarse_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, hw: tuple[i
         cats = torch.tensor([d[2] for d in detections], dtype=torch.int64)
         return CoarseBoxes(boxes, match_to_gt(boxes, gt_boxes, valid, min_iou), scores, cats)
     idx = torch.nonzero(valid).flatten()
-    boxes = jitter_boxes(gt_boxes[idx].float(), jitter, hw, _row_generator(seed, key))
+    boxes = jitter_boxes(gt_boxes[idx].float(), jitter, geometry, _row_generator(seed, key))
     return CoarseBoxes(boxes, idx.to(torch.int64), torch.ones(len(idx)), gt_info[idx, 1].to(torch.int64))
 
 
@@ -104,23 +141,29 @@ def save_coarse_boxes(path: Path, boxes: dict[int, CoarseBoxes], image_ids: dict
 
 
 def load_coarse_boxes(path: Path) -> tuple[dict[int, CoarseBoxes], dict[str, Any]]:
+    """Saved evaluation boxes; a non-finite box or score (a file written before detections were
+    checked) is a DataError naming the file and the image."""
     doc = json.loads(path.read_text())
     out = {}
     for k, v in doc.pop("images").items():
-        out[int(k)] = CoarseBoxes(torch.tensor(v["boxes"], dtype=torch.float32).reshape(-1, 4),
-                                  torch.tensor(v["gt_index"], dtype=torch.int64),
-                                  torch.tensor(v["scores"], dtype=torch.float32),
-                                  torch.tensor(v["category_id"], dtype=torch.int64))
+        cb = CoarseBoxes(torch.tensor(v["boxes"], dtype=torch.float32).reshape(-1, 4),
+                         torch.tensor(v["gt_index"], dtype=torch.int64),
+                         torch.tensor(v["scores"], dtype=torch.float32),
+                         torch.tensor(v["category_id"], dtype=torch.int64))
+        if not (torch.isfinite(cb.boxes).all() and torch.isfinite(cb.scores).all()):
+            raise DataError(f"{path}: image_id {v.get('image_id')}: a box or score is not a finite number")
+        out[int(k)] = cb
     return out, doc
 
 
 def detection_pairs(dets: list[tuple[list[float], float, int]], gt_boxes: torch.Tensor, gt_info: torch.Tensor,
                     min_iou: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou."""
+    """Training pairs from real detector boxes: (boxes k×4, their GT indices k), IoU ≥ min_iou; only
+    GT that may be a target (``trainable_gt``)."""
     if not dets or len(gt_boxes) == 0:
         return torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
     boxes = torch.tensor([d[0] for d in dets], dtype=torch.float32)
-    valid = gt_info[:, 2] == 0
+    valid = trainable_gt(gt_boxes, gt_info)
     idx = match_to_gt(boxes, gt_boxes, valid, min_iou)
     keep = idx >= 0
     return boxes[keep], idx[keep]
@@ -134,28 +177,51 @@ def sample_subset(n: int, ratio: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
+def boxes_provenance(cfg: PipelineConfig, split: str, ds: StoreRows) -> dict[str, str | None]:
+    """What a split's evaluation boxes are computed from: the annotations its stored GT came from,
+    the detections file, and the store's row layout (sha256 each)."""
+    from boxrefine.shared.records import file_sha256
+
+    dets = cfg.data.splits[split].detections
+    sp = ds.split()
+    return {"annotations_sha256": sp.annotations_sha256,
+            "detections_sha256": file_sha256(dets) if dets is not None and dets.is_file() else None,
+            "layout_sha256": sp.layout_digest()}
+
+
 def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Path | None) -> dict[int, CoarseBoxes]:
-    """Fixed evaluation boxes of a split (detections, else seeded GT jitter, per ``cfg.evaluate``),
-    read back from ``path`` when it exists and written there otherwise."""
+    """Fixed evaluation boxes of a split (detections, else seeded GT jitter, per ``cfg.evaluate``).
+    With a ``path``, they are read back from it when it exists and was made from the same
+    annotations, detections and store layout (:func:`boxes_provenance`); otherwise they are drawn and
+    written there, and a rebuilt file is announced."""
+    provenance = boxes_provenance(cfg, split, ds)
     if path is not None and path.exists():
-        boxes, _ = load_coarse_boxes(path)
-        return boxes
+        boxes, meta = load_coarse_boxes(path)
+        old = meta.get("provenance") or {}
+        changed = [k.removesuffix("_sha256") for k in provenance if old.get(k) != provenance[k]]
+        if not changed:
+            return boxes
+        console.print(f"note: {path}: the saved evaluation boxes came from other {', '.join(changed)}; "
+                      "drawing them again", style="yellow", markup=False)
     scfg = cfg.data.splits[split]
-    dets = load_detections(scfg.detections) if scfg.detections else None
     sp = ds.split()
     ids = sp.image_ids()
+    dets = load_detections(scfg.detections, set(ids.tolist()) - {-1}) if scfg.detections else None
     out, image_ids = {}, {}
     for i in ds.rows:
         rec = ds.records[i]
-        _, boxes_np, info_np = ds.read_gt(i)
+        gt = ds.read_gt(i)
+        if gt is None:  # damaged, left out (store.on_damage: skip)
+            continue
+        _, boxes_np, info_np = gt
         gt_boxes, gt_info = torch.from_numpy(boxes_np), torch.from_numpy(info_np)
         key = int(ds.keys[i])
-        hw = (int(rec[F["orig_h"]]), int(rec[F["orig_w"]]))
         det = dets.get(int(ids[i]), []) if dets is not None else None
-        out[key] = make_coarse_boxes(gt_boxes, gt_info, hw, key, det, cfg.evaluate.seed, cfg.evaluate.jitter)
+        out[key] = make_coarse_boxes(gt_boxes, gt_info, row_geometry(rec), key, det, cfg.evaluate.seed,
+                                     cfg.evaluate.jitter)
         image_ids[key] = int(ids[i])
     if path is not None:
         source = f"detections:{scfg.detections}" if dets is not None else "jitter"
         save_coarse_boxes(path, out, image_ids, source, {"split": split, "seed": cfg.evaluate.seed,
-                                                         "jitter": cfg.evaluate.jitter})
+                                                         "jitter": cfg.evaluate.jitter, "provenance": provenance})
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -44,35 +45,146 @@ def _jpeg_truncated(data: bytes) -> bool:
     return True  # ran out of data before the scan
 
 
-def decode_rgb(data: bytes, name: str | Path = "<bytes>") -> np.ndarray:
+@dataclass(frozen=True)
+class Intensity:
+    """How an image that is not 8-bit becomes the 8-bit RGB HQ-SAM expects (``data.intensity``).
+
+    - ``percentile`` (default): each image's own [p_lo, p_hi] percentiles (over all colour channels)
+      map linearly to 0–255, clipped; micro-sam and napari normalise the same way.
+    - ``range``: a fixed [lo, hi] maps to 0–255 (absolute intensities stay comparable across images).
+    - ``none``: 16-bit ÷ 257, as a plain converter would; float images are refused.
+
+    8-bit images are never remapped. The mapping changes the features, so :attr:`fingerprint` is part
+    of the store identity.
+    """
+
+    mode: str = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    range: tuple[float, float] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self.mode == "percentile":
+            return f"percentile:{self.percentiles[0]:g}-{self.percentiles[1]:g}"
+        if self.mode == "range":
+            assert self.range is not None
+            return f"range:{self.range[0]:g}-{self.range[1]:g}"
+        return "none"
+
+    def to_uint8(self, arr: np.ndarray, name: str | Path) -> np.ndarray:
+        """H×W or H×W×C pixels of any integer or float type → uint8, per :attr:`mode`."""
+        if arr.dtype == np.uint8:
+            return arr
+        if arr.dtype.kind not in "uif":
+            raise ImageError(f"{name}: unsupported pixel type {arr.dtype}")
+        if self.mode == "none":
+            if arr.dtype != np.uint16:
+                raise ImageError(f"{name}: pixel type {arr.dtype} needs data.intensity.mode percentile or range "
+                                 "(mode none only converts 8- and 16-bit integers)")
+            return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        a = arr.astype(np.float32 if arr.dtype.itemsize <= 4 else np.float64)
+        finite = np.isfinite(a)
+        if not finite.any():
+            raise ImageError(f"{name}: no finite pixel values")
+        if self.mode == "range":
+            assert self.range is not None
+            lo, hi = self.range
+        else:
+            lo, hi = (float(v) for v in np.percentile(a[finite], self.percentiles))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        out = np.clip((np.where(finite, a, lo) - lo) * scale, 0, 255) + 0.5
+        return out.astype(np.uint8)
+
+
+def is_8bit_file(path: Path) -> bool:
+    """Whether an image file holds 8-bit samples (no intensity mapping applies to it). JPEG and PNG
+    are told from their headers; other formats are decoded."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:2] == b"\xff\xd8":
+        return True
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25:
+        return head[24] <= 8  # IHDR bit depth
+    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    return arr is not None and arr.dtype == np.uint8
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # an images-only folder's files
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as :func:`decode_rgb` will decode it, from the file header alone
+    (PIL reads no pixels): EXIF orientations 5-8 (a quarter turn) swap the two, as the decoder
+    applies them. :class:`ImageError` names a file whose header cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(0x0112)
+            except Exception:  # a damaged EXIF block: the decoder will not rotate either
+                orientation = None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read the image header ({e})") from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def grey_levels(rgb: np.ndarray) -> int:
+    """How many distinct values an 8-bit image holds (over all channels)."""
+    return int(np.count_nonzero(np.bincount(rgb.ravel(), minlength=256)))
+
+
+def _tiff_samples_per_pixel(data: bytes) -> int | None:
+    """SamplesPerPixel (tag 277) of a TIFF's first image, read from its header; None if not a TIFF."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8 or int.from_bytes(data[2:4], "little" if order == "<" else "big") != 42:
+        return None
+    end = "little" if order == "<" else "big"
+    ifd = int.from_bytes(data[4:8], end)
+    if ifd + 2 > len(data):
+        return None
+    for k in range(int.from_bytes(data[ifd:ifd + 2], end)):
+        entry = data[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        if len(entry) == 12 and int.from_bytes(entry[:2], end) == 277:
+            return int.from_bytes(entry[8:10], end)  # a SHORT value, left-justified in the field
+    return 1
+
+
+def decode_rgb(data: bytes, name: str | Path = "<bytes>", intensity: Intensity | None = None) -> np.ndarray:
     """Decode encoded image bytes to H×W×3 uint8 RGB, as HQ-SAM expects.
 
-    EXIF orientation is applied (the annotation frame is the displayed image); 16-bit images are
-    scaled to 8 bits (÷257); grayscale is replicated to three channels; alpha is dropped.
+    EXIF orientation is applied (the annotation frame is the displayed image); alpha is dropped;
+    images that are not 8-bit (12/16-bit, float TIFF) are mapped to 8 bits by ``intensity``
+    (default: each image's 0.5–99.5 percentiles, see :class:`Intensity`); grayscale is replicated to
+    three channels. More than 4 channels is an error.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
     if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
         # libjpeg decodes a truncated JPEG to a grey-filled image with only a warning; refuse it.
         raise ImageError(f"{name}: truncated JPEG (no end-of-image marker after the image data)")
+    samples = _tiff_samples_per_pixel(data)
+    if samples is not None and samples > 4:
+        raise ImageError(f"{name}: unsupported channel count {samples} (1, 3 or 4 channels: grayscale, RGB, "
+                         "RGBA); save the channels to use as an RGB image")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if arr is None:
         raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)")
-    if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        raise ImageError(f"{name}: unsupported pixel type {arr.dtype} (need 8- or 16-bit integers)")
-    if arr.ndim == 2:
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"{name}: unsupported channel count {arr.shape[2]} (1, 3 or 4 channels)")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]  # BGRA: the alpha channel is not part of the picture HQ-SAM sees
+    arr = (intensity or Intensity()).to_uint8(arr, name)
+    if arr.ndim == 2 or arr.shape[2] == 1:
         arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-    elif arr.shape[2] == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-    elif arr.shape[2] == 4:
-        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
     else:
-        raise ImageError(f"{name}: unsupported channel count {arr.shape[2]}")
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(arr)
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, intensity: Intensity | None = None) -> np.ndarray:
     """Read an image file to H×W×3 uint8 RGB; :class:`ImageError` names the file and the reason."""
-    return decode_rgb(read_bytes(path, ImageError), path)
+    return decode_rgb(read_bytes(path, ImageError), path, intensity)

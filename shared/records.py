@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -52,10 +51,11 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class SplitRecords:
-    annotations: Path
-    sha256: str  # fingerprint of the annotations file
+    annotations: Path | None  # None: an image folder without a COCO file
+    sha256: str  # fingerprint of the annotations file (of the file listing for a folder)
     images: tuple[ImageRecord, ...]
     categories: tuple[dict[str, Any], ...]
+    ground_truth: bool = True  # False: images only (no annotations), nothing to train on or score
 
 
 def _int63(data: bytes) -> int:
@@ -117,14 +117,22 @@ def _is_int(x: Any) -> bool:
     return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
 
 
-def load_coco(path: Path) -> SplitRecords:
-    """Read and validate a COCO instances file."""
+def load_coco(path: Path, allow_images_only: bool = False) -> SplitRecords:
+    """Read and validate a COCO instances file.
+
+    ``allow_images_only``: a file with images and no annotations (the ``annotations`` key missing or
+    an empty list) is accepted as an *images-only* split (``SplitRecords.ground_truth`` False); its
+    images may leave out width/height (0 in the records: the caller reads them from the image
+    headers, ``images_only_record``)."""
     data_bytes = read_bytes(path, DataError, "annotations file")
     try:
         data = json.loads(data_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON: {e}") from None
     _need(isinstance(data, dict), path, "top level", "expected a COCO object with 'images' and 'annotations'")
+    images_only = allow_images_only and not data.get("annotations")
+    if images_only:
+        data = {**data, "annotations": []}
     for k in ("images", "annotations"):
         _need(isinstance(data.get(k), list), path, k, "missing or not a list")
     categories = data.get("categories", [])
@@ -134,10 +142,13 @@ def load_coco(path: Path) -> SplitRecords:
     names: dict[str, int] = {}
     for i, im in enumerate(data["images"]):
         where = f"images[{i}]"
-        _need_fields(im, ("id", "file_name", "width", "height"), path, where)
+        _need_fields(im, ("id", "file_name") if images_only else ("id", "file_name", "width", "height"), path, where)
         _need(isinstance(im["id"], int) and not isinstance(im["id"], bool), path, where, "id must be an integer")
         _need(im["id"] not in images, path, where, f"duplicate image id {im['id']}")
         for k in ("width", "height"):
+            if images_only and im.get(k) is None:
+                im = {**im, k: 0}  # unknown: read from the image header
+                continue
             _need(isinstance(im[k], int) and im[k] > 0, path, where, f"{k} must be a positive integer")
         try:
             rel = safe_relpath(im["file_name"])
@@ -172,23 +183,35 @@ def load_coco(path: Path) -> SplitRecords:
         blob += f"|{im['height']}x{im['width']}".encode()
         records.append(ImageRecord(int(im["id"]), im["file_name"], image_key(im["file_name"]),
                                    int(im["height"]), int(im["width"]), tuple(insts), _int63(blob)))
+    if images_only:
+        records = [images_only_record(r.image_id, r.file_name, r.height, r.width) for r in records]
     keys = {r.key for r in records}
     _need(len(keys) == len(records), path, "images", "two file names hash to the same key (rename one)")
     return SplitRecords(path, hashlib.sha256(data_bytes).hexdigest(), tuple(records),
-                        tuple(c for c in categories if isinstance(c, dict)))
+                        tuple(c for c in categories if isinstance(c, dict)), ground_truth=not images_only)
+
+
+def images_only_record(image_id: int, file_name: str, height: int, width: int) -> ImageRecord:
+    """The record of an image without annotations (no instances; its hash depends on the size only)."""
+    return ImageRecord(image_id, file_name, image_key(file_name), height, width, (),
+                       _int63(f"images-only|{height}x{width}".encode()))
 
 
 def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:
     """Binary mask (H×W uint8) of one instance at the original resolution.
 
     Polygons, uncompressed and compressed RLE are accepted; an annotation without a segmentation
-    gets its box filled, so box-only datasets still evaluate.
+    gets its box filled (clipped to the image), so box-only datasets still evaluate.
     """
     seg = inst.segmentation
     if seg is None or seg == [] or seg == {}:
         m = np.zeros((height, width), np.uint8)
         x0, y0, x1, y1 = inst.box
-        m[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = 1
+        # clipped to the image: a negative start would be a numpy index from the far edge
+        c0, c1 = max(0, int(np.floor(x0))), min(width, int(np.ceil(x1)))
+        r0, r1 = max(0, int(np.floor(y0))), min(height, int(np.ceil(y1)))
+        if c1 > c0 and r1 > r0:
+            m[r0:r1, c0:c1] = 1
         return m
     if isinstance(seg, list):
         rles = mask_utils.frPyObjects(seg, height, width)
@@ -205,20 +228,3 @@ def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:
     if m.shape != (height, width):
         raise DataError(f"annotation {inst.ann_id}: mask is {m.shape[1]}x{m.shape[0]}, image is {width}x{height}")
     return m.astype(np.uint8)
-
-
-def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """Size (h, w) after resizing the longest side to ``long_side`` (HQ-SAM's rounding)."""
-    scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
-def resize_gt_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Resize K×H×W masks into SAM's low-res mask frame: longest side → ``size`` with
-    INTER_NEAREST, zero-padded bottom/right to ``size``×``size`` (as SAM pads its input)."""
-    k, h, w = masks.shape
-    nh, nw = preprocess_shape(h, w, size)
-    out = np.zeros((k, size, size), np.uint8)
-    for i in range(k):
-        out[i, :nh, :nw] = cv2.resize(masks[i], (nw, nh), interpolation=cv2.INTER_NEAREST)
-    return out

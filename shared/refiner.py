@@ -18,9 +18,8 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from boxrefine.shared.boxes import expand_boxes
+from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES_STRIDE
 
-EMBED_STRIDE = 16.0  # 1024 input px per 64×64 embedding cell
-MASK_STRIDE = 4.0  # 1024 input px per 256×256 low-res mask pixel
 NORMS = ("layer", "none")  # normalisation before the hidden ReLU of the MLP
 # HeadHealth thresholds below which training warns that the head has collapsed
 COLLAPSE_MIN_ACTIVE = 0.2  # share of hidden units that fired on at least one box of the epoch
@@ -77,7 +76,7 @@ class BoxRefiner(nn.Module):
             if mask_logits is None:
                 raise ValueError("this refiner uses mask logits (use_mask=True) but none were given")
             own = torch.cat([torch.arange(len(ctx), device=ctx.device, dtype=ctx.dtype)[:, None], ctx], 1)
-            f_mask = roi_align(mask_logits.float(), own, s, 1 / MASK_STRIDE, 2, True)
+            f_mask = roi_align(mask_logits.float(), own, s, 1 / LOWRES_STRIDE, 2, True)
             feats.append(torch.tanh(f_mask / 4))
         x = self.flatten(self.convs(torch.cat([f.to(feats[0].dtype) for f in feats], 1)))
         size = (coarse[:, 2:] - coarse[:, :2]).clamp(min=1.0)

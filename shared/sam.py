@@ -22,9 +22,9 @@ import torch
 from boxrefine.shared.console import console, warn_loud
 from boxrefine.shared.errors import BoxrefineError, DeviceError
 from boxrefine.shared.fileio import atomic_write_json
+from boxrefine.shared.geometry import IMG_SIZE
 from boxrefine.shared.records import file_sha256
 
-IMG_SIZE = 1024
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -112,12 +112,14 @@ def checkpoint_info(model_type: str, checkpoint: Path | None, seed: int) -> Chec
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available (under torchrun, the rank's own GPU, ``cuda:$LOCAL_RANK``)."""
+    """``auto`` → cuda if available, else cpu. ``auto`` and a bare ``cuda`` are the rank's own GPU under
+    torchrun (``cuda:$LOCAL_RANK``); ``cuda:N`` is GPU N wherever it runs."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    dev = torch.device(name)
+    rank_gpu = name == "cuda" and "LOCAL_RANK" in os.environ
+    dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if rank_gpu else name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"model.device is {name!r} but CUDA is not available on this machine")
     return dev
@@ -150,10 +152,11 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
         state = load_state_dict_file(Path(checkpoint))
         result = sam.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            console.print(f"[yellow]{checkpoint}: loaded with {len(result.missing_keys)} missing and "
-                          f"{len(result.unexpected_keys)} unexpected key(s)[/yellow]"
+            console.print(f"{checkpoint}: loaded with {len(result.missing_keys)} missing and "
+                          f"{len(result.unexpected_keys)} unexpected key(s)"
                           + (f"; missing e.g. {result.missing_keys[:3]}" if result.missing_keys else "")
-                          + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""))
+                          + (f"; unexpected e.g. {result.unexpected_keys[:3]}" if result.unexpected_keys else ""),
+                          style="yellow", markup=False)
         if len(state) - len(result.unexpected_keys) == 0:
             raise CheckpointError(f"{checkpoint}: no key matches HQ-SAM {model_type}; wrong model.type?")
     return _frozen(sam, device)
@@ -272,6 +275,6 @@ def build_sam_heads(model_type: str, checkpoint: Path | None, seed: int, device:
         if not sub:
             raise CheckpointError(f"{checkpoint}: no prompt_encoder/mask_decoder weights in this file")
         if result.missing_keys:
-            console.print(f"[yellow]{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
-                          f"e.g. {result.missing_keys[:3]}[/yellow]")
+            console.print(f"{checkpoint}: {len(result.missing_keys)} prompt/decoder key(s) missing, "
+                          f"e.g. {result.missing_keys[:3]}", style="yellow", markup=False)
     return _frozen(heads, device)

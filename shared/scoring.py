@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as nnf
 from torch.utils.data import DataLoader
 
-from boxrefine.shared.boxes import clip_boxes, mask_logits_to_boxes, scale_boxes
 from boxrefine.shared.evalboxes import CoarseBoxes
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.metrics import box_metrics, mask_iou
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import SamHeads
+from boxrefine.shared.workers import worker_init
 
 
 @dataclass
@@ -78,6 +79,30 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device.type, dtype=dtype)
 
 
+def box_prompt_logits(heads: SamHeads, emb: torch.Tensor, interm: torch.Tensor, boxes_in: torch.Tensor,
+                      device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """HQ-SAM's low-res mask logits (n×1×256×256, float32) for box prompts (n×4, input px) on ONE
+    image (``emb`` 1×256×64×64, ``interm`` 1×64×64×C)."""
+    with autocast_context(device, amp_dtype):
+        logits, _ = heads(emb, interm, boxes_in)
+    return logits.float()
+
+
+def apply_refiner(refiner: BoxRefiner, emb: torch.Tensor, interm: torch.Tensor, boxes_in: list[torch.Tensor],
+                  logits: list[torch.Tensor | None], device: torch.device, amp_dtype: torch.dtype | None
+                  ) -> torch.Tensor:
+    """Refined boxes (Σn×4, input px, float32) of a batch of images: ``boxes_in`` and ``logits`` (the
+    box prompts' mask logits, None for an image without boxes) per image. Evaluate and
+    ``boxrefine.shared.predictor`` both run this, so the two give the same boxes."""
+    mask_in = None
+    if refiner.use_mask:
+        parts = [lg for lg in logits if lg is not None]
+        mask_in = torch.cat(parts) if parts else None
+    with autocast_context(device, amp_dtype):
+        refined = refiner(emb, interm, boxes_in, mask_in)
+    return refined.float()
+
+
 @torch.no_grad()
 def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.device, *,
             refiner: BoxRefiner | None, heads: SamHeads | None, amp_dtype: torch.dtype | None = None,
@@ -96,24 +121,30 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
     """
     coarse_masks = masks if coarse_masks is None else coarse_masks
     loader = DataLoader(dataset, batch_size=batch_images, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_rows, pin_memory=device.type == "cuda")
+                        collate_fn=collate_rows, pin_memory=device.type == "cuda", worker_init_fn=worker_init())
     out: list[ImagePrediction] = []
     if refiner is not None:
         refiner.eval()
-    for batch in loader:
+    for raw in loader:
+        n_seen = len(raw["row"]) + len(raw.get("damaged", []))
+        batch = dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+        if batch is None:
+            if on_batch is not None:
+                on_batch(n_seen)
+            continue
         emb = batch["image_embeddings"].to(device, non_blocking=True).float()
         interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
         preds, boxes_in, logits_all = [], [], []
         for b in range(len(batch["row"])):
             cb = coarse[batch["key"][b]]
-            orig_hw, input_hw = batch["orig_hw"][b], batch["input_hw"][b]
+            geo = batch["geometry"][b]
             gt_boxes = batch["gt_boxes"][b]
             gt = torch.full((len(cb), 4), float("nan"))
             matched = cb.gt_index >= 0
             gt[matched] = gt_boxes[cb.gt_index[matched]]
             p = ImagePrediction(batch["row"][b], batch["key"][b], cb.boxes, gt, cb.gt_index, cb.scores,
                                 cb.category_id)
-            box_in = scale_boxes(cb.boxes, orig_hw, input_hw).to(device)
+            box_in = geo.boxes_to_input(cb.boxes).to(device)
             boxes_in.append(box_in)
             logits = None
             if heads is not None and not len(cb):
@@ -123,63 +154,57 @@ def predict(dataset: StoreRows, coarse: dict[int, CoarseBoxes], device: torch.de
                     p.mask_iou_coarse = torch.zeros(0)
             if heads is not None and len(cb) and (zero_shot or coarse_masks
                                                   or (refiner is not None and refiner.use_mask)):
-                with autocast_context(device, amp_dtype):
-                    logits, _ = heads(emb[b:b + 1], interm[b:b + 1], box_in)
-                logits = logits.float()
+                logits = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], box_in, device, amp_dtype)
                 if zero_shot:
-                    zs = mask_logits_to_boxes(logits[:, 0], box_in)
-                    p.zero_shot = clip_boxes(scale_boxes(zs, input_hw, orig_hw).cpu(), orig_hw)
+                    p.zero_shot = geo.clip_original(geo.lowres_to_boxes(logits[:, 0], cb.boxes.to(device)).cpu())
                 if coarse_masks:
-                    p.mask_iou_coarse = _mask_iou(logits, batch["gt_masks"][b], cb.gt_index)
+                    p.mask_iou_coarse = _mask_iou(logits, batch["gt_masks"][b], cb.gt_index, geo)
             logits_all.append(logits)
             preds.append(p)
         if refiner is not None:
-            mask_in = None
-            if refiner.use_mask:
-                mask_in = torch.cat([lg for lg in logits_all if lg is not None]) if any(
-                    lg is not None for lg in logits_all) else None
-            with autocast_context(device, amp_dtype):
-                refined = refiner(emb, interm, boxes_in, mask_in)
-            refined = refined.float()
+            refined = apply_refiner(refiner, emb, interm, boxes_in, logits_all, device, amp_dtype)
             start = 0
             for b, p in enumerate(preds):
                 n = len(p.coarse)
                 r_in = refined[start:start + n]
                 start += n
-                orig_hw, input_hw = batch["orig_hw"][b], batch["input_hw"][b]
-                p.refined = clip_boxes(scale_boxes(r_in, input_hw, orig_hw).cpu(), orig_hw)
+                geo = batch["geometry"][b]
+                p.refined = geo.clip_original(geo.boxes_to_original(r_in).cpu())
                 ok = p.gt_index >= 0
                 if ok.any():
-                    tgt_in = scale_boxes(p.gt[ok], orig_hw, input_hw).to(device)
+                    tgt_in = geo.boxes_to_input(p.gt[ok]).to(device)
                     _, terms = refine_loss(r_in[ok.to(device)], tgt_in, boxes_in[b][ok.to(device)], *loss_weights)
                     p.loss_terms = {**terms, "n": int(ok.sum())}
                 if masks and heads is not None:
                     if n:
-                        with autocast_context(device, amp_dtype):
-                            lg, _ = heads(emb[b:b + 1], interm[b:b + 1], r_in)
-                        p.mask_iou_refined = _mask_iou(lg.float(), batch["gt_masks"][b], p.gt_index)
+                        lg = box_prompt_logits(heads, emb[b:b + 1], interm[b:b + 1], r_in, device, amp_dtype)
+                        p.mask_iou_refined = _mask_iou(lg, batch["gt_masks"][b], p.gt_index, geo)
                     else:
                         p.mask_iou_refined = torch.zeros(0)
         out.extend(preds)
         if on_batch is not None:
-            on_batch(len(batch["row"]))
+            on_batch(n_seen)
         if should_stop is not None and should_stop():
             break
     return out
 
 
-def _mask_iou(logits: torch.Tensor, gt_masks: torch.Tensor, gt_index: torch.Tensor) -> torch.Tensor:
-    """IoU of each box's predicted low-res mask with its GT mask (NaN when unmatched). GT masks are
-    stored at the evaluation resolution; predictions are compared in their own 256×256 frame."""
+def _mask_iou(logits: torch.Tensor, gt_masks: torch.Tensor, gt_index: torch.Tensor, geo: ImageGeometry
+              ) -> torch.Tensor:
+    """IoU of each box's predicted low-res mask (``logits > 0``) with its GT mask (NaN when
+    unmatched), both cropped to the image's valid low-res region first: what the mask decoder says
+    about the padding is outside the image and never scored. GT masks are stored at the evaluation
+    resolution; predictions are resized to it only when ``store.gt_mask_size`` is not 256."""
     out = torch.full((len(gt_index),), float("nan"))
     ok = gt_index >= 0
     if not ok.any():
         return out
     pred = logits[ok.to(logits.device), 0] > 0
     gt = gt_masks[gt_index[ok]].to(pred.device).bool()
-    if gt.shape[-1] != pred.shape[-1]:  # only when store.gt_mask_size != 256
+    if gt.shape[-1] != pred.shape[-1]:
         pred = nnf.interpolate(pred[:, None].float(), size=gt.shape[-2:], mode="nearest")[:, 0] > 0.5
-    out[ok] = mask_iou(pred, gt).cpu()
+    rows, cols = geo.lowres_valid_at(gt.shape[-1])
+    out[ok] = mask_iou(pred[..., :rows, :cols], gt[..., :rows, :cols]).cpu()
     return out
 
 

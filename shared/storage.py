@@ -1,20 +1,36 @@
 """How values are stored: the storage dtype of features (numpy has no bfloat16: its bits are stored
-as uint16 and reinterpreted on read) and the Blosc codecs of each array."""
+as uint16 and reinterpreted on read), the codecs of each array, and the content digests of a row.
+
+Every array ends its codec chain with zarr's ``crc32c`` codec: the checksum covers the bytes as
+stored (after Blosc), so a flipped bit anywhere in a chunk file is caught before Blosc decodes it
+(zarr raises ``ValueError: Stored and computed checksum do not match``). The chunk checksum cannot
+see a chunk that is *missing* (zarr reads the fill value), so each row's record also holds the
+crc32c of the values of each of its arrays (:func:`digest`), checked on every read. Also: the zarr
+group calls that several writers may make at the same moment."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
-from zarr.codecs import BloscCodec, BloscShuffle
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.errors import ContainsGroupError
 
 
-def compressors(codec: str, clevel: int, typesize: int) -> Any:
+def compressors(codec: str, clevel: int, typesize: int) -> list[Any]:
+    """The bytes codecs of an array: Blosc (unless ``codec`` is "none"), then the crc32c checksum."""
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     shuffle = BloscShuffle.shuffle if typesize > 1 else BloscShuffle.bitshuffle
-    return BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle, typesize=typesize)
+    return [BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle, typesize=typesize), Crc32cCodec()]
+
+
+def digest(a: np.ndarray) -> int:
+    """crc32c of an array's values (C order, as stored), as a non-negative int for a row record."""
+    return int(google_crc32c.value(np.ascontiguousarray(a).view(np.uint8)))
 
 
 def storage_numpy_dtype(dtype: str) -> np.dtype:
@@ -36,3 +52,11 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``parent.require_group(name)``, safe when another process creates it at the same moment."""
+    try:
+        return parent.require_group(name)
+    except ContainsGroupError:
+        return parent[name]

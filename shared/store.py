@@ -3,10 +3,10 @@
 Layout::
 
     <root>                      attrs: boxrefine{schema, tool_version}, identity{...}, codec, config
-      <split>/                  attrs: annotations{path, sha256}, images_root, max_instances
+      <split>/                  attrs: annotations{path, sha256, ground_truth}, images_root, max_instances
         keys           (N,)       int64   image_key(file_name) of each row
         image_ids      (N,)       int64   COCO image id of each row
-        rows           (N, 9)     int64   per-row record, chunk (1, 9) — see ROW_FIELDS; written LAST
+        rows           (N, 14)    int64   per-row record, chunk (1, 14) — see ROW_FIELDS; written LAST
         image_embeddings  (N, 256, 64, 64)  storage dtype, one chunk per row
         interm_embeddings (N, 64, 64, C)    storage dtype, one chunk per row (C = 160/768/1024/1280)
         gt_masks       (N, K, S, S) uint8   GT instance masks in SAM's low-res frame (S = gt_mask_size)
@@ -19,40 +19,52 @@ one, then writes the row's chunks, then writes its record with state COMPLETE. E
 atomically (zarr's LocalStore writes a temp file and renames; object stores PUT whole objects), each
 row lives in its own chunks, so a reader that trusts only COMPLETE records never sees a torn row,
 and processes working on disjoint rows never touch the same object.
+
+Integrity (docs/architecture.md, "Integrity"): every chunk ends with a crc32c of its stored bytes, and
+a row's record holds the crc32c of the values of each of its arrays (``crc_<array>``), so a flipped
+bit, a truncated, missing or swapped chunk of a complete row is detected on read and raised as
+:class:`StoreDamage` naming split, row, image file and array. ``boxrefine store verify --repair``
+marks such rows DAMAGED and extract recomputes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
 import zarr
 
 from boxrefine.shared import __version__
 from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_differences, is_url
-from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.console import console
 from boxrefine.shared.records import ImageRecord
 from boxrefine.shared.storage import from_storage, storage_numpy_dtype, to_storage
+from boxrefine.shared.store_files import StoreError, delete_store_content, inspect_store_path, store_access
+from boxrefine.shared.store_split import (
+    DIGEST,
+    FEATURE_ARRAYS,
+    GT_ARRAYS,
+    INDEX_CHUNK,
+    ROW_ARRAYS,
+    ROW_FIELDS,
+    STATE_BAD,
+    STATE_COMPLETE,
+    STATE_DAMAGED,
+    STATE_EMPTY,
+    STATE_NAMES,
+    STATE_STALE,
+    F,
+    SplitStore,
+    StoreDamage,
+)
 
-SCHEMA_VERSION = 1
-ROW_FIELDS = ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h", "orig_w", "input_h", "input_w",
-              "n_instances")
-F = {name: i for i, name in enumerate(ROW_FIELDS)}
-STATE_EMPTY, STATE_COMPLETE, STATE_BAD, STATE_STALE = 0, 1, 2, 3
-STATE_NAMES = {STATE_EMPTY: "empty", STATE_COMPLETE: "complete", STATE_BAD: "bad", STATE_STALE: "stale"}
-FEATURE_ARRAYS = ("image_embeddings", "interm_embeddings")
-GT_ARRAYS = ("gt_masks", "gt_boxes", "gt_info")
-INDEX_CHUNK = 1 << 16  # rows per chunk of the small per-split index arrays (keys, image_ids)
-
-
-class StoreError(BoxrefineError, ValueError):
-    """A store that cannot be used as asked; the message names the store and the problem."""
+# 2: crc32c codec on every array and crc_<array> digests in each row record; GT masks in SAM's exact
+# low-res layout; the intensity mapping in the identity. Every array's codecs changed, so no store is
+# upgraded in place: `extract --reuse-features OLD` rebuilds one without encoder work (extract/reuse.py).
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class StoreIdentity:
     dtype: str
     encoder_precision: str
     gt_mask_size: int
+    intensity: str  # how images that are not 8-bit were mapped to 8 bits (shared/imageio.py Intensity)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -87,21 +100,31 @@ class StoreIdentity:
 
 def identity_for(cfg: PipelineConfig, checkpoint_fingerprint: str) -> StoreIdentity:
     """The identity a store made (or read) with this config must have."""
-    from boxrefine.shared.sam import IMG_SIZE, PIXEL_MEAN, PIXEL_STD
+    from boxrefine.shared.geometry import IMG_SIZE
+    from boxrefine.shared.sam import PIXEL_MEAN, PIXEL_STD
 
     return StoreIdentity(model_type=cfg.model.type, checkpoint=checkpoint_fingerprint, img_size=IMG_SIZE,
                          pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=cfg.store.dtype,
-                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size)
+                         encoder_precision=cfg.extract.encoder_precision, gt_mask_size=cfg.store.gt_mask_size,
+                         intensity=cfg.data.intensity.mapping().fingerprint)
 
 
-def open_checked_store(cfg: PipelineConfig) -> FeatureStore:
+def open_checked_store(cfg: PipelineConfig, splits: Iterable[str | None] = ()) -> FeatureStore:
     """Open the configured store read-only and refuse it unless it was made with the configured
-    model, checkpoint and preprocessing (what train and evaluate need before using any feature)."""
+    model, checkpoint and preprocessing, and unless the GT of ``splits`` comes from the annotation
+    files the config names now (what train and evaluate need before using any feature)."""
     from boxrefine.shared.sam import checkpoint_info
 
     store = open_store(cfg.store.path)
     ckpt = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed)
     check_identity(cfg.store.path, store.identity, identity_for(cfg, ckpt.fingerprint))
+    for name in dict.fromkeys(s for s in splits if s is not None):
+        split, annotations = store.split(name), cfg.data.splits[name].annotations
+        split.require_ground_truth()
+        if annotations is None:
+            raise StoreError(f"split {name!r} is images only in the config (data.splits.{name}.annotations is not "
+                             "set): nothing to train on or score")
+        split.check_annotations(annotations)
     return store
 
 
@@ -114,113 +137,11 @@ def check_identity(store_path: str, store_id: StoreIdentity, wanted: StoreIdenti
 
 
 def _open_group(path: str, mode: str) -> zarr.Group:
-    kwargs: dict[str, Any] = {"zarr_format": 3}
-    try:
-        return zarr.open_group(path, mode=mode, **kwargs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
-
-
-class SplitStore:
-    """One split of a store. Methods document the row protocol; arrays are opened lazily."""
-
-    def __init__(self, group: zarr.Group, name: str, dtype: str, store_path: str):
-        self.group, self.name, self.dtype, self.store_path = group, name, dtype, store_path
-        self._arrays: dict[str, zarr.Array] = {}
-
-    def array(self, name: str) -> zarr.Array:
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.array("keys").shape[0])
-
-    @property
-    def max_instances(self) -> int:
-        return int(self.array("gt_info").shape[1])
-
-    def keys(self) -> np.ndarray:
-        return self.array("keys")[:]
-
-    def image_ids(self) -> np.ndarray:
-        return self.array("image_ids")[:]
-
-    def read_rows(self) -> np.ndarray:
-        """All per-row records, N×len(ROW_FIELDS) int64 (one small chunk per row)."""
-        if self.n_rows == 0:
-            return np.zeros((0, len(ROW_FIELDS)), np.int64)
-        return self.array("rows")[:]
-
-    def complete_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.read_rows()[:, F["state"]] == STATE_COMPLETE)
-
-    # ---- writing (extract only) -------------------------------------------------------------
-    def clear_row(self, i: int) -> None:
-        """Step 1 of rewriting a row: readers stop trusting it before any chunk changes."""
-        self.array("rows")[i] = np.zeros(len(ROW_FIELDS), np.int64)
-
-    def write_features(self, i: int, image_embeddings: np.ndarray, interm_embeddings: np.ndarray) -> None:
-        self.array("image_embeddings")[i] = image_embeddings
-        self.array("interm_embeddings")[i] = interm_embeddings
-
-    def write_gt(self, i: int, masks: np.ndarray, boxes: np.ndarray, info: np.ndarray) -> None:
-        """masks k×S×S uint8, boxes k×4 xyxy, info k×3 — padded here to the split's K."""
-        k_max, k = self.max_instances, len(boxes)
-        if k > k_max:
-            raise StoreError(f"{self.store_path}/{self.name}: row {i} has {k} instances, layout holds {k_max}")
-        s = self.array("gt_masks").shape[-1]
-        pm = np.zeros((k_max, s, s), np.uint8)
-        pb = np.full((k_max, 4), np.nan, np.float32)
-        pi = np.full((k_max, 3), -1, np.int64)
-        pm[:k], pb[:k], pi[:k] = masks, boxes, info
-        self.array("gt_masks")[i] = pm
-        self.array("gt_boxes")[i] = pb
-        self.array("gt_info")[i] = pi
-
-    def commit_row(self, i: int, record: dict[str, int]) -> None:
-        """Last step: the row's record, with its state, becomes visible in one atomic write."""
-        row = np.zeros(len(ROW_FIELDS), np.int64)
-        for k, v in record.items():
-            row[F[k]] = int(v)
-        self.array("rows")[i] = row
-
-    # ---- reading ----------------------------------------------------------------------------
-    def read_features(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings 256×64×64 and interm_embeddings 64×64×C in the storage dtype."""
-        emb = from_storage(self.array("image_embeddings")[i], self.dtype)
-        interm = from_storage(self.array("interm_embeddings")[i], self.dtype)
-        return emb, interm
-
-    def read_gt(self, i: int, n: int, masks: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """The first ``n`` instances of row ``i`` (``n`` from its record): masks n×S×S uint8 in SAM's
-        low-res frame (None unless ``masks``), boxes n×4 float32 (xyxy, original px), info n×3 int64
-        ([annotation id, category id, iscrowd])."""
-        boxes = np.asarray(self.array("gt_boxes")[i, :n], np.float32).reshape(-1, 4)
-        info = np.asarray(self.array("gt_info")[i, :n], np.int64).reshape(-1, 3)
-        return (np.asarray(self.array("gt_masks")[i, :n]) if masks else None), boxes, info
-
-    def bad_images(self) -> dict[int, dict[str, str]]:
-        """Bad-image reports from every extract shard, for rows still marked bad."""
+    with store_access(path, "open the store"):
         try:
-            grp = self.group["bad_images"]
-        except KeyError:
-            return {}
-        reports: dict[int, dict[str, str]] = {}
-        for _, sub in sorted(grp.groups()):
-            for k, v in sub.attrs.asdict().items():
-                reports[int(k)] = v
-        if not reports:
-            return {}
-        rows, keys = self.read_rows(), self.keys()
-        bad_keys = set(keys[rows[:, F["state"]] == STATE_BAD].tolist())
-        return {k: v for k, v in reports.items() if k in bad_keys}
-
-    def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
-        grp = self.group.require_group("bad_images")
-        sub = grp.require_group(shard)
-        sub.attrs.put({str(k): v for k, v in sorted(reports.items())})
+            return zarr.open_group(path, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise StoreError(f"{path}: no feature store here (run `boxrefine extract` first)") from None
 
 
 class FeatureStore:
@@ -232,9 +153,15 @@ class FeatureStore:
         meta = attrs.get("boxrefine")
         if not isinstance(meta, dict) or "identity" not in attrs:
             raise StoreError(f"{path}: not a boxrefine feature store (no 'boxrefine' attributes)")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path}: store schema {meta.get('schema_version')} but this boxrefine "
-                             f"reads schema {SCHEMA_VERSION}; re-run extract with --overwrite")
+        version = meta.get("schema_version")
+        if isinstance(version, int) and version < SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {version}; this boxrefine reads schema {SCHEMA_VERSION} "
+                             "(checksummed chunks, GT in SAM's exact low-res frame). Rebuild it into a new store "
+                             "without encoder work for unchanged images: "
+                             f"boxrefine extract --store NEW_STORE --reuse-features {path}")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {version}, made by a newer boxrefine (this one reads schema "
+                             f"{SCHEMA_VERSION}); upgrade boxrefine")
         self.attrs = attrs
         self.identity = StoreIdentity.from_dict(attrs["identity"])
 
@@ -245,44 +172,56 @@ class FeatureStore:
     @classmethod
     def open_or_create(cls, cfg: StoreConfig, identity: StoreIdentity, checkpoint: dict[str, Any],
                        config: dict[str, Any], overwrite: bool = False) -> FeatureStore:
-        """Open the configured store for writing, creating it if absent. Refuses (StoreError) a store
-        whose identity differs from ``identity``, naming both."""
+        """Open the configured store for writing, creating it if the path is absent or an empty folder.
+
+        Refuses (StoreError) any other non-empty path: extract never writes into, or deletes, what is
+        not a boxrefine store. ``overwrite`` deletes only a store's own content, and says what. A
+        store made with another identity is refused naming both, unless it holds no complete row
+        (e.g. a first extract that failed to load its checkpoint): then it is re-stamped."""
         path = cfg.path
-        if overwrite:
-            group = zarr.open_group(path, mode="w", zarr_format=3)
-        else:
-            group = zarr.open_group(path, mode="a", zarr_format=3)
-        attrs = group.attrs.asdict()
-        if "boxrefine" in attrs:
-            store = cls(path, group)
-            check_identity(path, store.identity, identity)
-            return store
-        if any(True for _ in group.members()):
-            time.sleep(0.5)  # another extract process may be creating this store right now
-            group = zarr.open_group(path, mode="a", zarr_format=3)
-            if "boxrefine" in group.attrs.asdict():
-                store = cls(path, group)
-                check_identity(path, store.identity, identity)
+        where = inspect_store_path(path)
+        if where.kind == "foreign":
+            raise StoreError(f"{path}: not empty and not a boxrefine feature store (holds "
+                             f"{', '.join(where.other[:5])}{', ...' if len(where.other) > 5 else ''}); extract "
+                             "neither writes into nor deletes such a folder (with or without --overwrite): "
+                             "choose a new or empty store path")
+        if where.kind == "store" and overwrite:
+            _delete(where, "--overwrite")
+        elif where.kind == "store":
+            store = cls.open(path, "a")
+            diffs = store.identity.differences(identity)
+            if not diffs:
                 return store
-            raise StoreError(f"{path}: a Zarr group with content but no boxrefine attributes; refusing to "
-                             "write into it")
-        group.attrs.put({
+            if any(len(store.split(name).complete_indices()) for name in store.splits):
+                check_identity(path, store.identity, identity)
+            _delete(where, f"re-stamping (it holds no complete row; {'; '.join(diffs)})")
+        attrs = {
             "boxrefine": {"schema_version": SCHEMA_VERSION, "tool_version": __version__},
             "identity": identity.to_dict(),
             "checkpoint": checkpoint,
             "storage": {"dtype": cfg.dtype, "numpy_dtype": str(storage_numpy_dtype(cfg.dtype)),
                         "codec": cfg.codec, "clevel": cfg.clevel},
             "config": config,
-        })
+        }
+        try:  # one write of zarr.json with its attributes: no reader ever sees a store without them
+            with store_access(path, "create the store"):
+                group = zarr.create_group(path, attributes=attrs, zarr_format=3, overwrite=False)
+        except zarr.errors.ContainsGroupError:  # another extract process created it a moment ago
+            store = cls.open(path, "a")
+            check_identity(path, store.identity, identity)
+            return store
         return cls(path, group)
 
     @property
     def splits(self) -> list[str]:
-        return sorted(name for name, _ in self.group.groups())
+        with store_access(self.path, "list the store's splits"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns of files that are not part of the store
+            return sorted(name for name, _ in self.group.groups())
 
     def split(self, name: str) -> SplitStore:
         try:
-            grp = self.group[name]
+            with store_access(self.path, f"open split {name}"):
+                grp = self.group[name]
         except KeyError:
             raise StoreError(f"{self.path}: no split {name!r} in the store (has {self.splits})") from None
         return SplitStore(grp, name, self.identity.dtype, self.path)
@@ -305,6 +244,15 @@ class FeatureStore:
             return None
 
 
+def _delete(where: Any, why: str) -> None:
+    """Delete a store's own content (``store_files.delete_store_content``), saying what first."""
+    kept = f"; keeping what is not part of the store: {', '.join(where.other)}" if where.other else ""
+    own = ", ".join([*(f"{n}/" if not n.endswith(".partial") else n for n in where.own), "zarr.json"])
+    console.print(f"{where.path}: {why}: deleting the store's own content: {own}{kept}", markup=False,
+                  style="yellow")
+    delete_store_content(where)
+
+
 def open_store(path: str) -> FeatureStore:
     """Open a store read-only (train/evaluate/info)."""
     with warnings.catch_warnings():
@@ -312,6 +260,7 @@ def open_store(path: str) -> FeatureStore:
         return FeatureStore.open(path, "r")
 
 
-__all__ = ["FeatureStore", "SplitStore", "StoreIdentity", "StoreError", "open_store", "is_url", "ROW_FIELDS",
-           "STATE_EMPTY", "STATE_COMPLETE", "STATE_BAD", "STATE_STALE", "check_identity", "to_storage",
-           "from_storage"]
+__all__ = ["FeatureStore", "SplitStore", "StoreIdentity", "StoreError", "StoreDamage", "open_store", "is_url",
+           "ROW_FIELDS", "ROW_ARRAYS", "FEATURE_ARRAYS", "GT_ARRAYS", "DIGEST", "F", "INDEX_CHUNK", "STATE_NAMES",
+           "STATE_EMPTY", "STATE_COMPLETE", "STATE_BAD", "STATE_STALE", "STATE_DAMAGED", "check_identity",
+           "to_storage", "from_storage"]

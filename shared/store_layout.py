@@ -15,8 +15,18 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.storage import compressors, storage_numpy_dtype
-from boxrefine.shared.store import INDEX_CHUNK, ROW_FIELDS, STATE_STALE, F, FeatureStore, SplitStore, StoreError
+from boxrefine.shared.storage import compressors, require_group, storage_numpy_dtype
+from boxrefine.shared.store import (
+    INDEX_CHUNK,
+    ROW_FIELDS,
+    STATE_STALE,
+    F,
+    FeatureStore,
+    SplitStore,
+    StoreDamage,
+    StoreError,
+)
+from boxrefine.shared.store_files import store_access
 
 
 def keys_digest(keys: np.ndarray) -> str:
@@ -27,17 +37,26 @@ def layout_split(store: FeatureStore, name: str, records: list[ImageRecord], ann
                  images_root: str, interm_channels: int) -> SplitStore:
     """Create or extend a split's arrays so every record has a row; rows of images no longer in
     the annotations are marked STALE. Idempotent: concurrent shards computing the same layout
-    write identical metadata."""
+    write identical metadata, and a layout that is already right writes nothing (a read-only
+    store with nothing to do stays readable)."""
+    with store_access(store.path, f"lay out split {name}"):
+        return _layout(store, name, records, annotations, images_root, interm_channels)
+
+
+def _layout(store: FeatureStore, name: str, records: list[ImageRecord], annotations: dict[str, str],
+            images_root: str, interm_channels: int) -> SplitStore:
     storage = store.attrs["storage"]
     dt = storage_numpy_dtype(storage["dtype"])
     comp = compressors(storage["codec"], storage["clevel"], dt.itemsize)
     comp_i64 = compressors(storage["codec"], storage["clevel"], 8)
     comp_mask = compressors(storage["codec"], storage["clevel"], 1)
+    plain = compressors("none", 0, 8)  # small arrays: only the crc32c checksum
     s = store.identity.gt_mask_size
     k_needed = max([len(r.instances) for r in records] + [1])
-    grp = store.group.require_group(name)
-    if name not in [n for n, _ in store.group.groups()]:
+    grp = store.group[name] if name in store.splits else require_group(store.group, name)
+    if name not in store.splits:
         raise StoreError(f"{store.path}: cannot create split group {name!r}")
+    split = SplitStore(grp, name, store.identity.dtype, store.path)
 
     def require(arr_name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
                 fill: Any, codecs: Any) -> zarr.Array:
@@ -52,7 +71,7 @@ def layout_split(store: FeatureStore, name: str, records: list[ImageRecord], ann
     # new layout (new images appended in file-name order), so concurrent writes are identical.
     published = grp.attrs.get("layout")
     if published and "keys" in grp:
-        existing = grp["keys"][: int(published["n_rows"])]
+        existing = split.keys()[: int(published["n_rows"])]
         if keys_digest(existing) != published["keys_sha256"]:
             raise StoreError(f"{store.path}/{name}: row keys do not match the published layout; "
                              "the store was changed by something else — rebuild it with --overwrite")
@@ -67,12 +86,12 @@ def layout_split(store: FeatureStore, name: str, records: list[ImageRecord], ann
     specs = {
         "keys": ((n,), (INDEX_CHUNK,), np.int64, 0, comp_i64),
         "image_ids": ((n,), (INDEX_CHUNK,), np.int64, -1, comp_i64),
-        "rows": ((n, len(ROW_FIELDS)), (1, len(ROW_FIELDS)), np.int64, 0, None),
+        "rows": ((n, len(ROW_FIELDS)), (1, len(ROW_FIELDS)), np.int64, 0, plain),
         "image_embeddings": ((n, 256, 64, 64), (1, 256, 64, 64), dt, 0, comp),
         "interm_embeddings": ((n, 64, 64, interm_channels), (1, 64, 64, interm_channels), dt, 0, comp),
         "gt_masks": ((n, k_max, s, s), (1, k_max, s, s), np.uint8, 0, comp_mask),
-        "gt_boxes": ((n, k_max, 4), (1, k_max, 4), np.float32, np.nan, None),
-        "gt_info": ((n, k_max, 3), (1, k_max, 3), np.int64, -1, None),
+        "gt_boxes": ((n, k_max, 4), (1, k_max, 4), np.float32, np.nan, plain),
+        "gt_info": ((n, k_max, 3), (1, k_max, 3), np.int64, -1, plain),
     }
     for arr_name, (shape, chunks, dtype, fill, codecs) in specs.items():
         arr = require(arr_name, shape, chunks, dtype, fill, codecs)
@@ -87,12 +106,20 @@ def layout_split(store: FeatureStore, name: str, records: list[ImageRecord], ann
     # image ids of existing rows may change with a new annotation file
     wanted = {r.key: r.image_id for r in records}
     new_ids = np.array([wanted.get(int(k), -1) for k in keys.tolist()], np.int64)
-    if n and not np.array_equal(grp["image_ids"][:], new_ids):
+    split = SplitStore(grp, name, store.identity.dtype, store.path)  # arrays may have been resized
+    try:
+        same_ids = np.array_equal(split.image_ids(), new_ids)
+    except StoreDamage:  # a damaged image_ids chunk: rewritten from the annotations below
+        same_ids = False
+    if n and not same_ids:
         grp["image_ids"][:] = new_ids
-    rows_arr = grp["rows"]
-    for i in (i for i, k in enumerate(keys.tolist()) if k not in wanted):
-        if rows_arr[i][F["state"]] != STATE_STALE:  # image left the annotations: never served again
-            rows_arr[i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
-    grp.attrs.update({"annotations": annotations, "images_root": images_root, "max_instances": k_max,
-                      "layout": {"n_rows": n, "keys_sha256": keys_digest(keys), "max_instances": k_max}})
+    gone = [i for i, k in enumerate(keys.tolist()) if k not in wanted]
+    rows = split.read_rows() if gone else None
+    for i in gone:
+        if rows[i, F["state"]] != STATE_STALE:  # image left the annotations: never served again
+            split.array("rows")[i] = np.array([STATE_STALE] + [0] * (len(ROW_FIELDS) - 1), np.int64)
+    attrs = {"annotations": annotations, "images_root": images_root, "max_instances": k_max,
+             "layout": {"n_rows": n, "keys_sha256": keys_digest(keys), "max_instances": k_max}}
+    if any(grp.attrs.get(k) != v for k, v in attrs.items()):
+        grp.attrs.update(attrs)
     return SplitStore(grp, name, store.identity.dtype, store.path)

@@ -14,7 +14,7 @@ from conftest import config_dict, invoke, write_config
 def test_help_lists_every_command() -> None:
     res, out = invoke("--help")
     assert res.exit_code == 0
-    for cmd in ("demo-data", "extract", "train", "evaluate", "store"):
+    for cmd in ("demo-data", "extract", "train", "evaluate", "refine", "store"):
         assert re.search(rf"^\W*{re.escape(cmd)}\b", out, re.M), f"{cmd} missing from --help:\n{out}"
 
 

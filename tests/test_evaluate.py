@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 import boxrefine.evaluate.run as er
 from boxrefine.evaluate.run import EvaluateError, amp_dtype, natural_key, resolve_checkpoints, run_evaluate
 from boxrefine.evaluate.vis import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR
+from boxrefine.shared.checkpoints import checkpoint_bytes
 from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
 from boxrefine.shared.refiner import BoxRefiner
 from boxrefine.shared.rowdata import StoreRows
@@ -119,14 +120,15 @@ def _coarse_mask_iou(cfg, eval_boxes: Path) -> float:
     ds = StoreRows.from_store(cfg.store.path, "val", with_masks=True)
     item = ds[0]
     saved = json.loads(eval_boxes.read_text())["images"][str(item["key"])]
-    (oh, ow), (ih, iw) = item["orig_hw"], item["input_hw"]
+    (oh, ow), (ih, iw) = item["geometry"].orig_hw, item["geometry"].input_hw
     boxes = torch.tensor(saved["boxes"]) * torch.tensor([iw / ow, ih / oh, iw / ow, ih / oh])
     with torch.no_grad():
         logits, _ = heads(item["image_embeddings"][None].float(), item["interm_embeddings"][None].float(), boxes)
+    rows, cols = -(-ih // 4), -(-iw // 4)  # low-res pixels holding image content; the padding is not scored
     ious = []
     for k, gi in enumerate(saved["gt_index"]):
         if gi >= 0:
-            pred, gt = logits[k, 0].numpy() > 0, item["gt_masks"][gi].numpy() > 0
+            pred, gt = logits[k, 0, :rows, :cols].numpy() > 0, item["gt_masks"][gi, :rows, :cols].numpy() > 0
             union = (pred | gt).sum()
             ious.append((pred & gt).sum() / union if union else 1.0)
     return float(np.mean(ious))
@@ -230,7 +232,7 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     (folder / "broken.pt").write_bytes(b"this is not a checkpoint")
     ck = torch.load(trained / "last.pt", weights_only=True)
     ck["store_identity"]["checkpoint"] = "sha256:" + "0" * 64
-    torch.save(ck, folder / "other_store.pt")
+    (folder / "other_store.pt").write_bytes(checkpoint_bytes(ck))
     calls = _spy_predict(monkeypatch)
 
     cfg = _cfg(demo_root, reference_store, dets=small_dets)
@@ -370,12 +372,29 @@ def test_vis_writes_overlays(demo_root: Path, reference_store: Path, trained: Pa
     res = run_evaluate(_cfg(demo_root, reference_store, dets=small_dets, vis_count=3), run / "best.pt", vis=True)
     pngs = sorted((run / "eval" / "vis").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].name.startswith("val_1_")  # one val image in the demo fixture
-    img = cv2.cvtColor(cv2.imread(str(pngs[0])), cv2.COLOR_BGR2RGB)
+    out = cv2.cvtColor(cv2.imread(str(pngs[0])), cv2.COLOR_BGR2RGB)
     doc = json.loads((demo_root / "annotations" / "instances_val.json").read_text())["images"][0]
-    assert img.shape == (doc["height"], doc["width"], 3)
+    h, w = doc["height"], doc["width"]
+    band = out.shape[0] - h
+    assert band > 0 and out.shape[1] == w  # the legend sits in a band above the image, not over it
+    img = out[band:]
     for colour in (GT_COLOUR, COARSE_COLOUR, REFINED_COLOUR):
         assert int((img == np.array(colour, np.uint8)).all(-1).sum()) > 50, colour
+    # away from the boxes, the image is the picture the encoder saw (the same decoding as extract)
+    from boxrefine.shared.imageio import read_rgb
+
+    orig = read_rgb(demo_root / "images" / "val" / doc["file_name"])
+    assert (img == orig).all(-1).mean() > 0.8
     assert res.files["vis_0"] == pngs[0]
+
+
+def test_legend_never_hides_a_small_image() -> None:
+    from boxrefine.evaluate.vis import line_width, with_legend
+
+    img = np.full((30, 40, 3), 77, np.uint8)
+    out = with_legend(img, [("ground truth", GT_COLOUR), ("refined (epoch_010)", REFINED_COLOUR)])
+    assert out.shape[1] > 40 and (out[-30:, :40] == 77).all()  # widened for the text; the image untouched
+    assert line_width((30, 40)) == 1 and line_width((3000, 4000)) == 10
 
 
 def test_mismatched_store_refused(demo_root: Path, reference_store: Path, trained: Path) -> None:

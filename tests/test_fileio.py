@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from boxrefine.shared.checkpoints import CheckpointSaver, load_checkpoint
+from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointSaver, load_checkpoint
 from boxrefine.shared.fileio import atomic_write, atomic_write_json
 
 
@@ -58,7 +58,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path: Path) -> N
 
 
 def _payload(epoch: int):
-    return lambda saver_state: {"format": 1, "refiner": {"w": torch.tensor([float(epoch)])},
+    return lambda saver_state: {"format": CKPT_FORMAT, "refiner": {"w": torch.tensor([float(epoch)])},
                                 "state": {"epoch": epoch, "saver": saver_state}}
 
 

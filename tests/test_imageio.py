@@ -3,6 +3,7 @@ every unusable file raises ImageError naming the file and the reason."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boxrefine.shared.imageio import ImageError, decode_rgb, read_rgb, source_fingerprint
+from boxrefine.shared.imageio import ImageError, Intensity, decode_rgb, grey_levels, read_rgb, source_fingerprint
 
 
 def _check_rgb(a: np.ndarray, h: int, w: int) -> None:
@@ -51,7 +52,7 @@ def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
     bgr = np.stack([v, v[::-1], v.T], axis=-1)  # B, G, R
     p = tmp_path / "d.png"
     assert cv2.imwrite(str(p), bgr)
-    a = read_rgb(p)
+    a = read_rgb(p, Intensity("none"))
     _check_rgb(a, 256, 256)
     want_rgb = np.stack([bgr[..., 2], bgr[..., 1], bgr[..., 0]], axis=-1)
     want = np.round(want_rgb.astype(np.float64) / 257).astype(np.uint8)
@@ -63,15 +64,87 @@ def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
     assert a[255, 255].tolist() == [255, 1, 255]  # R = 65535, G = 255 (→ 0.99), B = 65535
 
 
-def test_16bit_grayscale_png(tmp_path: Path) -> None:
+def test_16bit_grayscale_png_mode_none(tmp_path: Path) -> None:
     g = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000 + 100)
     p = tmp_path / "g16.png"
     assert cv2.imwrite(str(p), g)
-    a = read_rgb(p)
+    a = read_rgb(p, Intensity("none"))
     _check_rgb(a, 3, 4)
     want = np.round(g / 257).astype(np.uint8)
     for c in range(3):
         np.testing.assert_array_equal(a[..., c], want)
+
+
+def _dim_16bit(tmp_path: Path) -> Path:
+    """A 16-bit grayscale microscopy-like image with values 0–235 of 65535 (a smooth blob on noise)."""
+    yy, xx = np.mgrid[0:120, 0:160]
+    blob = 200 * np.exp(-((xx - 80) ** 2 + (yy - 60) ** 2) / 800.0)
+    g = np.clip(blob + np.random.default_rng(0).integers(0, 36, (120, 160)), 0, 235).astype(np.uint16)
+    assert g.max() == 235 and g.min() == 0
+    p = tmp_path / "dim16.png"
+    assert cv2.imwrite(str(p), g)
+    return p
+
+
+def test_dim_16bit_image_spans_the_8bit_range(tmp_path: Path) -> None:
+    """Values 0–235 of 65535: ÷257 made 2 grey levels; the default percentile mapping gives the
+    encoder ≥ 200 grey levels (checked on what extract feeds the encoder, after ResizeLongestSide)."""
+    from boxrefine.extract.loader import ImageJobs
+    from boxrefine.extract.plan import Job
+    from boxrefine.shared.records import ImageRecord
+
+    p = _dim_16bit(tmp_path)
+    assert grey_levels(read_rgb(p, Intensity("none"))) <= 2
+    rec = ImageRecord(1, p.name, 1, 120, 160, (), 0)
+    item = ImageJobs([Job(0, rec, p, gt_only=False)], 256)[0]
+    assert "error" not in item, item
+    assert len(np.unique(item["image"].numpy())) >= 200
+
+
+def test_intensity_modes(tmp_path: Path) -> None:
+    p = _dim_16bit(tmp_path)
+    a = read_rgb(p, Intensity("percentile", (0.0, 100.0)))
+    assert a.min() == 0 and a.max() == 255  # min and max of the image → 0 and 255
+    r = read_rgb(p, Intensity("range", range=(0.0, 470.0)))
+    assert r.max() == 128  # 235 of [0, 470] → half way
+    assert Intensity().fingerprint == "percentile:0.5-99.5"
+    assert Intensity("range", range=(0, 4095)).fingerprint == "range:0-4095"
+    eight = tmp_path / "e.png"
+    assert cv2.imwrite(str(eight), np.full((4, 4), 7, np.uint8))
+    assert read_rgb(eight, Intensity("range", range=(0.0, 14.0))).max() == 7  # 8-bit images are never remapped
+
+
+def test_float_tiff_is_mapped_by_its_range(tmp_path: Path) -> None:
+    p = tmp_path / "f.tiff"
+    f = np.linspace(-1.0, 3.0, 4 * 50 * 3, dtype=np.float32).reshape(4, 50, 3)
+    f[0, 0, 0] = np.nan  # a NaN does not poison the mapping
+    assert cv2.imwrite(str(p), f)
+    a = read_rgb(p, Intensity("percentile", (0.0, 100.0)))
+    _check_rgb(a, 4, 50)
+    assert a.max() == 255 and len(np.unique(a)) > 200
+    with pytest.raises(ImageError, match="float32 needs data.intensity.mode percentile or range"):
+        read_rgb(p, Intensity("none"))
+
+
+def _tiff(a: np.ndarray) -> bytes:
+    """A minimal uncompressed little-endian TIFF of an H×W×C uint8 array (cv2 cannot write C > 4)."""
+    h, w, c = a.shape
+    data, n = a.tobytes(), 10
+    bps = 8 + 2 + 12 * n + 4
+    extra = bps + 2 * c
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bps), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, extra + 2 * (c - 1)), (277, 3, 1, c), (278, 4, 1, h), (279, 4, 1, len(data)),
+            (338, 3, c - 1, extra)]
+    ifd = struct.pack("<H", n) + b"".join(struct.pack("<HHII", *t) for t in tags) + struct.pack("<I", 0)
+    return (b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack(f"<{c}H", *[8] * c)
+            + struct.pack(f"<{c - 1}H", *[0] * (c - 1)) + data)
+
+
+def test_more_than_four_channels_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c5.tiff"
+    p.write_bytes(_tiff(np.zeros((4, 6, 5), np.uint8)))
+    with pytest.raises(ImageError, match="unsupported channel count 5 .1, 3 or 4 channels"):
+        read_rgb(p)
 
 
 def test_jpeg_matches_pil(tmp_path: Path) -> None:
@@ -166,13 +239,6 @@ def test_empty_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as ei:
         read_rgb(p)
     assert str(ei.value) == f"{p}: empty file"
-
-
-def test_float_tiff_refused(tmp_path: Path) -> None:
-    p = tmp_path / "f.tiff"
-    assert cv2.imwrite(str(p), np.full((4, 5, 3), 0.5, np.float32))
-    with pytest.raises(ImageError, match="unsupported pixel type float32"):
-        read_rgb(p)
 
 
 def test_decode_rgb_names_given_source() -> None:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -18,8 +17,6 @@ from boxrefine.shared.records import (
     image_key,
     instance_mask,
     load_coco,
-    preprocess_shape,
-    resize_gt_masks,
     resolve_image,
     safe_relpath,
 )
@@ -259,40 +256,3 @@ def test_missing_segmentation_fills_the_box(seg: Any) -> None:
 def test_unsupported_segmentation_type() -> None:
     with pytest.raises(DataError, match="unsupported segmentation type str"):
         instance_mask(_inst("not a mask"), 4, 4)
-
-
-# ---------------------------------------------------------------------------- GT resize and shapes
-
-
-@pytest.mark.parametrize(("h", "w"), [(30, 50), (50, 30), (17, 17), (7, 100)])
-def test_resize_gt_masks(h: int, w: int) -> None:
-    s = 16
-    rng = np.random.default_rng(h * 1000 + w)
-    masks = np.zeros((2, h, w), np.uint8)
-    masks[0, h // 4: 3 * h // 4, w // 5: w // 2] = 1
-    masks[1] = rng.random((h, w)) < 0.5
-    out = resize_gt_masks(masks, s)
-    assert out.shape == (2, s, s) and out.dtype == np.uint8
-    nh, nw = preprocess_shape(h, w, s)
-    assert max(nh, nw) == s
-    for i in range(2):
-        want = cv2.resize(masks[i], (nw, nh), interpolation=cv2.INTER_NEAREST)
-        np.testing.assert_array_equal(out[i, :nh, :nw], want)
-    assert not out[:, nh:, :].any() and not out[:, :, nw:].any(), "padding (bottom/right) must be zero"
-    assert set(np.unique(out).tolist()) <= {0, 1}
-
-
-def test_resize_gt_masks_no_instances() -> None:
-    out = resize_gt_masks(np.zeros((0, 40, 60), np.uint8), 256)
-    assert out.shape == (0, 256, 256)
-
-
-def test_preprocess_shape_matches_hq_sam() -> None:
-    from segment_anything_hq.utils.transforms import ResizeLongestSide
-
-    sizes = [1, 2, 3, 7, 100, 255, 256, 257, 333, 480, 511, 512, 513, 640, 1000, 1023, 1024, 1025, 1999, 4032]
-    for long_side in (16, 256, 1024):
-        for h in sizes:
-            for w in sizes:
-                assert preprocess_shape(h, w, long_side) == ResizeLongestSide.get_preprocess_shape(h, w, long_side), \
-                    (h, w, long_side)

@@ -95,3 +95,26 @@ def test_oracle_reads_each_box_from_its_own_channel() -> None:
     assert out[1].tolist() == [80.0, 64.0, 240.0, 192.0]
     assert out[0].tolist() == [400.0, 400.0, 720.0, 560.0]
     assert out[2].tolist() == coarse[2].tolist()  # no GT: the coarse box
+
+
+def test_signal_store_is_a_verified_copy_with_the_gt_in_its_embeddings(reference_store, tmp_path) -> None:
+    """The copy passes `store verify` (each rewritten row is committed with its new digests) and its
+    first channels are the GT's; the source is untouched."""
+    from boxrefine.shared.dev.signal import SIGNAL_ATTR, make_signal_store
+    from boxrefine.shared.integrity import verify_store
+    from boxrefine.shared.store import open_store
+
+    dst = tmp_path / "signal.zarr"
+    summary = make_signal_store(str(reference_store), str(dst))
+    assert summary["train"]["rows"] == 4 and summary["val"]["rows"] == 1
+    sig, src = open_store(str(dst)), open_store(str(reference_store))
+    assert sig.group.attrs[SIGNAL_ATTR]["gain"] == 3.0
+    report = verify_store(sig)
+    assert report.checked == 5 and not report.damaged
+    sp, sp0 = sig.split("train"), src.split("train")
+    masks, _, _ = sp.read_gt(0)
+    emb, interm = sp.read_features(0)
+    emb0, interm0 = sp0.read_features(0)
+    ch = signal_channels(masks)
+    assert torch.allclose(emb[:len(ch)].float(), ch, atol=0.02)
+    assert torch.equal(emb[len(ch):], emb0[len(ch):]) and torch.equal(interm, interm0)

@@ -18,6 +18,7 @@ import torch
 from boxrefine.shared.config import StoreConfig
 from boxrefine.shared.records import SplitRecords, load_coco
 from boxrefine.shared.store import (
+    DIGEST,
     ROW_FIELDS,
     STATE_COMPLETE,
     STATE_EMPTY,
@@ -40,7 +41,8 @@ TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 def _identity(dtype: str = "float16", **changes: Any) -> StoreIdentity:
     values: dict[str, Any] = dict(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
                                   pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
-                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S)
+                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S,
+                                  intensity="percentile:0.5-99.5")
     values.update(changes)
     return StoreIdentity(**values)
 
@@ -107,10 +109,10 @@ def _record(seed: int, k: int) -> dict[str, int]:
 
 def _write_row(split: SplitStore, i: int, row: dict[str, Any], seed: int, commit: bool = True) -> None:
     k = len(row["boxes"])
-    split.write_features(i, to_storage(row["emb"], row["dtype"]), to_storage(row["interm"], row["dtype"]))
-    split.write_gt(i, row["masks"], row["boxes"], row["info"])
+    digests = split.write_features(i, to_storage(row["emb"], row["dtype"]), to_storage(row["interm"], row["dtype"]))
+    digests.update(split.write_gt(i, row["masks"], row["boxes"], row["info"]))
     if commit:
-        split.commit_row(i, _record(seed, k))
+        split.commit_row(i, {**_record(seed, k), **digests})
 
 
 def _assert_row(split: SplitStore, i: int, row: dict[str, Any], seed: int) -> None:
@@ -121,12 +123,13 @@ def _assert_row(split: SplitStore, i: int, row: dict[str, Any], seed: int) -> No
     assert tuple(emb.shape) == (256, 64, 64) and tuple(interm.shape) == (64, 64, C)
     assert torch.equal(emb, row["emb"].to(want_dtype))
     assert torch.equal(interm, row["interm"].to(want_dtype))
-    masks, boxes, info = split.read_gt(i, k)
+    masks, boxes, info = split.read_gt(i)
     np.testing.assert_array_equal(masks, row["masks"])
     np.testing.assert_array_equal(boxes, row["boxes"])
     np.testing.assert_array_equal(info, row["info"])
     rec = split.read_rows()[i]
-    assert dict(zip(ROW_FIELDS, rec.tolist(), strict=True)) == _record(seed, k)
+    assert {f: v for f, v in zip(ROW_FIELDS, rec.tolist(), strict=True) if f not in DIGEST.values()} == \
+        _record(seed, k)
 
 
 # ------------------------------------------------------------------------------- write → read back
@@ -153,7 +156,7 @@ def test_row_round_trip(store_path: str, records: SplitRecords, dtype: str) -> N
     _assert_row(sp, 2, row, seed=1)
     np.testing.assert_array_equal(sp.complete_indices(), [2])
     # padding beyond the row's instances: empty masks, NaN boxes, -1 info
-    masks, boxes, info = sp.read_gt(2, k_max)
+    masks, boxes, info = (sp.array(a)[2] for a in ("gt_masks", "gt_boxes", "gt_info"))
     assert not masks[3:].any() and np.isnan(boxes[3:]).all() and (info[3:] == -1).all()
     # keys and image ids follow the records (file-name order)
     np.testing.assert_array_equal(sp.keys(), [r.key for r in records.images])
@@ -260,7 +263,7 @@ def test_new_image_appends_one_row(store_path: str, tmp_path: Path, coco: dict[s
         assert split2.array(name).shape[0] == len(old_keys) + 1
     # the committed row survives the growth untouched; the new row is empty
     _assert_row(split2, 1, row, seed=9)
-    _, boxes, info = split2.read_gt(1, split2.max_instances)
+    boxes, info = split2.array("gt_boxes")[1], split2.array("gt_info")[1]
     assert np.isnan(boxes[old_k:]).all() and (info[old_k:] == -1).all()
     np.testing.assert_array_equal(split2.complete_indices(), [1])
     assert split2.read_rows()[-1, F["state"]] == STATE_EMPTY
@@ -303,7 +306,7 @@ def test_removed_image_marks_row_stale(store_path: str, tmp_path: Path, coco: di
 
 
 def test_other_identity_refused_naming_both_values(store_path: str, records: SplitRecords) -> None:
-    _layout(_create(store_path, "float16"), records)
+    _write_row(_layout(_create(store_path, "float16"), records), 0, _random_row(0, 2, "float16"), seed=0)
     with pytest.raises(StoreError) as ei:
         _create(store_path, "float32")
     msg = str(ei.value)
@@ -333,7 +336,7 @@ def test_foreign_zarr_group_refused(tmp_path: Path) -> None:
 
     path = str(tmp_path / "other.zarr")
     zarr.open_group(path, mode="w", zarr_format=3).create_group("something")
-    with pytest.raises(StoreError, match="no boxrefine attributes; refusing"):
+    with pytest.raises(StoreError, match="not empty and not a boxrefine feature store"):
         _create(path)
 
 

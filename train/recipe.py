@@ -2,9 +2,11 @@
 resume from any checkpoint it saved.
 
 ``TrainRecipe(cfg, resume).setup()`` opens the store (refusing a mismatched one), loads the data,
-builds the model and optimizer, and only then makes the run folder, so a run that cannot start
-leaves nothing behind. ``train()`` runs the epochs. Everything ``--resume`` needs besides module
-and optimizer state is one :class:`TrainState`, saved in every checkpoint.
+builds the model and optimizer, and only then makes the run folder; a new run that fails (or is
+stopped at once) before its first checkpoint removes the folder it made, and a folder left by a
+start that was killed before its first checkpoint is reused, so neither blocks the name.
+``train()`` runs the epochs. Everything ``--resume`` needs besides module and optimizer state is one
+:class:`TrainState`, saved in every checkpoint.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
@@ -14,36 +16,41 @@ fixed validation boxes), ``subset.json`` and ``curves.png``.
 Stopping: the first SIGINT (Ctrl-C) or SIGTERM finishes the step in flight, saves ``last.pt`` and
 exits; resuming continues exactly (every draw is seeded by (seed, epoch, row key), see
 ``train/steps.py``). A second signal stops at once; the last saved checkpoint stays valid.
+
+Under torchrun the recipe trains with DDP (``train/distributed.py``): ``train.batch_images`` stays the
+global batch, each rank reads its part of every step, and the ranks agree on every decision (stop
+after this step? the run's name, the validation result). Only rank 0 writes the run folder; every
+rank resumes from the same ``last.pt``.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
 from boxrefine.shared.config import PipelineConfig, dict_differences
 from boxrefine.shared.console import console, progress
+from boxrefine.shared.distributed import ProcessGroup
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.evalboxes import detection_pairs, fixed_coarse_boxes, load_detections, sample_subset
+from boxrefine.shared.evalboxes import fixed_coarse_boxes
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
 from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
-from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
-from boxrefine.train.control import EpochSampler, StopSignals, restore_rng, rng_state
+from boxrefine.train.control import StopSignals, discard_unsaved_run, restore_rng, rng_state, unsaved_start
 from boxrefine.train.curves import plot_curves
-from boxrefine.train.steps import batch_loss, lr_lambda, seeded_generator
+from boxrefine.train.data import TrainData
+from boxrefine.train.distributed import gather_in_order, idle_loss, rank_weight, step_totals, wrap_ddp
+from boxrefine.train.steps import batch_loss, lr_lambda
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
@@ -88,6 +95,7 @@ class TrainRecipe:
         self.cfg, self.tc = cfg, cfg.train
         self.resume_ck: dict[str, Any] | None = None
         self.run: Path | None = None
+        self.made_run = False  # this start made self.run (a new run, not a resumed one)
         if resume is not None:
             self.resume_ck, self.run = self._read_resume(resume)
         self.state = TrainState()
@@ -105,58 +113,45 @@ class TrainRecipe:
             raise TrainError(f"{ck_path}: cannot resume with a changed {'/'.join(FROZEN_ON_RESUME)} config: "
                              + "; ".join(frozen))
         if diffs:
-            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow")
+            console.print(f"--resume: the config differs from the checkpoint's ({len(diffs)}):", style="yellow",
+                          markup=False)
             for d in diffs:
                 console.print(f"  {d}", markup=False)
         return ck, ck_path.parent
 
     def setup(self) -> TrainRecipe:
         cfg, tc = self.cfg, self.tc
-        self.store = open_checked_store(cfg)
+        self.store = open_checked_store(cfg, (tc.train_split, cfg.val_split()))
         if self.resume_ck is not None and self.resume_ck["store_identity"] != self.store.identity.to_dict():
             raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
         self.device = resolve_device(cfg.model.device)
+        self.pg = ProcessGroup(self.device)  # torchrun: DDP over its ranks; otherwise a world of one
+        try:
+            self._setup()
+        except BaseException:
+            self.pg.close()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        cfg, tc, pg = self.cfg, self.tc, self.pg
         self.amp_dtype, use_scaler, amp_note = amp_setting(tc.amp, tc.amp_dtype, self.device)
-        console.print(f"precision: {amp_note}", markup=False)
+        console.print(f"precision: {amp_note}" + (f"; DDP over {pg.world} ranks ({pg.backend}), global batch "
+                                                 f"{tc.batch_images} images" if pg.active else ""), markup=False)
         if cfg.fast_applied:
             console.print(f"FAST mode: {', '.join(f'{k}={v}' for k, v in cfg.fast_applied.items())}", markup=False)
-        self._setup_data()
+        self.data = TrainData(cfg, self.store, pg.rank, pg.world, pin_memory=self.device.type == "cuda")
         self._setup_model(use_scaler)
         if self.resume_ck is not None:
             self._load_state(self.resume_ck)
-        else:
-            self.run = self._new_run_dir()
-        self._write_run_files()
-        return self
-
-    def _setup_data(self) -> None:
-        cfg, tc = self.cfg, self.tc
-        self.train_split = self.store.split(tc.train_split)
-        self.train_rows = self.train_split.complete_indices()
-        if len(self.train_rows) == 0:
-            raise TrainError(f"{cfg.store.path}: split {tc.train_split!r} has no complete rows; run extract first")
-        self.records, self.keys = self.train_split.read_rows(), self.train_split.keys()
-        self.image_ids = self.train_split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, self.train_rows.tolist(), self.records, self.keys)
-        scfg = cfg.data.splits[tc.train_split]
-        dets = load_detections(scfg.detections) if (tc.use_detections and scfg.detections) else None
-        self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if dets is not None:
-            for i in self.train_rows.tolist():
-                _, gt_boxes, gt_info = self.dataset.read_gt(i)
-                self.det_pairs[i] = detection_pairs(dets.get(int(self.image_ids[i]), []), torch.from_numpy(gt_boxes),
-                                                    torch.from_numpy(gt_info), tc.match_iou)
-        first = self.subset(0)
-        console.print(f"train: {len(first)} of {len(self.train_rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})")
-        self.position = {int(r): k for k, r in enumerate(self.train_rows.tolist())}
-        self.sampler = EpochSampler(lambda epoch: [self.position[int(r)] for r in self.epoch_order(epoch)])
-        self.loader = DataLoader(self.dataset, batch_size=tc.batch_images, sampler=self.sampler,
-                                 num_workers=tc.num_workers, collate_fn=collate_rows,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=tc.num_workers > 0,
-                                 prefetch_factor=2 if tc.num_workers else None)
-        self.val_name = cfg.val_split()
-        self.val_ds = StoreRows.from_store(cfg.store.path, self.val_name) if self.val_name else None
+        self.model = wrap_ddp(self.refiner, self.device, pg)  # after loading: every rank starts from last.pt
+        if self.resume_ck is None:
+            self.run = pg.broadcast(pg.main_first(self._new_run_dir))  # one name (a timestamp) on every rank
+        try:
+            self._write_run_files()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
 
     def _setup_model(self, use_scaler: bool) -> None:
         cfg, tc = self.cfg, self.tc
@@ -166,7 +161,7 @@ class TrainRecipe:
         self.refiner_args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
         self.refiner = BoxRefiner(**self.refiner_args).to(self.device)
         self.opt = torch.optim.AdamW(self.refiner.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.subset(0)) / tc.batch_images)
+        self.steps_per_epoch = self.data.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(tc.epochs * self.steps_per_epoch, int(tc.warmup_epochs * self.steps_per_epoch)))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
@@ -184,38 +179,68 @@ class TrainRecipe:
         name = self.tc.name or time.strftime("%Y%m%d-%H%M%S")
         run = self.tc.runs_dir / name
         if run.exists() and any(run.iterdir()):
-            raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            if not unsaved_start(run):
+                raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
+            console.print(f"{run}: reusing the folder of a start that never saved a checkpoint", style="yellow",
+                          markup=False)
+            shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        self.made_run = True
         return run
 
+    def _discard_if_unsaved(self) -> bool:
+        """After a failure: remove the run folder this start made (rank 0 alone makes it) if it holds no
+        checkpoint yet."""
+        if not (self.made_run and self.run is not None and discard_unsaved_run(self.run)):
+            return False
+        console.print(f"{self.run}: removed (the run ended before its first checkpoint)", style="yellow",
+                      markup=False)
+        return True
+
     def _write_run_files(self) -> None:
+        """Rank 0 writes the run files; the validation boxes it draws (or reads back) go to every rank."""
         assert self.run is not None
-        self.saver = CheckpointSaver(self.run, self.tc.keep_top_k, self.state.saver)
-        self.metrics_path = self.run / "metrics.jsonl"
-        if self.resume_ck is None:
-            atomic_write_text(self.run / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        first = self.subset(0)
-        atomic_write_json(self.run / "subset.json", {"split": self.tc.train_split, "rows": first.tolist(),
-                                                     "image_ids": self.image_ids[first].tolist(),
-                                                     "of": int(len(self.train_rows))})
-        self.val_boxes = None
-        if self.val_ds is not None:
-            self.val_boxes = fixed_coarse_boxes(self.cfg, self.val_name, self.val_ds,
-                                                self.run / f"eval_boxes_{self.val_name}.json")
+        pg, data, run = self.pg, self.data, self.run
+        self.saver = CheckpointSaver(run, self.tc.keep_top_k, self.state.saver)
+        self.metrics_path = run / "metrics.jsonl"
 
-    # ------------------------------------------------------------------------------------ data order
-    def subset(self, epoch: int) -> np.ndarray:
-        """Store rows trained on in ``epoch`` (seeded; redrawn per epoch if configured)."""
-        seed = self.tc.seed + (epoch if self.tc.resample_each_epoch else 0)
-        return self.train_rows[sample_subset(len(self.train_rows), self.tc.sample_ratio, seed)]
+        def write() -> Any:
+            if self.resume_ck is None:
+                atomic_write_text(run / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            first = data.subset(0)
+            atomic_write_json(run / "subset.json", {"split": self.tc.train_split, "rows": first.tolist(),
+                                                    "image_ids": data.image_ids[first].tolist(),
+                                                    "of": int(len(data.rows))})
+            if data.val_ds is None:
+                return None
+            return fixed_coarse_boxes(self.cfg, data.val_name, data.val_ds, run / f"eval_boxes_{data.val_name}.json")
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Store rows of ``epoch`` in their seeded training order."""
-        subset = self.subset(epoch)
-        return subset[torch.randperm(len(subset), generator=seeded_generator(self.tc.seed, epoch)).numpy()]
+        self.val_boxes = pg.broadcast(pg.main_first(write))
 
     # ------------------------------------------------------------------------------------ training
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except BaseException:
+            self._discard_if_unsaved()
+            raise
+        finally:
+            self.pg.close()
+
+    def _stopping(self) -> bool:
+        """Whether to stop here: a stop requested on any rank, agreed by all of them (a collective: the
+        ranks ask at the same points; DDP ranks that stopped at different steps would deadlock)."""
+        agreed = self.pg.any(self.stop.requested)
+        if agreed:
+            self.stop.requested = True
+        return agreed
+
+    def _say(self, message: str, **kwargs: Any) -> None:
+        """A line about the run as a whole: printed by rank 0 only."""
+        if self.pg.is_main:
+            console.print(message, markup=False, **kwargs)
+
+    def _train(self) -> TrainResult:
         t_start = time.perf_counter()
         interrupted = False
         with StopSignals() as stop:
@@ -223,80 +248,87 @@ class TrainRecipe:
             try:
                 if self.state.pending_eval:
                     self._end_of_epoch()
-                while self.state.epoch < self.tc.epochs and not stop.requested:
+                while self.state.epoch < self.tc.epochs and not self._stopping():
                     self.train_epoch()
-                    if not stop.requested:
+                    if not self._stopping():
                         self._end_of_epoch()
             except KeyboardInterrupt:  # a second signal, or one no handler caught (not the main thread)
                 stop.requested = True
             finally:
-                self.loader = None  # shuts persistent DataLoader workers down
+                self.data.close()
             if stop.forced:
                 interrupted = True
-                console.print(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow",
-                              markup=False)
+                if not self._discard_if_unsaved():
+                    self._say(f"stopped at once; {self.run / 'last.pt'} is the last save", style="yellow")
             elif stop.requested:
                 interrupted = True
                 self.save()
-                console.print(f"stopped: saved {self.run / 'last.pt'} (epoch {self.state.epoch + 1}, step "
-                              f"{self.state.step}); continue with: boxrefine train --resume {self.run}",
-                              style="yellow", markup=False)
+                self._say(f"stopped: saved {self.run / 'last.pt'} (epoch {self.state.epoch + 1}, step "
+                          f"{self.state.step}); continue with: boxrefine train --resume {self.run}", style="yellow")
         best = self.state.best_iou
-        console.print(f"run {self.run}: {self.state.epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s"
-                      + (f", best val mean IoU {best:.4f}" if best is not None else ""), markup=False)
+        self._say(f"run {self.run}: {self.state.epoch} epoch(s) in {time.perf_counter() - t_start:.1f}s"
+                  + (f", best val mean IoU {best:.4f}" if best is not None else ""))
         return TrainResult(self.run, self.state.epoch, best, interrupted)
 
     def train_epoch(self) -> None:
-        """Train epoch ``state.epoch`` from step ``state.step``; returns early on a stop request."""
-        st, tc = self.state, self.tc
-        order_len = len(self.epoch_order(st.epoch))
-        skip = st.step * tc.batch_images
-        self.sampler.set_epoch(st.epoch, skip)
+        """Train epoch ``state.epoch`` from step ``state.step``; returns early when the ranks agree to stop.
+        Each rank computes its part of a step; the logged sums are the step's global values."""
+        st, tc, pg = self.state, self.tc, self.pg
+        order_len = len(self.data.epoch_order(st.epoch))
+        self.data.sampler.set_epoch(st.epoch, st.step)
         self.refiner.train()
-        t0 = time.perf_counter()
+        t0, images_before = time.perf_counter(), st.partial["n"]
+        assert self.data.loader is not None
+        # head health counts this rank's boxes (under DDP rank 0's share of every step is what is logged)
         health = HeadHealth(self.refiner, st.health)
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar, health:
-            bar.advance(skip)
-            for batch in self.loader:
-                n_img = len(batch["row"])
-                loss, terms, n_boxes = batch_loss(batch, self.refiner, self.heads, self.device, self.amp_dtype, tc,
-                                                  self.det_pairs, st.epoch)
-                if loss is not None:
-                    self._optimizer_step(loss)
-                    for k, v in (("loss", loss.item()), ("l1", terms["l1"]), ("giou", terms["giou"])):
-                        st.partial[k] += v * n_img
-                    st.partial["n"] += n_img
-                    st.partial["boxes"] += n_boxes
+            bar.advance(min(st.step * tc.batch_images, order_len))
+            for raw in self.data.loader:
+                batch = self.data.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
+                n_img = len(batch["row"]) if batch is not None else 0
+                loss, terms, n_boxes = batch_loss(batch, self.model, self.heads, self.device, self.amp_dtype, tc,
+                                                  self.data.det_pairs, st.epoch) if n_img else (None, {}, 0)
+                idle = None
+                if loss is None and pg.active:  # DDP's forward may talk to the other ranks: every rank runs one
+                    idle = idle_loss(self.model, self.refiner_args["interm_channels"], self.cfg.refiner.use_mask,
+                                     self.device, self.amp_dtype)
+                step = step_totals(pg, loss, terms, n_boxes, n_img)
+                if step.boxes:  # some rank has boxes: every rank steps (DDP's backward needs them all)
+                    self._optimizer_step((loss if loss is not None else idle) * rank_weight(pg, n_boxes, step))
+                    for k, v in (("loss", step.loss), ("l1", step.l1), ("giou", step.giou)):
+                        st.partial[k] += v * step.images
+                    st.partial["n"] += step.images
+                    st.partial["boxes"] += step.boxes
                 st.step += 1
                 st.health = health.state()
-                bar.advance(n_img, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
-                if self.stop.requested:
+                bar.advance(step.images, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
+                if self._stopping():
                     return
         p, dt = st.partial, time.perf_counter() - t0
         n = max(p["n"], 1)
         entry = {"kind": "epoch", "epoch": st.epoch + 1, "loss": p["loss"] / n, "l1": p["l1"] / n,
                  "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
-                 "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - skip) / max(dt, 1e-9)}
+                 "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - images_before) / max(dt, 1e-9),
+                 "ranks": pg.world}
         head = health.summary()
         why = head_collapse(head)
         entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
         self.log(entry)
-        console.print(f"epoch {st.epoch + 1}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou "
-                      f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
-                      + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
-                         if head else ""), markup=False)
+        self._say(f"epoch {st.epoch + 1}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou "
+                  f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
+                  + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
+                     if head else ""))
         if why:
-            console.print(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}",
-                          style="yellow", markup=False)
+            self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
         last = st.epoch + 1 == tc.epochs
         st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, _zero_partial(), {}
-        st.pending_eval = self.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
+        st.pending_eval = self.data.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the ranks here
         if self.tc.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.refiner.parameters(), self.tc.grad_clip)
@@ -312,40 +344,48 @@ class TrainRecipe:
             ev = self.validate()
             if ev is None:  # stopped during validation: resume validates again
                 return
-            self.log({"kind": "eval", "epoch": st.epoch, "split": self.val_name, **ev})
+            self.log({"kind": "eval", "epoch": st.epoch, "split": self.data.val_name, **ev})
             metric = ev["refined"]["mean_iou"]
-            console.print(f"  val {self.val_name}: refined mean IoU {metric:.4f} (coarse "
-                          f"{ev['coarse']['mean_iou']:.4f}), val loss {ev['val_loss']:.4f}", markup=False)
+            self._say(f"  val {self.data.val_name}: refined mean IoU {metric:.4f} (coarse "
+                      f"{ev['coarse']['mean_iou']:.4f}), val loss {ev['val_loss']:.4f}")
             st.pending_eval = False
-            plot_curves(self.metrics_path, self.run / "curves.png")
+            if self.pg.is_main:
+                plot_curves(self.metrics_path, self.run / "curves.png")
         self.save(metric)
 
     def validate(self) -> dict[str, Any] | None:
-        """Periodic validation with the code evaluate runs (``predict`` + ``summarize``); None when a
-        stop was requested meanwhile."""
-        assert self.val_ds is not None and self.val_boxes is not None
+        """Periodic validation with the code evaluate runs (``predict`` + ``summarize``), each rank on its
+        share of the images, summarised on rank 0 and shared; None when a stop was requested meanwhile."""
+        assert self.data.val_ds is not None and self.val_boxes is not None
         t0 = time.perf_counter()
-        tc = self.tc
-        with progress("validate", len(self.val_ds)) as bar:
-            preds = predict(self.val_ds, self.val_boxes, self.device, refiner=self.refiner, heads=self.heads,
+        tc, pg = self.tc, self.pg
+        part = self.data.val_part(pg.rank, pg.world)
+        assert part is not None
+        with progress("validate", len(part)) as bar:
+            preds = predict(part, self.val_boxes, self.device, refiner=self.refiner, heads=self.heads,
                             amp_dtype=self.amp_dtype, batch_images=self.cfg.evaluate.batch_images, num_workers=0,
                             loss_weights=(tc.l1_weight, tc.giou_weight), on_batch=bar.advance,
                             should_stop=lambda: self.stop.requested)
-        if self.stop.requested:
+        if self._stopping():
             return None
-        out = summarize(preds)
-        out["val_loss"] = tc.l1_weight * out.get("loss_l1", float("nan")) + \
-            tc.giou_weight * out.get("loss_giou", float("nan"))
-        out["seconds"] = time.perf_counter() - t0
-        return out
+        every = gather_in_order(pg, preds)
+        out = None
+        if every is not None:
+            out = summarize(every)
+            out["val_loss"] = tc.l1_weight * out.get("loss_l1", float("nan")) + \
+                tc.giou_weight * out.get("loss_giou", float("nan"))
+            out["seconds"] = time.perf_counter() - t0
+        return pg.broadcast(out)
 
     # ------------------------------------------------------------------------------------ saving
     def log(self, entry: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if self.pg.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def save(self, metric: float | None = None) -> None:
-        self.saver.save(self._payload, self.state.epoch, metric)
+        if self.pg.is_main:
+            self.saver.save(self._payload, self.state.epoch, metric)
 
     def _payload(self, saver_state: dict[str, Any]) -> dict[str, Any]:
         self.state.saver = saver_state
@@ -357,5 +397,6 @@ class TrainRecipe:
 
 
 def run_train(cfg: PipelineConfig, resume: Path | None = None) -> TrainResult:
-    """Train as configured (or continue ``resume``: a run folder or a checkpoint file)."""
+    """Train as configured (or continue ``resume``: a run folder or a checkpoint file); under torchrun,
+    as one rank of a DDP run."""
     return TrainRecipe(cfg, resume).setup().train()

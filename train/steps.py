@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.boxes import jitter_boxes, scale_boxes
+from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import TrainConfig
+from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.scoring import autocast_context
 
@@ -27,18 +28,18 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 
 def training_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, det: tuple[torch.Tensor, torch.Tensor] | None,
-                   hw: tuple[int, int], k: int, jitter: float, g: torch.Generator
+                   geometry: ImageGeometry, k: int, jitter: float, g: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` (coarse, target) pairs for one image (xyxy, original px): GT boxes jittered with the
     noisy-box model and, when given, real detector boxes matched to GT (half the draws each).
-    Crowd GT is never a target."""
-    valid = torch.nonzero(gt_info[:, 2] == 0).flatten() if len(gt_info) else torch.zeros(0, dtype=torch.int64)
+    Crowd GT and zero-size GT boxes are never targets."""
+    valid = torch.nonzero(trainable_gt(gt_boxes, gt_info)).flatten()
     if len(valid) == 0:
         return torch.zeros((0, 4)), torch.zeros((0, 4))
     use_det = det is not None and len(det[0]) > 0
     pick_det = (torch.rand(k, generator=g) < 0.5) if use_det else torch.zeros(k, dtype=torch.bool)
     gt_idx = valid[torch.randint(len(valid), (k,), generator=g)]
-    coarse = jitter_boxes(gt_boxes[gt_idx].float(), jitter, hw, g)
+    coarse = jitter_boxes(gt_boxes[gt_idx].float(), jitter, geometry, g)
     target = gt_boxes[gt_idx].float()
     if use_det and pick_det.any():
         assert det is not None
@@ -71,10 +72,9 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
     for b, row in enumerate(batch["row"]):
         g = seeded_generator(tc.seed, epoch, batch["key"][b])
         c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
-                              batch["orig_hw"][b], tc.boxes_per_image, tc.jitter, g)
-        oh, ih = batch["orig_hw"][b], batch["input_hw"][b]
-        coarse_in.append(scale_boxes(c, oh, ih).to(device))
-        target_in.append(scale_boxes(t, oh, ih).to(device))
+                              batch["geometry"][b], tc.boxes_per_image, tc.jitter, g)
+        coarse_in.append(batch["geometry"][b].boxes_to_input(c).to(device))
+        target_in.append(batch["geometry"][b].boxes_to_input(t).to(device))
         if heads is not None and len(c):
             with torch.no_grad(), autocast_context(device, amp_dtype):
                 lg, _ = heads(emb[b:b + 1], interm[b:b + 1], coarse_in[-1])

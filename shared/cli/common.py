@@ -61,7 +61,8 @@ def one_line_errors(command: F) -> F:
 
 def load_cli_config(path: Path, sets: list[str] | None, flags: dict[str, Any], fast: bool = False) -> PipelineConfig:
     """Config file (+ its ``fast:`` block) + ``--set`` overrides + explicit flags (flags win); a
-    ConfigError lists every problem."""
+    ConfigError lists every problem. A flag left at None was not given and changes nothing, while
+    ``--set KEY=null`` sets the key to null (e.g. ``train.grad_clip=null`` turns clipping off)."""
     overrides = dict(parse_set_option(s) for s in (sets or []))
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return load_config(path, overrides, fast=fast)

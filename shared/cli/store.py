@@ -1,4 +1,5 @@
-"""``boxrefine store info PATH``: what a feature store holds and what made it."""
+"""``boxrefine store info PATH``: what a feature store holds and what made it; ``boxrefine store
+verify PATH [--repair]``: read every complete row with its checksums, report (and mark) damage."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.text import Text
 from boxrefine.shared.cli.common import one_line_errors
 from boxrefine.shared.console import console
 
-app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
+app = typer.Typer(help="Inspect and verify feature stores.", no_args_is_help=True)
 
 
 def _human(n: float | None) -> str:
@@ -26,27 +27,28 @@ def _human(n: float | None) -> str:
 @one_line_errors
 def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
     """Model, checkpoint, dtype, codec, rows complete/total per split, size, bad images."""
-    from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_STALE, open_store
+    from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, STATE_DAMAGED, STATE_STALE, open_store
 
     store = open_store(path)
     a, ident = store.attrs, store.identity
     ck = a.get("checkpoint", {})
     st = a.get("storage", {})
-    console.print(f"[bold]{path}[/bold]  (boxrefine schema {a['boxrefine']['schema_version']}, "
-                  f"written by {a['boxrefine'].get('tool_version')})")
-    console.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}")
+    console.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
+                                f"written by {a['boxrefine'].get('tool_version')})"))
+    console.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
+                  markup=False)
     weights = ck.get("official_name") or ck.get("path") or "—"
-    console.print(f"checkpoint {ident.checkpoint}  {weights}"
-                  + ("  [bold yellow](random init: tests/demo only)[/bold yellow]"
-                     if ident.checkpoint.startswith("random-init") else ""))
+    console.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
+                                ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
+                                 else "", "bold yellow")))
     console.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
-                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}")
+                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
     signal = a.get("signal_store")
     if signal:
         console.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
                            f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
                            style="bold yellow"))
-    table = Table("split", "complete", "total", "bad", "stale", "annotations sha256")
+    table = Table("split", "complete", "total", "bad", "stale", "damaged", "annotations sha256")
     bad_all = {}
     total_complete = 0
     for name in store.splits:
@@ -57,13 +59,48 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
         total_complete += n_done
         ann = sp.group.attrs.get("annotations", {})
         table.add_row(name, str(n_done), str(sp.n_rows), str(int((states == STATE_BAD).sum())),
-                      str(int((states == STATE_STALE).sum())), str(ann.get("sha256", ""))[:12])
+                      str(int((states == STATE_STALE).sum())), str(int((states == STATE_DAMAGED).sum())),
+                      str(ann.get("sha256", ""))[:12])
         bad_all.update({(name, k): v for k, v in sp.bad_images().items()})
     console.print(table)
     size = store.bytes_on_disk()
     per = (size / total_complete) if (size and total_complete) else None
-    console.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""))
+    console.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""), markup=False)
     if bad_all:
-        console.print(f"bad images ({len(bad_all)}):")
+        console.print(f"bad images ({len(bad_all)}):", markup=False)
         for (name, _), rep in sorted(bad_all.items(), key=lambda kv: (kv[0][0], kv[1]["file"])):
             console.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
+
+
+@app.command("verify")
+@one_line_errors
+def verify(path: str = typer.Argument(..., help="Store path or fsspec URL."),
+           split: list[str] = typer.Option(None, "--split", help="Split(s) to check (default: all). Repeatable."),
+           repair: bool = typer.Option(False, "--repair", help="Mark damaged rows so `boxrefine extract` redoes them."),
+           ) -> None:
+    """Read every complete row with its checksums; report rows checked, damaged and repaired.
+
+    Exit 0 when the store is clean or every damaged row was marked (--repair), 1 otherwise."""
+    from boxrefine.shared.cli.common import fail
+    from boxrefine.shared.console import progress
+    from boxrefine.shared.integrity import count_rows, verify_store
+    from boxrefine.shared.store import FeatureStore, open_store
+
+    store = FeatureStore.open(path, "a") if repair else open_store(path)
+    with progress("verify", count_rows(store, split), unit="row") as bar:
+        report = verify_store(store, split, repair=repair, on_row=bar.advance)
+    for err in report.damaged:
+        console.print(f"damaged: {err.detail}", markup=False, style="red")
+    for err in report.split_problems:
+        console.print(f"damaged: {err}", markup=False, style="red")
+    console.print(f"{path}: rows checked {report.checked}, damaged {len(report.damaged)}, repaired "
+                  f"{report.repaired}" + (f", split-level problems {len(report.split_problems)}"
+                                          if report.split_problems else ""), markup=False)
+    if report.repaired:
+        console.print(f"{report.repaired} damaged row(s) marked: run `boxrefine extract` to recompute them",
+                      markup=False, style="yellow")
+    if report.split_problems:
+        fail(f"{path}: {len(report.split_problems)} split(s) cannot be verified (see above)")
+    if report.damaged and not repair:
+        fail(f"{path}: {len(report.damaged)} damaged row(s); `boxrefine store verify --repair {path}` marks them "
+             "for `boxrefine extract` to recompute")

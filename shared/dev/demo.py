@@ -35,7 +35,7 @@ import numpy as np
 import typer
 from pycocotools import mask as mask_utils
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 CATEGORIES = [
     {"id": 1, "name": "mushroom", "supercategory": "fungus"},
@@ -379,10 +379,9 @@ def demo_data(
     """Generate the synthetic mushroom dataset (COCO instances + coarse detections)."""
     summary = generate_demo(out, num_train=num_train, num_val=num_val, seed=seed, noise=noise)
     console = Console()
-    console.print(f"[bold green]Demo dataset written to[/] {escape(summary['out'])}", soft_wrap=True)
+    console.print(Text.assemble(("Demo dataset written to ", "bold green"), str(summary["out"])), soft_wrap=True)
     for split, s in summary["splits"].items():
-        console.print(
-            f"  [bold]{split}[/]: {s['images']} images, {s['instances']} instances -> images/{split}/, "
-            f"annotations/instances_{split}.json, annotations/detections_{split}.json",
-            soft_wrap=True,
-        )
+        console.print(Text.assemble("  ", (split, "bold"),
+                                    f": {s['images']} images, {s['instances']} instances -> images/{split}/, "
+                                    f"annotations/instances_{split}.json, annotations/detections_{split}.json"),
+                      soft_wrap=True)

@@ -36,7 +36,7 @@ import typer
 from boxrefine.shared.cli.common import fail, one_line_errors
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.store import STATE_COMPLETE, F, FeatureStore, open_store, to_storage
+from boxrefine.shared.store import ROW_FIELDS, STATE_COMPLETE, F, FeatureStore, open_store, to_storage
 
 UNION, BOUNDARY, FIRST_INSTANCE = 0, 1, 2
 EMBED_CHANNELS, EMBED_GRID = 256, 64  # image_embeddings: 256 × 64 × 64
@@ -91,19 +91,18 @@ def make_signal_store(src: str, dst: str, gain: float = 3.0, overwrite: bool = F
         dropped = 0
         with progress(f"signal {name}", len(done), unit="img") as bar:
             for i in done.tolist():
-                n = int(rows[i][F["n_instances"]])
-                masks, _, _ = sp.read_gt(i, n, masks=True)
+                masks, _, _ = sp.read_gt(i, masks=True, record=rows[i])
                 chans = signal_channels(masks, gain)
                 if len(chans) > EMBED_CHANNELS:
                     dropped += len(chans) - EMBED_CHANNELS
                     chans = chans[:EMBED_CHANNELS]
-                emb, interm = sp.read_features(i)
+                emb, interm = sp.read_features(i, record=rows[i])
                 emb = emb.float()
                 emb[:len(chans)] = chans
-                # the row protocol: clear the record, write the chunks, commit the same record again
+                # the row protocol: clear the record, write the chunks, commit the record with their digests
                 sp.clear_row(i)
-                sp.write_features(i, to_storage(emb, dtype), to_storage(interm.float(), dtype))
-                sp.array("rows")[i] = rows[i]
+                digests = sp.write_features(i, to_storage(emb, dtype), to_storage(interm.float(), dtype))
+                sp.commit_row(i, {**dict(zip(ROW_FIELDS, rows[i].tolist(), strict=True)), **digests})
                 bar.advance(1)
         summary[name] = {"rows": int(len(done)), "instances_dropped": dropped}
     store.group.attrs[SIGNAL_ATTR] = {
