@@ -44,8 +44,9 @@ class BoxRefiner(nn.Module):
         # + the coarse box's geometry (centre, size, log-aspect) in the 1024-px frame. The hidden layer
         # sees hidden·roi²+5 inputs: without a norm its pre-activations drift by ~lr·fan-in per AdamW
         # step and the ReLUs die (see HeadHealth); LayerNorm keeps them centred.
+        # norm "none" keeps the layout (and state-dict keys) of the head before the option existed
         self.mlp = nn.Sequential(nn.Linear(hidden * roi_size * roi_size + 5, hidden),
-                                 nn.LayerNorm(hidden) if norm == "layer" else nn.Identity(),
+                                 *([nn.LayerNorm(hidden)] if norm == "layer" else []),
                                  nn.ReLU(inplace=True), nn.Linear(hidden, 4))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
@@ -143,8 +144,8 @@ class HeadHealth:
         self.d_sq += (d * d).sum(0)
 
     def __enter__(self) -> HeadHealth:
-        self._hooks = [self.refiner.mlp[2].register_forward_hook(self._on_hidden),
-                       self.refiner.mlp[3].register_forward_hook(self._on_deltas)]
+        self._hooks = [self.refiner.mlp[-2].register_forward_hook(self._on_hidden),  # the hidden ReLU
+                       self.refiner.mlp[-1].register_forward_hook(self._on_deltas)]
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -118,3 +118,20 @@ def test_signal_store_is_a_verified_copy_with_the_gt_in_its_embeddings(reference
     ch = signal_channels(masks)
     assert torch.allclose(emb[:len(ch)].float(), ch, atol=0.02)
     assert torch.equal(emb[len(ch):], emb0[len(ch):]) and torch.equal(interm, interm0)
+
+
+def test_checkpoint_from_before_the_norm_option_rebuilds_the_head_it_holds(tmp_path) -> None:
+    """refiner_args without ``norm`` (checkpoints written before it existed) name the head without a
+    norm, whose state-dict keys are unchanged; the rebuilt head gives the same boxes."""
+    from boxrefine.shared.checkpoints import refiner_from_checkpoint
+
+    torch.manual_seed(0)
+    old = BoxRefiner(160, hidden=32, use_mask=False, norm="none")
+    assert sorted(k for k in old.state_dict() if k.startswith("mlp")) == [
+        "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"]
+    torch.nn.init.normal_(old.mlp[-1].weight, std=0.01)
+    args = {"interm_channels": 160, "roi_size": 7, "hidden": 32, "context": 1.5, "use_mask": False}
+    rebuilt = refiner_from_checkpoint({"refiner": old.state_dict(), "refiner_args": args}, tmp_path / "old.pt")
+    emb, interm, boxes = _inputs()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(emb, interm, boxes), old.eval()(emb, interm, boxes))
