@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, invoke, make_config, write_config
-from test_crash_and_shards import _assert_stores_equal
+from conftest import REPO, assert_stores_equal, invoke, make_config, write_config
 
 from boxrefine.extract.run import run_extract
 from boxrefine.shared.checkpoints import load_checkpoint
@@ -134,7 +133,7 @@ def test_torchrun_extract_two_ranks_fill_one_store_like_one_process(demo_root, r
     assert proc.returncode == 0, out
     assert "shard-0-of-2" in out and "shard-1-of-2" in out
     assert _encoded(out) == 5  # every row once, by one of the ranks
-    _assert_stores_equal(store, reference_store)
+    assert_stores_equal(store, reference_store)
 
 
 def test_overwrite_with_shards_is_refused_and_deletes_nothing(demo_root, reference_store, tmp_path):
@@ -149,7 +148,7 @@ def test_overwrite_with_shards_is_refused_and_deletes_nothing(demo_root, referen
     assert "--overwrite with --shard 1/2" in out and str(store) in out
     with pytest.raises(StoreError, match="delete the store once"):
         run_extract(make_config(demo_root, store, extract={"shard": "0/2", "overwrite": True}))
-    _assert_stores_equal(store, reference_store)
+    assert_stores_equal(store, reference_store)
 
 
 @pytest.mark.slow
@@ -163,7 +162,7 @@ def test_torchrun_overwrite_resets_once_while_the_other_rank_waits(demo_root, re
                      env={"BOXREFINE_TEST_HOLD": f"1:{tmp_path / 'markers'}"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    _assert_stores_equal(store, reference_store)
+    assert_stores_equal(store, reference_store)
     assert _encoded(out) == 5  # a fresh store: every row encoded again, once
     assert "rank 0 of 2 reset" in out
 
