@@ -142,6 +142,7 @@ class RefinerConfig(_Section):
     hidden: int = Field(256, ge=8, multiple_of=8)
     context: float = Field(1.5, ge=1.0, le=4.0)
     use_mask: bool = True
+    norm: Literal["layer", "none"] = "layer"
 
 
 class TrainConfig(_Section):

@@ -11,6 +11,8 @@ The last layer starts at zero, so an untrained refiner returns the coarse box un
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
@@ -18,11 +20,18 @@ from torchvision.ops import generalized_box_iou_loss, roi_align
 from boxrefine.shared.boxes import expand_boxes
 from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES, LOWRES_STRIDE
 
+NORMS = ("layer", "none")  # normalisation before the hidden ReLU of the MLP
+# HeadHealth thresholds below which training warns that the head has collapsed
+COLLAPSE_MIN_ACTIVE = 0.2  # share of hidden units that fired on at least one box of the epoch
+COLLAPSE_MIN_SPREAD = 1e-3  # std of the corrections across boxes, in units of the coarse box size
+
 
 class BoxRefiner(nn.Module):
     def __init__(self, interm_channels: int, roi_size: int = 7, hidden: int = 256, context: float = 1.5,
-                 use_mask: bool = True):
+                 use_mask: bool = True, norm: str = "layer"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.roi_size, self.context, self.use_mask = roi_size, context, use_mask
         self.proj_emb = nn.Conv2d(256, 128, 1)
         self.proj_interm = nn.Conv2d(interm_channels, 64, 1)
@@ -32,9 +41,13 @@ class BoxRefiner(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.ReLU(inplace=True),
         )
         self.flatten = nn.Flatten()
-        # + the coarse box's geometry (centre, size, log-aspect) in the 1024-px frame
-        self.mlp = nn.Sequential(nn.Linear(hidden * roi_size * roi_size + 5, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, 4))
+        # + the coarse box's geometry (centre, size, log-aspect) in the 1024-px frame. The hidden layer
+        # sees hidden·roi²+5 inputs: without a norm its pre-activations drift by ~lr·fan-in per AdamW
+        # step and the ReLUs die (see HeadHealth); LayerNorm keeps them centred.
+        # norm "none" keeps the layout (and state-dict keys) of the head before the option existed
+        self.mlp = nn.Sequential(nn.Linear(hidden * roi_size * roi_size + 5, hidden),
+                                 *([nn.LayerNorm(hidden)] if norm == "layer" else []),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, 4))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
@@ -99,3 +112,77 @@ def refine_loss(refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tenso
     giou = generalized_box_iou_loss(refined, target, reduction="mean")
     loss = l1_weight * l1 + giou_weight * giou
     return loss, {"l1": float(l1.detach()), "giou": float(giou.detach())}
+
+
+class HeadHealth:
+    """Is the head alive? Accumulates, over the boxes of every forward pass while attached (a context
+    manager), which hidden units of the MLP fire and what the head predicts:
+
+    * ``active_units``: share of hidden units positive (after the ReLU) for at least one box;
+    * ``firing``: mean share of hidden units positive per box;
+    * ``delta_abs``: mean |delta| of the side corrections, in units of the coarse box's w/h;
+    * ``delta_spread``: their standard deviation across boxes, mean of the four sides. A head whose
+      hidden units are all dead returns ``coarse + constant``: spread 0.
+
+    ``state`` (plain lists and floats) lets a resumed epoch carry on counting.
+    """
+
+    def __init__(self, refiner: BoxRefiner, state: dict[str, Any] | None = None):
+        self.refiner = refiner
+        hidden = refiner.mlp[0].out_features
+        st = state or {}
+        self.ever = torch.tensor(st.get("ever", [False] * hidden), dtype=torch.bool)
+        self.n = int(st.get("n", 0))
+        self.firing_sum = float(st.get("firing_sum", 0.0))
+        self.abs_sum = float(st.get("abs_sum", 0.0))
+        self.d_sum = torch.tensor(st.get("d_sum", [0.0] * 4), dtype=torch.float64)
+        self.d_sq = torch.tensor(st.get("d_sq", [0.0] * 4), dtype=torch.float64)
+        self._hooks: list[Any] = []
+
+    def state(self) -> dict[str, Any]:
+        return {"ever": self.ever.tolist(), "n": self.n, "firing_sum": self.firing_sum, "abs_sum": self.abs_sum,
+                "d_sum": self.d_sum.tolist(), "d_sq": self.d_sq.tolist()}
+
+    def _on_hidden(self, _m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        on = out.detach() > 0
+        self.ever |= on.any(0).cpu()
+        self.firing_sum += float(on.float().mean(1).sum())
+
+    def _on_deltas(self, _m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        d = out.detach().double().cpu()
+        self.n += len(d)
+        self.abs_sum += float(d.abs().mean(1).sum())
+        self.d_sum += d.sum(0)
+        self.d_sq += (d * d).sum(0)
+
+    def __enter__(self) -> HeadHealth:
+        self._hooks = [self.refiner.mlp[-2].register_forward_hook(self._on_hidden),  # the hidden ReLU
+                       self.refiner.mlp[-1].register_forward_hook(self._on_deltas)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def summary(self) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        mean = self.d_sum / self.n
+        spread = (self.d_sq / self.n - mean * mean).clamp(min=0).sqrt().mean()
+        return {"active_units": float(self.ever.float().mean()), "firing": self.firing_sum / self.n,
+                "delta_abs": self.abs_sum / self.n, "delta_spread": float(spread)}
+
+
+def head_collapse(health: dict[str, float], min_active: float = COLLAPSE_MIN_ACTIVE,
+                  min_spread: float = COLLAPSE_MIN_SPREAD) -> str | None:
+    """Why a head looks collapsed (a :meth:`HeadHealth.summary`), or None when it looks alive."""
+    if not health:
+        return None
+    if health["active_units"] < min_active:
+        return (f"only {health['active_units']:.0%} of the hidden units fired on any box "
+                f"(dead ReLUs; below {min_active:.0%})")
+    if health["delta_spread"] < min_spread:
+        return (f"the corrections hardly vary between boxes (spread {health['delta_spread']:.2g} of the box "
+                f"size): refined ≈ coarse + constant")
+    return None

@@ -20,8 +20,8 @@ def _shipped_yaml() -> list[Path]:
     keep = []
     for p in found:
         rel = p.relative_to(REPO).parts
-        if rel[0] in _SKIP_DIRS or any(part.startswith(".") for part in rel):
-            continue  # the venv, generated data, run outputs, hidden tool configs (.github, ...)
+        if rel[0] in _SKIP_DIRS or rel[:2] == ("bench", "out") or any(part.startswith(".") for part in rel):
+            continue  # the venv, generated data, run and benchmark outputs, hidden tool configs (.github, ...)
         keep.append(p)
     return sorted(keep)
 

@@ -43,7 +43,7 @@ from boxrefine.shared.distributed import ProcessGroup
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.evalboxes import fixed_coarse_boxes
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
-from boxrefine.shared.refiner import BoxRefiner
+from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
@@ -85,6 +85,7 @@ class TrainState:
     partial: dict[str, float] = field(default_factory=_zero_partial)  # running sums of that epoch
     pending_eval: bool = False  # epoch ``epoch`` is trained but its validation is not logged yet
     saver: dict[str, Any] = field(default_factory=dict)  # CheckpointSaver bookkeeping (top-k, best)
+    health: dict[str, Any] = field(default_factory=dict)  # HeadHealth counts of that epoch
 
     @property
     def best_iou(self) -> float | None:
@@ -284,7 +285,9 @@ class TrainRecipe:
         self.refiner.train()
         t0, images_before = time.perf_counter(), st.partial["n"]
         assert self.data.loader is not None
-        with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar:
+        # head health counts this rank's boxes (under DDP rank 0's share of every step is what is logged)
+        health = HeadHealth(self.refiner, st.health)
+        with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar, health:
             bar.advance(min(st.step * tc.batch_images, order_len))
             for raw in self.data.loader:
                 batch = self.data.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
@@ -303,6 +306,7 @@ class TrainRecipe:
                     st.partial["n"] += step.images
                     st.partial["boxes"] += step.boxes
                 st.step += 1
+                st.health = health.state()
                 bar.advance(step.images, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self._stopping():
                     return
@@ -312,11 +316,18 @@ class TrainRecipe:
                  "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
                  "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - images_before) / max(dt, 1e-9),
                  "ranks": pg.world}
+        head = health.summary()
+        why = head_collapse(head)
+        entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
         self.log(entry)
         self._say(f"epoch {st.epoch + 1}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou "
-                  f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s")
+                  f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
+                  + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
+                     if head else ""))
+        if why:
+            self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
         last = st.epoch + 1 == tc.epochs
-        st.epoch, st.step, st.partial = st.epoch + 1, 0, _zero_partial()
+        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, _zero_partial(), {}
         st.pending_eval = self.data.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch

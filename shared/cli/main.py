@@ -13,6 +13,7 @@ from boxrefine.extract.cli import app as extract_app
 from boxrefine.extract.refine_cli import app as refine_app
 from boxrefine.shared.cli.store import app as store_app
 from boxrefine.shared.dev.demo import app as demo_app
+from boxrefine.shared.dev.signal import app as dev_app
 from boxrefine.train.cli import app as train_app
 
 app = typer.Typer(name="boxrefine", help="Box refinement on frozen HQ-SAM features cached once in Zarr.",
@@ -23,6 +24,8 @@ app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(refine_app, name="refine")
 app.add_typer(store_app, name="store")
+# developer tooling (DEVELOPERS.md), not a pipeline stage: kept out of --help
+app.add_typer(dev_app, name="dev", hidden=True)
 
 
 def main() -> None:

@@ -45,6 +45,11 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
                                  else "", "bold yellow")))
     console.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
                   f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
+    signal = a.get("signal_store")
+    if signal:
+        console.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
+                           f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
+                           style="bold yellow"))
     table = Table("split", "complete", "total", "bad", "stale", "damaged", "annotations sha256")
     bad_all = {}
     total_complete = 0
