@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.imageio import Intensity
+from boxrefine.shared.yamlkeys import DuplicateKeyError, UniqueKeyLoader, set_dotted
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -277,57 +278,6 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = {}
-            node[p] = child
-        node = child
-    node[parts[-1]] = value
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping key given twice in one YAML document (``key`` dotted, ``lines`` 1-based)."""
-
-    def __init__(self, key: str, lines: tuple[int, int]):
-        self.key, self.lines = key, lines
-        super().__init__(f"duplicate key {key!r} (lines {lines[0]} and {lines[1]})")
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in a mapping (PyYAML keeps the last one
-    silently, hiding a pasted-twice or mistyped option). YAML merge keys (``<<``) are not duplicates."""
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        _check_unique_keys(node, "", set())
-        return super().construct_document(node)
-
-
-def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
-    if id(node) in seen_nodes:  # an alias already checked (and recursive structures)
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                _check_unique_keys(value_node, path, seen_nodes)
-                continue
-            dotted = f"{path}{key_node.value}"
-            line = key_node.start_mark.line + 1
-            k = (key_node.tag, key_node.value)
-            if k in first_line:
-                raise DuplicateKeyError(dotted, (first_line[k], line))
-            first_line[k] = line
-            _check_unique_keys(value_node, f"{dotted}.", seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_unique_keys(item, f"{path}{i}.", seen_nodes)
-
-
 def parse_set_option(item: str) -> tuple[str, Any]:
     """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML; ``KEY=null``
     sets the key to null)."""
@@ -408,7 +358,7 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
     merged = copy.deepcopy(raw)
     merged.pop("fast", None)
     for key, value in fast_keys.items():
-        _set_dotted(merged, key, value)
+        set_dotted(merged, key, value)
     if not errors and fast_keys:
         _, fast_errors = _validate(merged)
         errors += [(f"fast.{k}", m) for k, m in fast_errors if any(k.startswith(f) for f in fast_keys)]
@@ -418,7 +368,7 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
     if fast or overrides:
         final = merged if fast else raw
         for key, value in (overrides or {}).items():
-            _set_dotted(final, key, value)
+            set_dotted(final, key, value)
         cfg, errors = _validate(final)
         if errors:
             raise ConfigError(source, errors)
