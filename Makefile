@@ -67,7 +67,7 @@ test: $(STAMP) ## Run the whole test suite (what CI runs)
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG charts (BENCH_QUICK=1: < 10 min)
+bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG charts (BENCH_QUICK=1: the small size)
 	$(BIN)/python bench/step_profile.py --images $(BENCH_IMAGES) --repeats $(BENCH_REPEATS) --json bench/out/step_profile.json
 	$(BIN)/python bench/peers.py --images $(BENCH_IMAGES) --vit-b-images $(BENCH_VIT_B) --repeats $(BENCH_REPEATS) \
 		--json bench/out/peers.json
