@@ -38,6 +38,11 @@ def machine() -> dict:
     return d
 
 
+def describe() -> str:
+    """The machine in one line, for a bench's printed and saved figures."""
+    return machine()["summary"]
+
+
 def write_json(path: Path, obj: dict) -> None:
     """A bench's figures, atomically (its folder made first)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

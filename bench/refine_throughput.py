@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import describe as machine  # noqa: E402
 from boxrefine.extract.refine import RefineResult, RefineRun  # noqa: E402
 from boxrefine.shared.checkpoints import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
@@ -56,17 +54,6 @@ from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
 from boxrefine.shared.sam import INTERM_CHANNELS, SamHeads, build_hq_sam, checkpoint_info, resolve_device  # noqa: E402
 from boxrefine.shared.scoring import box_prompt_logits  # noqa: E402
 from boxrefine.shared.store import identity_for  # noqa: E402
-
-
-def machine() -> str:
-    """CPU model and core count (lscpu), and the GPU when one is used."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{model}, {os.cpu_count()} cores{gpu}"
 
 
 def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:

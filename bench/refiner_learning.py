@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import describe as machine  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
 from boxrefine.shared.console import console  # noqa: E402
@@ -57,18 +56,6 @@ from boxrefine.shared.rowdata import StoreRows  # noqa: E402
 from boxrefine.train.recipe import run_train  # noqa: E402
 
 TARGET_IOU, TARGET_ACC75, TARGET_ACTIVE = 0.74, 0.50, 0.50
-
-
-def machine() -> str:
-    """CPU model and core count (``lscpu``), and the GPU if torch sees one."""
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{model}, {os.cpu_count()} cores{gpu}"
 
 
 def overrides(sets: list[str]) -> dict[str, dict[str, Any]]:

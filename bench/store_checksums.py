@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,21 +38,13 @@ sys.path.insert(0, str(REPO))
 
 import boxrefine.shared.storage as storage  # noqa: E402
 import boxrefine.shared.store_split as store_split  # noqa: E402
+from bench.machine import describe as machine  # noqa: E402
 from boxrefine.extract.plan import gt_arrays, row_record  # noqa: E402
 from boxrefine.shared.config import StoreConfig  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
 from boxrefine.shared.records import load_coco  # noqa: E402
 from boxrefine.shared.rowdata import StoreRows  # noqa: E402
 from boxrefine.shared.store import STATE_COMPLETE, FeatureStore, StoreIdentity  # noqa: E402
-
-
-def machine() -> str:
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 @contextmanager

@@ -253,14 +253,18 @@ class SplitStore:
                              "`boxrefine extract` (GT only, no encoder work)")
 
     # ---- writing (extract only) -------------------------------------------------------------
-    def mark(self, i: int, state: int, generation: int) -> np.ndarray:
-        """Write a record holding only ``state`` and ``generation``; returns it."""
-        row = np.zeros(len(ROW_FIELDS), np.int64)
-        row[F["state"]], row[F["generation"]] = state, generation
+    def _put_record(self, i: int, row: np.ndarray) -> np.ndarray:
+        """Write row ``i``'s record and tell the row index (``on_record``); returns the record."""
         self.array("rows")[i] = row
         if self.on_record is not None:
             self.on_record(i, row)
         return row
+
+    def mark(self, i: int, state: int, generation: int) -> np.ndarray:
+        """Write a record holding only ``state`` and ``generation``; returns it."""
+        row = np.zeros(len(ROW_FIELDS), np.int64)
+        row[F["state"]], row[F["generation"]] = state, generation
+        return self._put_record(i, row)
 
     def clear_row(self, i: int, generation: int = 0) -> None:
         """Step 1 of rewriting a row (as ``generation``): readers stop trusting it before any chunk changes."""
@@ -311,10 +315,7 @@ class SplitStore:
         row = np.zeros(len(ROW_FIELDS), np.int64)
         for k, v in record.items():
             row[F[k]] = int(v)
-        self.array("rows")[i] = row
-        if self.on_record is not None:
-            self.on_record(i, row)
-        return row
+        return self._put_record(i, row)
 
     # ---- reading ----------------------------------------------------------------------------
     def _checked(self, i: int, name: str, sel: Any, record: np.ndarray) -> np.ndarray:
