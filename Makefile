@@ -54,12 +54,13 @@ evaluate: $(STAMP) ## Score checkpoints on the cached ground truth
 refine: $(STAMP) ## Refine the detections of a split with a trained refiner (CKPT, SPLIT; writes <detections>.refined.json)
 	$(BIN)/boxrefine refine --config $(CONFIG) --split $(SPLIT) $(if $(CKPT),--checkpoint $(CKPT),) $(ARGS)
 
-demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate on the built-in demo data
+demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate → refine on the built-in demo data
 	$(BIN)/boxrefine demo-data --out $(DEMO)
 	$(BIN)/boxrefine extract --config $(CONFIG)
 	$(BIN)/boxrefine store info $(DEMO)/features.zarr
 	$(BIN)/boxrefine train --config $(CONFIG) --fast
 	$(BIN)/boxrefine evaluate --config $(CONFIG)
+	$(BIN)/boxrefine refine --config $(CONFIG) --split val
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
