@@ -60,7 +60,7 @@ demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate → refine
 	$(BIN)/boxrefine store info $(DEMO)/features.zarr
 	$(BIN)/boxrefine train --config $(CONFIG) --fast
 	$(BIN)/boxrefine evaluate --config $(CONFIG)
-	$(BIN)/boxrefine refine --config $(CONFIG) --split val
+	$(MAKE) --no-print-directory refine CONFIG=$(CONFIG) SPLIT=val  # a sub-make: CKPT is the run just trained
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
