@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
-from boxrefine.shared.config import PipelineConfig, dict_differences
+from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.refiner import BoxRefiner
 from boxrefine.shared.store import FeatureStore
+from boxrefine.shared.yamlkeys import dict_differences
 
 
 class EvaluateError(BoxrefineError, RuntimeError):

@@ -20,11 +20,11 @@ import numpy as np
 import zarr
 
 from boxrefine.extract.plan import Job
-from boxrefine.shared.config import dict_differences
 from boxrefine.shared.imageio import is_8bit_file
 from boxrefine.shared.objstore import zarr_location
 from boxrefine.shared.store import STATE_COMPLETE, F, StoreError, StoreIdentity
 from boxrefine.shared.store_files import store_access
+from boxrefine.shared.yamlkeys import dict_differences
 
 # What decides the feature values; GT size, codec and schema do not.
 FEATURE_IDENTITY = ("model_type", "checkpoint", "img_size", "pixel_mean", "pixel_std", "encoder_precision", "dtype")

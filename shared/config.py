@@ -245,24 +245,6 @@ class PipelineConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def dict_differences(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("a", "b"),
-                     prefix: str = "") -> list[str]:
-    """Every dotted key whose value differs between two nested dicts, as
-    ``"train.lr: checkpoint 0.001, now 0.0003"`` (``names`` label the two sides). Lists and tuples
-    compare equal when their items do."""
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += dict_differences(x, y, names, f"{prefix}{k}.")
-            continue
-        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-            x, y = list(x), list(y)
-        if x != y:
-            out.append(f"{prefix}{k}: {names[0]} {x!r}, {names[1]} {y!r}")
-    return out
-
-
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
     m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", text)

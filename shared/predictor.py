@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
-from boxrefine.shared.config import IntensityConfig, dict_differences
+from boxrefine.shared.config import IntensityConfig
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.geometry import IMG_SIZE, ImageGeometry
 from boxrefine.shared.imageio import Intensity
@@ -36,6 +36,7 @@ from boxrefine.shared.sam import SamHeads, build_hq_sam, build_sam_heads, checkp
 from boxrefine.shared.scoring import apply_refiner, box_prompt_logits
 from boxrefine.shared.storage import from_storage, to_storage
 from boxrefine.shared.store import STATE_COMPLETE, F, StoreError, StoreIdentity, open_store
+from boxrefine.shared.yamlkeys import dict_differences
 
 # The parts of a store identity that decide the features a refiner sees (the GT mask size does not).
 FEATURE_FIELDS = ("model_type", "checkpoint", "img_size", "pixel_mean", "pixel_std", "dtype", "encoder_precision",

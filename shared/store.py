@@ -39,7 +39,7 @@ from typing import Any
 import zarr
 
 from boxrefine.shared import __version__
-from boxrefine.shared.config import PipelineConfig, StoreConfig, dict_differences, is_url
+from boxrefine.shared.config import PipelineConfig, StoreConfig, is_url
 from boxrefine.shared.console import console
 from boxrefine.shared.objstore import location_fs, zarr_location
 from boxrefine.shared.records import ImageRecord
@@ -63,6 +63,7 @@ from boxrefine.shared.store_split import (
     SplitStore,
     StoreDamage,
 )
+from boxrefine.shared.yamlkeys import dict_differences
 
 # 2: crc32c codec on every array and crc_<array> digests in each row record; GT masks in SAM's exact
 # low-res layout; the intensity mapping in the identity. Every array's codecs changed, so no store is

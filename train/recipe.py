@@ -6,7 +6,7 @@ builds the model and optimizer, and only then makes the run folder; a new run th
 stopped at once) before its first checkpoint removes the folder it made, and a folder left by a
 start that was killed before its first checkpoint is reused, so neither blocks the name.
 ``train()`` runs the epochs. Everything ``--resume`` needs besides module and optimizer state is one
-:class:`TrainState`, saved in every checkpoint.
+:class:`~boxrefine.train.state.TrainState`, saved in every checkpoint.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
 (one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,59 +37,28 @@ import torch
 import yaml
 
 from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
-from boxrefine.shared.config import PipelineConfig, dict_differences
+from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.distributed import ProcessGroup
-from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.evalboxes import fixed_coarse_boxes
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
 from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
 from boxrefine.shared.scoring import amp_setting, predict, summarize
 from boxrefine.shared.store import open_checked_store
+from boxrefine.shared.yamlkeys import dict_differences
 from boxrefine.train.control import StopSignals, discard_unsaved_run, restore_rng, rng_state, unsaved_start
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.data import TrainData
 from boxrefine.train.distributed import gather_in_order, idle_loss, rank_weight, step_totals, wrap_ddp
 from boxrefine.train.follow import FollowRows, wait_for_rows
+from boxrefine.train.state import TrainError, TrainResult, TrainState, zero_partial
 from boxrefine.train.steps import batch_loss, lr_lambda
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
 # are reported and used.
 FROZEN_ON_RESUME = ("refiner",)
-
-
-class TrainError(BoxrefineError, RuntimeError):
-    """A problem that stops training with a one-line message."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    epochs_done: int
-    best_iou: float | None
-    interrupted: bool = False
-
-
-def _zero_partial() -> dict[str, float]:
-    return {"loss": 0.0, "l1": 0.0, "giou": 0.0, "n": 0, "boxes": 0}
-
-
-@dataclass
-class TrainState:
-    """The recipe's progress: with the module/optimizer state dicts, all that resume needs."""
-
-    epoch: int = 0  # epochs fully trained
-    step: int = 0  # optimizer steps already done in epoch ``epoch`` (> 0 after a stop mid-epoch)
-    partial: dict[str, float] = field(default_factory=_zero_partial)  # running sums of that epoch
-    pending_eval: bool = False  # epoch ``epoch`` is trained but its validation is not logged yet
-    saver: dict[str, Any] = field(default_factory=dict)  # CheckpointSaver bookkeeping (top-k, best)
-    health: dict[str, Any] = field(default_factory=dict)  # HeadHealth counts of that epoch
-
-    @property
-    def best_iou(self) -> float | None:
-        return self.saver.get("best")
 
 
 class TrainRecipe:
@@ -327,7 +296,7 @@ class TrainRecipe:
         if why:
             self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
         last = st.epoch + 1 == tc.epochs
-        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, _zero_partial(), {}
+        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, zero_partial(), {}
         st.pending_eval = self.data.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch
