@@ -90,8 +90,7 @@ def make_config(args: argparse.Namespace) -> PipelineConfig:
 def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     store = open_store(cfg.store.path)
     torch.manual_seed(0)
-    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
-                         cfg.refiner.context, cfg.refiner.use_mask)
+    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
     path.write_bytes(checkpoint_bytes({
         "format": CKPT_FORMAT, "refiner": refiner.state_dict(), "state": {"epoch": 0}, "config": cfg.to_dict(),
         "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,

@@ -174,8 +174,7 @@ def train_epoch(batches: list[dict], feats: Callable[[dict], Feats] | None, cfg,
     """One epoch of training steps over ``batches`` (GT and geometry in memory), the features of each
     batch from ``feats`` (None: the batch's own)."""
     torch.manual_seed(0)
-    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
-                   cfg.refiner.context, cfg.refiner.use_mask)
+    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
     opt = torch.optim.AdamW(r.parameters(), lr=cfg.train.lr)
     t0 = time.perf_counter()
     for batch in batches:

@@ -56,8 +56,7 @@ def profile(cfg, repeats: int) -> dict:
     boxes = torch.cat(coarse)
     index = torch.cat([torch.full((len(c),), b) for b, c in enumerate(coarse)])
     torch.manual_seed(0)
-    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
-                         cfg.refiner.context, True)
+    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **{**cfg.refiner.model_dump(), "use_mask": True})
     opt = torch.optim.AdamW(refiner.parameters(), lr=tc.lr)
 
     def tick(t0: float) -> float:

@@ -40,8 +40,7 @@ from boxrefine.train.steps import batch_loss  # noqa: E402
 
 def make_refiner(cfg, device):
     torch.manual_seed(0)
-    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], cfg.refiner.roi_size, cfg.refiner.hidden,
-                   cfg.refiner.context, cfg.refiner.use_mask).to(device)
+    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(device)
     return r, torch.optim.AdamW(r.parameters(), lr=cfg.train.lr)
 
 

@@ -92,8 +92,8 @@ def refiner_from_checkpoint(ck: dict[str, Any], path: Path) -> BoxRefiner:
     args = ck.get("refiner_args")
     if not isinstance(args, dict):
         raise CheckpointFileError(f"{path}: no refiner_args in the checkpoint")
-    # checkpoints from before refiner.norm existed hold the head without a norm
-    args = {"norm": "none", **args}
+    # checkpoints from before refiner.norm / refiner.head existed hold the box head without a norm
+    args = {"norm": "none", "head": "box", **args}
     try:
         refiner = BoxRefiner(**args)
         refiner.load_state_dict(ck["refiner"])

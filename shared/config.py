@@ -140,10 +140,11 @@ class ExtractConfig(_Section):
 
 class RefinerConfig(_Section):
     roi_size: int = Field(7, ge=2, le=32)
-    hidden: int = Field(256, ge=8, multiple_of=8)
+    hidden: int = Field(64, ge=8, multiple_of=8)
     context: float = Field(1.5, ge=1.0, le=4.0)
     use_mask: bool = True
     norm: Literal["layer", "none"] = "layer"
+    head: Literal["sides", "box"] = "sides"
 
 
 class TrainConfig(_Section):

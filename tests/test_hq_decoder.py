@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from boxrefine.shared import hq_decoder
-from boxrefine.shared.refiner import BoxRefiner
+from boxrefine.shared.refiner import HEADS, BoxRefiner
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads
 
 N_IMAGES, N_BOXES = 3, 4
@@ -36,9 +36,14 @@ def case() -> dict:
     boxes = [_boxes(g) for _ in range(N_IMAGES)]
     with torch.no_grad():
         ref = [heads.package_forward(emb[b:b + 1], interm[b:b + 1], boxes[b]) for b in range(N_IMAGES)]
-    refiner = BoxRefiner(INTERM_CHANNELS["vit_tiny"])
-    torch.nn.init.normal_(refiner.mlp[-1].weight, std=0.01, generator=g)  # zero-initialised: make it read
-    return {"heads": heads, "emb": emb, "interm": interm, "boxes": boxes, "refiner": refiner.eval(),
+    refiners = {}
+    for head in HEADS:
+        refiner = BoxRefiner(INTERM_CHANNELS["vit_tiny"], head=head)
+        last = refiner.mlp[-1] if head == "box" else refiner.sides.score[-1]
+        # zero-initialised: make it read (the side head's scores need more to move a side by pixels)
+        torch.nn.init.normal_(last.weight, std=0.01 if head == "box" else 1.0, generator=g)
+        refiners[head] = refiner.eval()
+    return {"heads": heads, "emb": emb, "interm": interm, "boxes": boxes, "refiners": refiners,
             "all": torch.cat(boxes), "index": torch.cat([torch.full((N_BOXES,), b) for b in range(N_IMAGES)]),
             "logits": torch.cat([r[0] for r in ref]), "iou": torch.cat([r[1] for r in ref])}
 
@@ -67,7 +72,7 @@ def test_whole_masks_match_the_package(case):
 
 
 def test_regions_match_inside_and_are_zero_outside(case):
-    regions = case["refiner"].mask_regions(case["all"])
+    regions = case["refiners"]["box"].mask_regions(case["all"])
     regions[2] = (10, 20, 11, 21)  # a single pixel
     with torch.no_grad():
         logits, _ = case["heads"](case["emb"], case["interm"], case["all"], case["index"], regions)
@@ -76,41 +81,41 @@ def test_regions_match_inside_and_are_zero_outside(case):
     assert float((logits - case["logits"])[inside].abs().max() / case["logits"].abs().max()) < REL_TOL
 
 
-def _refined(case, logits: torch.Tensor) -> torch.Tensor:
+def _refined(case, head: str, logits: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return case["refiner"](case["emb"], case["interm"], case["boxes"], logits)
+        return case["refiners"][head](case["emb"], case["interm"], case["boxes"], logits)
 
 
-def _read_outside(case, regions: list[tuple[int, int, int, int]]) -> float:
+def _read_outside(case, head: str, regions: list[tuple[int, int, int, int]]) -> float:
     """The largest |d refined / d logit| outside ``regions``: what the refiner reads there."""
     logits = case["logits"].clone().requires_grad_(True)
-    refined = case["refiner"](case["emb"], case["interm"], case["boxes"], logits)
+    refined = case["refiners"][head](case["emb"], case["interm"], case["boxes"], logits)
     (grad,) = torch.autograd.grad(refined.sum(), logits)
     return float(grad[~_inside(regions, grad.shape)].abs().max())
 
 
-def test_refiner_reads_only_its_regions(case):
+@pytest.mark.parametrize("head", HEADS)
+def test_refiner_reads_only_its_regions(case, head: str):
     """``mask_regions`` covers every logit the refiner reads (zero gradient outside), so it gives the
     same boxes from region-only logits as from whole masks; the masks do matter (zero logits move
-    its boxes by more than a pixel)."""
-    regions = case["refiner"].mask_regions(case["all"])
-    assert _read_outside(case, regions) == 0
+    its boxes by more than a pixel). Regions two pixels short miss some of what it reads."""
+    regions = case["refiners"][head].mask_regions(case["all"])
+    assert _read_outside(case, head, regions) == 0
     with torch.no_grad():
         logits, _ = case["heads"](case["emb"], case["interm"], case["all"], case["index"], regions)
-    full = _refined(case, case["logits"])
-    assert (full - _refined(case, torch.zeros_like(logits))).abs().max() > 1.0
-    assert (_refined(case, logits) - full).abs().max() < 1e-3  # px, boxes of hundreds of px
+    full = _refined(case, head, case["logits"])
+    assert (full - _refined(case, head, torch.zeros_like(logits))).abs().max() > 1.0
+    assert (_refined(case, head, logits) - full).abs().max() < 1e-3  # px, boxes of hundreds of px
+    short = [(x0 + 2, y0 + 2, x1 - 2, y1 - 2) if x0 > 0 and y0 > 0 else (x0, y0, x1, y1)
+             for x0, y0, x1, y1 in regions]
+    assert _read_outside(case, head, short) > 0
 
 
 def test_tolerance_catches(case, monkeypatch):
-    """The checks above fail for a decoder one halo pixel short, and for regions one pixel short of
-    what the refiner's RoIAlign reads (``mask_regions`` keeps one to spare: two short here)."""
-    regions = case["refiner"].mask_regions(case["all"])
+    """The checks above fail for a decoder one halo pixel short (regions two pixels short: above)."""
+    regions = case["refiners"]["box"].mask_regions(case["all"])
     monkeypatch.setattr(hq_decoder, "HALO", 1)
     with torch.no_grad():
         logits, _ = case["heads"](case["emb"], case["interm"], case["all"], case["index"], regions)
     inside = _inside(regions, logits.shape)
     assert float((logits - case["logits"])[inside].abs().max() / case["logits"].abs().max()) > 10 * REL_TOL
-    short = [(x0 + 2, y0 + 2, x1 - 2, y1 - 2) if x0 > 0 and y0 > 0 else (x0, y0, x1, y1)
-             for x0, y0, x1, y1 in regions]
-    assert _read_outside(case, short) > 0

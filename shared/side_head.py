@@ -1,0 +1,84 @@
+"""The side-wise refiner head (``refiner.head: sides``): each side of a coarse box is moved to where a
+1-D distribution over positions near it says the edge is.
+
+Per coarse box and side, a strip of features is RoI-aligned around the side: along the side's normal
+it spans ``±reach`` box sizes about the coarse side (``reach = (context − 1) / 2``: the same region
+the box head reads with that context), sampled at ``2·roi_size + 1`` positions; across it spans the
+box (``roi_size`` samples). The four strips are turned so that their positions run from inside the
+box outwards, and one small trunk (shared by the four sides) scores every position; the side moves
+to the softmax-weighted mean position (a soft argmax, as in side-aware boundary localisation, Wang et
+al., ECCV 2020). Against the box head's flatten → MLP this reads edges the same way wherever they
+sit in the RoI and however the box is oriented, and resolves them at 2·roi_size + 1 positions.
+
+While training, whole channels of the strip features are dropped (``STRIP_DROPOUT``). The last layer
+starts at zero: uniform weights over positions symmetric about the coarse side, and
+the mean is taken as a sum of mirrored differences, so an untrained head returns the coarse box
+exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+# Channel dropout on the strip features while training. On the demo signal store (16 train images, 40
+# epochs) it changed val mean IoU 0.797 → 0.810 (lr 1e-3) and 0.787 → 0.794 (3e-3), and on the plain
+# random-init store, where the head can only memorise the training images, 0.609 → 0.616 (coarse 0.633).
+STRIP_DROPOUT = 0.5
+
+
+class SideHead(nn.Module):
+    """Scores positions along each side's normal. ``forward``: strips (4N)×C×A×L (A across, L along,
+    inside → outside) → side offsets (4N,) in box sizes, positive outwards."""
+
+    def __init__(self, c_in: int, hidden: int, positions: int):
+        super().__init__()
+        self.positions = positions
+        self.trunk = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.ReLU(inplace=True),
+        )
+        self.score = nn.Sequential(nn.Conv1d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden),
+                                   nn.ReLU(inplace=True), nn.Conv1d(hidden, 1, 1))
+        nn.init.zeros_(self.score[-1].weight)
+        nn.init.zeros_(self.score[-1].bias)
+
+    def forward(self, strips: torch.Tensor, step: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.training and STRIP_DROPOUT > 0:  # drawn from ``generator`` (CPU) when given: resumable runs
+            keep = torch.rand((strips.shape[0], strips.shape[1], 1, 1), generator=generator) >= STRIP_DROPOUT
+            strips = strips * (keep.to(strips.device, strips.dtype) / (1 - STRIP_DROPOUT))
+        profile = self.trunk(strips).mean(2)  # across the strip → (4N)×hidden×L
+        p = torch.softmax(self.score(profile).squeeze(1).float(), -1)  # (4N)×L
+        c = self.positions // 2
+        k = torch.arange(1, c + 1, device=p.device, dtype=p.dtype)
+        # Σ_k p_k·u_k with u symmetric about the coarse side (u_c = 0): exactly 0 for uniform p
+        return ((p[:, c + 1:] - p[:, :c].flip(-1)) * k).sum(-1) * step
+
+
+def side_strips(boxes: torch.Tensor, reach: float, across: int, along: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """RoIs of the four side strips of each box (n×4 xyxy): ``(x_strips, y_strips, step)`` with
+    x_strips 2n×4 (left sides then right sides; sample along x) and y_strips 2n×4 (top then bottom).
+    Bin centres along the normal fall at ``u·size`` from the coarse side for u = −reach … reach in
+    steps of ``step`` (box sizes)."""
+    step = 2 * reach / (along - 1)
+    half = (reach + step / 2)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    w, h = (x1 - x0).clamp(min=1.0), (y1 - y0).clamp(min=1.0)
+    xs = torch.stack([torch.cat([x0, x1]) - half * torch.cat([w, w]), torch.cat([y0, y0]),
+                      torch.cat([x0, x1]) + half * torch.cat([w, w]), torch.cat([y1, y1])], 1)
+    ys = torch.stack([torch.cat([x0, x0]), torch.cat([y0, y1]) - half * torch.cat([h, h]),
+                      torch.cat([x1, x1]), torch.cat([y0, y1]) + half * torch.cat([h, h])], 1)
+    return xs, ys, step
+
+
+def strip_features(fmap: torch.Tensor, image_index: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+                   scale: float, across: int, along: int) -> torch.Tensor:
+    """RoI-align ``fmap`` (B×C×H×W) over the strips of :func:`side_strips` and turn them so that every
+    strip is C×across×along with positions running inside → outside: (4n)×C×A×L ordered left, right,
+    top, bottom (n boxes; ``image_index`` n, each box's image)."""
+    n = len(image_index)
+    idx2 = torch.cat([image_index, image_index]).to(fmap.dtype)[:, None]
+    fx = roi_align(fmap, torch.cat([idx2, xs], 1), (across, along), scale, 2, True)  # 2n×C×A×L
+    fy = roi_align(fmap, torch.cat([idx2, ys], 1), (along, across), scale, 2, True).transpose(2, 3)
+    return torch.cat([fx[:n].flip(-1), fx[n:], fy[:n].flip(-1), fy[n:]])
