@@ -16,7 +16,7 @@ STAMP   := $(VENV)/.installed
 TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
 QUICK   := $(filter 1 true yes,$(BENCH_QUICK))
 BENCH_IMAGES  ?= $(if $(QUICK),4,16)
-BENCH_VIT_B   ?= $(if $(QUICK),1,4)
+BENCH_VIT_B   ?= $(if $(QUICK),1,10)
 BENCH_REPEATS ?= $(if $(QUICK),2,3)
 
 .DEFAULT_GOAL := help
@@ -25,7 +25,7 @@ BENCH_REPEATS ?= $(if $(QUICK),2,3)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
-	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats)"
+	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats, accuracy on 8)"
 	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -72,9 +72,11 @@ bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG cha
 	$(BIN)/python bench/step_profile.py --images $(BENCH_IMAGES) --repeats $(BENCH_REPEATS) --json bench/out/step_profile.json
 	$(BIN)/python bench/peers.py --images $(BENCH_IMAGES) --vit-b-images $(BENCH_VIT_B) --repeats $(BENCH_REPEATS) \
 		--json bench/out/peers.json
+	$(BIN)/python bench/accuracy.py $(if $(QUICK),--quick) --json bench/out/accuracy.json
+	$(BIN)/python bench/eval_gt_cache.py --repeats $(if $(QUICK),1,3) --json bench/out/eval_gt_cache.json
+	$(BIN)/python bench/eval_every.py $(if $(QUICK),--images 4 --val-images 2 --epochs 5) --json bench/out/eval_every.json
 	$(BIN)/python bench/report.py --out bench/out
 	$(if $(QUICK),,$(BIN)/python bench/extract_overhead.py $(ARGS))
-	$(if $(QUICK),,$(BIN)/python bench/eval_gt_cache.py)
 	$(if $(QUICK),,$(BIN)/python bench/refine_throughput.py)
 
 lint: $(STAMP) ## ruff

@@ -70,7 +70,11 @@ def overrides(sets: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def make_config(work: Path, store: Path, args: argparse.Namespace, **train: Any) -> PipelineConfig:
+def make_config(work: Path, store: Path, args: argparse.Namespace, store_settings: dict[str, Any] | None = None,
+                fast: bool = False, **train: Any) -> PipelineConfig:
+    """The bench's config: demo data under ``work``, ``store`` (with ``store_settings``, e.g. its dtype),
+    the ``--set`` overrides and ``train``; ``fast`` applies the ``fast:`` block of pipeline.yaml last,
+    as ``make train FAST=1`` does."""
     data = work / "data"
     sets = overrides(args.set)
     raw = {
@@ -79,14 +83,29 @@ def make_config(work: Path, store: Path, args: argparse.Namespace, **train: Any)
                                 "detections": str(data / "annotations" / f"detections_{s}.json")}
                             for s in ("train", "val")}},
         "model": {"type": "vit_tiny", "checkpoint": None, "seed": 0, "device": args.device},
-        "store": {"path": str(store)},
+        "store": {"path": str(store), **(store_settings or {})},
         "extract": {"num_workers": 0},
         "refiner": {"use_mask": args.use_mask, **sets.get("refiner", {})},
         "train": {"runs_dir": str(work / "runs"), "epochs": args.epochs, "eval_every": args.eval_every,
                   "batch_images": 2, "boxes_per_image": 8, "keep_top_k": 0, "num_workers": 0, "seed": args.seed,
                   **sets.get("train", {}), **train},
     }
-    return validate_config(raw, "<bench>", work)
+    if fast:
+        raw["fast"] = yaml.safe_load((REPO / "pipeline.yaml").read_text())["fast"]
+    return validate_config(raw, "<bench>", work, fast=fast)
+
+
+def build_stores(work: Path, args: argparse.Namespace, stem: str = "",
+                 store_settings: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """The demo data under ``work`` (generated once), a random-init store of it and the store's signal
+    copy: ``(work/features<stem>.zarr, work/signal<stem>-gain<G>.zarr)``; what exists is kept."""
+    plain, signal = work / f"features{stem}.zarr", work / f"signal{stem}-gain{args.gain:g}.zarr"
+    if not (work / "data" / "annotations" / "instances_val.json").exists():
+        generate_demo(work / "data", num_train=args.num_train, num_val=args.num_val, seed=args.data_seed)
+    run_extract(make_config(work, plain, args, store_settings))  # a no-op on a complete store
+    if not signal.exists():
+        make_signal_store(str(plain), str(signal), args.gain)
+    return plain, signal
 
 
 def oracle_metrics(cfg: PipelineConfig, signal: Path, boxes_file: Path, gain: float) -> dict[str, float]:
@@ -191,12 +210,7 @@ def main() -> None:
     if work.exists() and not args.reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    plain, signal = work / "features.zarr", work / f"signal-gain{args.gain:g}.zarr"
-    if not (work / "data" / "annotations" / "instances_val.json").exists():
-        generate_demo(work / "data", num_train=args.num_train, num_val=args.num_val, seed=args.data_seed)
-    run_extract(make_config(work, plain, args))  # a no-op on a complete store
-    if not signal.exists():
-        make_signal_store(str(plain), str(signal), args.gain)
+    plain, signal = build_stores(work, args)
 
     runs = []
     for lr in args.lrs:

@@ -2,10 +2,12 @@
 
     python bench/report.py [--out bench/out]
 
-Reads ``peers.json`` (bench/peers.py) and ``step_profile.json`` (bench/step_profile.py); a missing
-one leaves its rows out, with a line saying so. The summary table is also written alone to
-``summary.md``; ``--readme README.md`` pastes it between the README's ``bench:summary`` markers (the
-README's performance section is that table, regenerated, never typed).
+Reads ``peers.json`` (bench/peers.py), ``step_profile.json`` (bench/step_profile.py),
+``accuracy.json`` (bench/accuracy.py), ``eval_gt_cache.json`` (bench/eval_gt_cache.py) and
+``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows out, with a line saying so.
+The summary table is also written alone to ``summary.md``; ``--readme README.md`` pastes it between
+the README's ``bench:summary`` markers (the README's performance section is that table, regenerated,
+never typed).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from boxrefine.shared.fileio import atomic_savefig, atomic_write_text  # noqa: E
 START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
 MIB = 2 ** 20
+EXTRA = {"accuracy": "accuracy", "eval_gt": "eval_gt_cache", "eval_every": "eval_every"}  # key: <out>/<name>.json
 
 
 def _load(path: Path) -> dict | None:
@@ -48,7 +51,7 @@ def load_note(machines: list[dict]) -> str:
             "absolute times are inflated and noisy; ratios measured side by side in one run stay meaningful.")
 
 
-def summary(peers: dict | None, step: dict | None) -> list[str]:
+def summary(peers: dict | None, step: dict | None, extra: dict) -> list[str]:
     lines = ["| measure | npy float32 | zarr float32 (micro-sam) | boxrefine store | no cache |",
              "|---|---:|---:|---:|---:|"]
     if peers:
@@ -80,8 +83,47 @@ def summary(peers: dict | None, step: dict | None) -> list[str]:
                      f"{b['step']:.2f} s with the package's HQ decoder → {a['step']:.2f} s "
                      f"({b['step'] / a['step']:.1f}×); the frozen decoder alone {b['frozen HQ decoder']:.2f} s → "
                      f"{a['frozen HQ decoder']:.2f} s.")
-    return lines + [""] + out + ["", "Not measured yet: accuracy beside the speed-ups and the evaluation rows "
-                                 "(bench/out/report.md, \"Not in this report\")."]
+    return lines + [""] + out + [""] + accuracy_rows(extra.get("accuracy")) + evaluation_rows(extra)
+
+
+def accuracy_rows(acc: dict | None) -> list[str]:
+    """The accuracy cost of each speed-up (bench/accuracy.py), on the signal store."""
+    if not acc:
+        return ["Accuracy beside the speed-ups: not measured in this run (bench/accuracy.py).", ""]
+    from bench.accuracy import table
+
+    a = acc["args"]
+    return [f"Accuracy beside the speed-ups (bench/accuracy.py): signal store of {a['num_train']} train / "
+            f"{a['num_val']} val demo images, {a['epochs']} epochs, lr {a['lr']:g}, final epoch, medians over "
+            f"train seeds {', '.join(map(str, a['seeds']))} (Δ per seed in brackets); goal: defaults within "
+            f"{acc['goal_points']} points of the reference → **{'met' if acc['goal_met'] else 'not met'}**.", "",
+            *table(acc), ""]
+
+
+def evaluation_rows(extra: dict) -> list[str]:
+    """Cached GT vs decoding it at every evaluation; every-N vs every-epoch validation over a run."""
+    gt, ev = extra.get("eval_gt"), extra.get("eval_every")
+    out = ["| evaluation | variant | s (median) | ÷ boxrefine's |", "|---|---|---:|---:|"]
+    if gt:
+        m = gt["median_eval_s"]
+        out.append(f"| `evaluate`, one checkpoint, {gt['images']} images ({gt['boxes']} boxes), "
+                   f"{gt['repeats']} repeats | GT decoded + resized each time | {m['recomputed']:.2f} | "
+                   f"{m['recomputed'] / m['cached']:.2f}× |")
+        out.append(f"| | GT cached in the store (boxrefine) | {m['cached']:.2f} | 1.00× |")
+        g = gt["gt_step_ms_per_image"]
+        out.append(f"| GT step alone, per image | decode + resize vs cached read | {g['recomputed_ms']:.1f} ms vs "
+                   f"{g['cached_ms']:.2f} ms | {gt['gt_step_ratio']:.0f}× |")
+    if ev:
+        first = True
+        for name, sec in ev["median_s"].items():
+            label = (f"whole `train` run, {ev['train_images']} train / {ev['val_images']} val images, "
+                     f"{ev['epochs']} epochs, {ev['repeats']} repeat(s)") if first else ""
+            out.append(f"| {label} | {name} ({ev['validations'][name]} validations) | {sec:.1f} | "
+                       f"{ev['ratio_over_every_n'][name]:.2f}× |")
+            first = False
+    if len(out) == 2:
+        return ["Evaluation rows: not measured in this run (bench/eval_gt_cache.py, bench/eval_every.py).", ""]
+    return out + [""]
 
 
 def charts(out: Path, peers: dict | None, step: dict | None) -> list[str]:
@@ -151,7 +193,8 @@ def streaming(peers: dict | None) -> list[str]:
 def report(out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     peers, step = _load(out / "peers.json"), _load(out / "step_profile.json")
-    summ = summary(peers, step)
+    extra = {k: _load(out / f"{name}.json") for k, name in EXTRA.items()}
+    summ = summary(peers, step, extra)
     atomic_write_text(out / "summary.md", "\n".join(summ) + "\n")
     made = charts(out, peers, step)
     machines = [x for x in ((peers or {}).get("machine_start"), (peers or {}).get("machine_end"),
@@ -210,10 +253,10 @@ def report(out: Path) -> str:
                "Same epoch: batches already in memory, or read from the store by a DataLoader with no "
                "workers, with workers started anew for the epoch (what `bench/train_throughput.py` did), or "
                "with persistent workers started before (what `train/data.py` does).", "", *streaming(peers)]
-    md += ["## Not in this report", "",
-           "Accuracy beside the speed-ups (fp16 store + AMP vs fp32 store, FAST vs full: final refined val "
-           "mean IoU) and the evaluation rows (cached GT vs re-decoding, every-N-epochs evaluation) were not "
-           "measured by the deadline of this change; `bench/eval_gt_cache.py` measures the latter alone."]
+    missing = [f"{name}.json" for k, name in EXTRA.items() if not extra[k]]
+    if missing:
+        md += ["## Not in this report", "", "Not found under the output folder (their bench did not run): "
+               + ", ".join(missing) + "."]
     if made:
         md.append("")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
