@@ -22,6 +22,7 @@ accuracy for time by design; the row says how much. Usage::
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench.machine import machine, write_json  # noqa: E402
 from bench.refiner_learning import build_stores, lr_tag, make_config, train_row  # noqa: E402
 from boxrefine.shared.console import console  # noqa: E402
+from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
 from boxrefine.shared.scoring import amp_setting  # noqa: E402
 
 GOAL_POINTS = 0.5  # defaults vs reference, in points of mean IoU
@@ -57,11 +59,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, (name, dtype, fast, amp) in enumerate(VARIANTS):
             run_name = f"acc{i}-s{seed}-lr{lr_tag(args.lr)}"
             cfg = make_config(work, signal[dtype], args, {"dtype": dtype}, fast, lr=args.lr, amp=amp, name=run_name)
+            shutil.rmtree(work / "runs" / run_name, ignore_errors=True)
             console.print(f"== seed {seed}: {name}", markup=False)
             out = train_row(cfg)
-            ran = amp_setting(cfg.train.amp, cfg.train.amp_dtype, torch.device(args.device))
-            rows.append({"variant": name, "seed": seed, "store_dtype": dtype, "fast": fast, "amp": ran[2],
-                         "train_images": round(args.num_train * cfg.train.sample_ratio) if fast else args.num_train,
+            ran, _, why = amp_setting(cfg.train.amp, cfg.train.amp_dtype, torch.device(args.device))
+            amp_ran = str(ran).replace("torch.", "") if ran else ("float32 (asked; no native bf16)" if amp else "off")
+            rows.append({"variant": name, "seed": seed, "store_dtype": dtype, "fast": fast, "amp": amp_ran,
+                         "amp_why": why,
+                         "train_images": len(sample_subset(args.num_train, cfg.train.sample_ratio, cfg.train.seed)),
                          "eval_every": cfg.train.eval_every, "batch_images": cfg.train.batch_images, **out})
     ref = {r["seed"]: r["final"]["mean_iou"] for r in rows if r["variant"] == VARIANTS[0][0]}
     deltas = {name: [100 * (r["final"]["mean_iou"] - ref[r["seed"]]) for r in rows if r["variant"] == name]
@@ -107,7 +112,7 @@ def main() -> None:
     if args.quick:
         args.num_train, args.num_val, args.epochs, args.seeds = 8, 4, 20, [0]
         args.out = args.out.with_name(args.out.name + "-quick")
-    args.set, args.use_mask = [], False  # what bench.refiner_learning.make_config reads
+    args.set, args.use_mask, args.seed = [], False, args.seeds[0]  # what refiner_learning.make_config reads
     res = run(args)
     print(f"# Accuracy beside the speed-ups ({res['machine']['summary']})\n")
     print("\n".join(table(res)))

@@ -19,6 +19,7 @@ validation alike). ``bench/eval_gt_cache.py`` measures the GT step inside one ``
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -78,6 +79,7 @@ def main() -> None:
                 cfg = bench_config(args.work, args.images, config=args.config, num_val=args.val_images, overrides={
                     "train.epochs": args.epochs, "train.eval_every": every, "train.runs_dir": str(runs_dir),
                     "train.name": f"v{i}-r{rep}", "train.num_workers": 0})
+                shutil.rmtree(runs_dir / f"v{i}-r{rep}", ignore_errors=True)
                 sec, evals[name] = timed_run(cfg, recompute)
                 times[name].append(sec)
                 print(f"{name}: {sec:.1f} s ({evals[name]} validations)", flush=True)

@@ -103,7 +103,7 @@ def accuracy_rows(acc: dict | None) -> list[str]:
 def evaluation_rows(extra: dict) -> list[str]:
     """Cached GT vs decoding it at every evaluation; every-N vs every-epoch validation over a run."""
     gt, ev = extra.get("eval_gt"), extra.get("eval_every")
-    out = ["| evaluation | variant | s (median) | ÷ boxrefine's |", "|---|---|---:|---:|"]
+    out = ["| evaluation | variant | s (median) | ÷ the boxrefine row (cached GT; every N) |", "|---|---|---:|---:|"]
     if gt:
         m = gt["median_eval_s"]
         out.append(f"| `evaluate`, one checkpoint, {gt['images']} images ({gt['boxes']} boxes), "
