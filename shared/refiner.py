@@ -26,7 +26,7 @@ from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from boxrefine.shared.boxes import expand_boxes
 from boxrefine.shared.geometry import EMBED_STRIDE, LOWRES, LOWRES_STRIDE
-from boxrefine.shared.side_head import SideHead, side_strips, strip_features
+from boxrefine.shared.side_head import STRIP_DROPOUT, SideHead, dropout_keep, side_strips, strip_features
 
 NORMS = ("layer", "none")  # normalisation before the hidden ReLU of the MLP
 HEADS = ("sides", "box")  # flatten → MLP of the whole RoI | a 1-D soft argmax per side (shared/side_head.py)
@@ -80,13 +80,15 @@ class BoxRefiner(nn.Module):
         return [tuple(int(v) for v in r) for r in torch.cat([lo, hi], 1).tolist()]
 
     def forward(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor, boxes: list[torch.Tensor],
-                mask_logits: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                mask_logits: torch.Tensor | None = None, generators: list[torch.Generator] | None = None
+                ) -> torch.Tensor:
         """
         Args:
           image_embeddings: B×256×64×64.  interm_embeddings: B×64×64×C.
           boxes: B tensors n_i×4, coarse xyxy in the 1024-px input frame.
           mask_logits: N×1×256×256 (N = Σn_i, same order) from the frozen HQ decoder, if use_mask.
-          generator: the side head's training-time dropout draws from it (global RNG if None).
+          generators: one per image; the side head's training-time dropout draws each image's mask from
+            its own (the global RNG if None).
         Returns:
           refined boxes N×4, xyxy, 1024-px input frame.
         """
@@ -94,7 +96,7 @@ class BoxRefiner(nn.Module):
         if len(coarse) == 0:
             return coarse
         if self.head == "sides":
-            return self._forward_sides(image_embeddings, interm_embeddings, boxes, coarse, mask_logits, generator)
+            return self._forward_sides(image_embeddings, interm_embeddings, boxes, coarse, mask_logits, generators)
         ctx = expand_boxes(coarse, self.context)
         idx = torch.cat([torch.full((len(b), 1), i, dtype=coarse.dtype, device=coarse.device)
                          for i, b in enumerate(boxes)])
@@ -134,7 +136,7 @@ class BoxRefiner(nn.Module):
 
     def _forward_sides(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor,
                        boxes: list[torch.Tensor], coarse: torch.Tensor, mask_logits: torch.Tensor | None,
-                       generator: torch.Generator | None) -> torch.Tensor:
+                       generators: list[torch.Generator] | None) -> torch.Tensor:
         a, n_along = self.roi_size, 2 * self.roi_size + 1
         reach, _ = self.reach()
         xs, ys, step = side_strips(coarse, reach, a, n_along)
@@ -150,7 +152,9 @@ class BoxRefiner(nn.Module):
             f_mask = strip_features(mask_logits.float(), own, xs, ys, 1 / LOWRES_STRIDE, a, n_along)
             feats.append(torch.tanh(f_mask / 4))
         strips = torch.cat([f.to(feats[0].dtype) for f in feats], 1)
-        u = self.sides(strips, step, generator).view(4, -1)  # left, right, top, bottom
+        keep = dropout_keep([len(b) for b in boxes], strips.shape[1], generators) \
+            if self.training and STRIP_DROPOUT > 0 else None
+        u = self.sides(strips, step, keep).view(4, -1)  # left, right, top, bottom
         deltas = self.side_deltas(torch.stack([-u[0], -u[2], u[1], u[3]], 1))
         size = (coarse[:, 2:] - coarse[:, :2]).clamp(min=1.0)
         return _valid(coarse + deltas * size.repeat(1, 2))

@@ -40,20 +40,30 @@ class SideHead(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.ReLU(inplace=True),
         )
         self.score = nn.Sequential(nn.Conv1d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden),
-                                   nn.ReLU(inplace=True), nn.Conv1d(hidden, 1, 1))
+                                   nn.ReLU(inplace=True), nn.Conv1d(hidden, 1, 1, bias=False))
+        # no bias: the softmax ignores a constant, so its gradient would be rounding noise that AdamW
+        # turns into steps of ~lr (and DDP ranks into different weights)
         nn.init.zeros_(self.score[-1].weight)
-        nn.init.zeros_(self.score[-1].bias)
 
-    def forward(self, strips: torch.Tensor, step: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.training and STRIP_DROPOUT > 0:  # drawn from ``generator`` (CPU) when given: resumable runs
-            keep = torch.rand((strips.shape[0], strips.shape[1], 1, 1), generator=generator) >= STRIP_DROPOUT
-            strips = strips * (keep.to(strips.device, strips.dtype) / (1 - STRIP_DROPOUT))
+    def forward(self, strips: torch.Tensor, step: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: (4N)×C booleans, the strip channels kept by training-time dropout (None: all)."""
+        if keep is not None:
+            strips = strips * (keep[..., None, None].to(strips.device, strips.dtype) / (1 - STRIP_DROPOUT))
         profile = self.trunk(strips).mean(2)  # across the strip → (4N)×hidden×L
         p = torch.softmax(self.score(profile).squeeze(1).float(), -1)  # (4N)×L
         c = self.positions // 2
         k = torch.arange(1, c + 1, device=p.device, dtype=p.dtype)
         # Σ_k p_k·u_k with u symmetric about the coarse side (u_c = 0): exactly 0 for uniform p
         return ((p[:, c + 1:] - p[:, :c].flip(-1)) * k).sum(-1) * step
+
+
+def dropout_keep(counts: list[int], channels: int, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Which strip channels training keeps, (4N)×C in the strips' order (sides, then boxes), drawn per
+    image from its own generator (``generators``, one per image; the global RNG if None), so that an
+    image's draw does not depend on which others share its batch or DDP rank."""
+    gens = generators if generators is not None else [None] * len(counts)
+    per = [torch.rand((4, n, channels), generator=g) >= STRIP_DROPOUT for n, g in zip(counts, gens, strict=True)]
+    return torch.cat(per, 1).reshape(-1, channels)
 
 
 def side_strips(boxes: torch.Tensor, reach: float, across: int, along: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -98,6 +98,23 @@ def test_head_health_counts_units_and_corrections() -> None:
     assert head_collapse({}) is None
 
 
+def test_side_head_dropout_is_drawn_per_image() -> None:
+    """Training-time dropout draws each image's mask from that image's generator: an image gives the
+    same boxes alone as beside another (what makes a DDP rank's part of a batch train like one process)."""
+    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="sides").train()
+    torch.nn.init.normal_(refiner.sides.score[-1].weight, std=1.0)
+    emb, interm, boxes = _inputs()
+
+    def gen(k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(k)
+
+    both = refiner(emb, interm, boxes, generators=[gen(1), gen(2)])
+    alone = refiner(emb[1:], interm[1:], boxes[1:], generators=[gen(2)])
+    assert torch.equal(both[len(boxes[0]):], alone)
+    other = refiner(emb[1:], interm[1:], boxes[1:], generators=[gen(3)])
+    assert not torch.equal(alone, other)  # the mask does depend on the draw
+
+
 def test_head_health_watches_the_side_head() -> None:
     """The side head's hidden units are per box (any side, any position) and its corrections N×4."""
     torch.manual_seed(0)

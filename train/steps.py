@@ -88,8 +88,8 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
             lg, _ = heads(emb, interm, boxes, image_index, regions)
         logits = lg.float().clone()  # a normal tensor again (autograd refuses inference tensors)
     with autocast_context(device, amp_dtype):
-        refined = refiner(emb, interm, coarse_in, logits,  # the head's dropout: seeded as the boxes are
-                          generator=seeded_generator(tc.seed, epoch, 0xD409, *batch["key"]))
+        refined = refiner(emb, interm, coarse_in, logits,  # the head's dropout: seeded per image, as its boxes
+                          generators=[seeded_generator(tc.seed, epoch, 0xD409, k) for k in batch["key"]])
     loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
                               tc.l1_weight, tc.giou_weight)
     return loss, terms, n_boxes
