@@ -13,6 +13,9 @@ SPLIT   ?= val
 CKPT    ?= $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
 STAMP   := $(VENV)/.installed
 
+# gpu-check's Python: the venv's, or e.g. GPU_PYTHON=python3 where that Python already has the packages
+GPU_PYTHON ?= $(BIN)/python
+
 TRAIN_FLAGS := $(if $(filter 1 true yes,$(FAST)),--fast,)
 QUICK   := $(filter 1 true yes,$(BENCH_QUICK))
 BENCH_IMAGES  ?= $(if $(QUICK),4,16)
@@ -20,13 +23,14 @@ BENCH_VIT_B   ?= $(if $(QUICK),1,10)
 BENCH_REPEATS ?= $(if $(QUICK),2,3)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-data extract train evaluate refine demo test test-fast bench lint clean
+.PHONY: help venv demo-data extract train evaluate refine demo test test-fast bench gpu-check lint clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
 	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats, accuracy on 8)"
 	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
+	@echo "             GPU_PYTHON=python3 (gpu-check with a Python that has the packages, instead of .venv)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +82,9 @@ bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG cha
 	$(BIN)/python bench/report.py --out bench/out
 	$(if $(QUICK),,$(BIN)/python bench/extract_overhead.py $(ARGS))
 	$(if $(QUICK),,$(BIN)/python bench/refine_throughput.py)
+
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(STAMP)) ## On a CUDA machine: the GPU tests, then one table → bench/out/gpu_check.json
+	$(GPU_PYTHON) bench/gpu_check.py --json bench/out/gpu_check.json $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -43,11 +43,11 @@ from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
 from boxrefine.shared.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.precision import amp_setting  # noqa: E402
 from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
 from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
 from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
-from boxrefine.shared.scoring import amp_setting  # noqa: E402
 from boxrefine.shared.storage import compressors  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
@@ -235,7 +235,7 @@ def peers_section(cfg, work: Path, repeats: int, read_repeats: int) -> dict:
         out["peers"][name].update(read_warm_img_s=med(reads[name]["warm"]), read_cold_img_s=med(reads[name]["cold"]))
     out["read_repeats"] = read_repeats
     # a training epoch reading from each (same order and boxes); no cache = the encoder in the loop
-    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU)
+    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU).dtype
     heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
     order = list(range(n))
     random.Random(0).shuffle(order)
@@ -270,8 +270,8 @@ def speedup_section(cfg, fast_cfg, repeats: int, naive_repeats: int) -> dict:
     ds = StoreRows.from_store(cfg.store.path, split)
     n = len(ds)
     keys = [int(ds.keys[r]) for r in ds.rows]
-    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU)
-    fast_amp, _, _ = amp_setting(fast_cfg.train.amp, fast_cfg.train.amp_dtype, CPU)
+    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU).dtype
+    fast_amp = amp_setting(fast_cfg.train.amp, fast_cfg.train.amp_dtype, CPU).dtype
     heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
     bs = cfg.train.batch_images
     in_memory = list(DataLoader(ds, batch_size=bs, num_workers=0, collate_fn=collate_rows))
@@ -309,7 +309,7 @@ def data_path_section(cfg, repeats: int, large: int = 8) -> dict:
     cfg = cfg.model_copy(update={"refiner": cfg.refiner.model_copy(update={"use_mask": False})})
     ds = StoreRows.from_store(cfg.store.path, cfg.train.train_split)
     bs, workers = cfg.train.batch_images, cfg.train.num_workers
-    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU)
+    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU).dtype
     out = {}
     for size, times in (("small", 1), ("large", large)):
         rows = StoreRows(cfg.store.path, ds.split_name, ds.rows * times, ds.records, ds.keys)

@@ -90,13 +90,13 @@ def accuracy_rows(acc: dict | None) -> list[str]:
     """The accuracy cost of each speed-up (bench/accuracy.py), on the signal store."""
     if not acc:
         return ["Accuracy beside the speed-ups: not measured in this run (bench/accuracy.py).", ""]
-    from bench.accuracy import table
+    from bench.accuracy import table, verdict
 
     a = acc["args"]
     return [f"Accuracy beside the speed-ups (bench/accuracy.py): signal store of {a['num_train']} train / "
             f"{a['num_val']} val demo images, {a['epochs']} epochs, lr {a['lr']:g}, final epoch, medians over "
             f"train seeds {', '.join(map(str, a['seeds']))} (Δ per seed in brackets); goal: defaults within "
-            f"{acc['goal_points']} points of the reference → **{'met' if acc['goal_met'] else 'not met'}**.", "",
+            f"{acc['goal_points']} points of the reference → **{verdict(acc.get('goal_met'))}**.", "",
             *table(acc), ""]
 
 
@@ -243,8 +243,8 @@ def report(out: Path) -> str:
         from bench.step_profile import table
 
         md += ["## Where a training step goes", "", f"{step['images']} images, {step['boxes']} boxes, "
-               f"{step['model']}, AMP {step['amp']}, medians of {step['repeats']} repeats. *Before*: the package's "
-               "`MaskDecoderHQ.forward` per image, whole masks; *after*: `shared/hq_decoder.py` (per-image "
+               f"{step['model']}, precision {step['amp']}, medians of {step['repeats']} repeats. *Before*: the "
+               "package's `MaskDecoderHQ.forward` per image, whole masks; *after*: `shared/hq_decoder.py` (per-image "
                "work once, one mask token, only the logits the refiner reads, all boxes of the step in one "
                "call; `tests/test_hq_decoder.py` checks the logits against the package).", "",
                table(step), "", "![step profile](step_profile.png)", ""]

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from bench.machine import machine, write_json  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
+from boxrefine.shared.precision import amp_setting, autocast_context  # noqa: E402
 from boxrefine.shared.refiner import BoxRefiner, refine_loss  # noqa: E402
 from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads  # noqa: E402
-from boxrefine.shared.scoring import amp_setting, autocast_context  # noqa: E402
 from boxrefine.train.steps import seeded_generator, training_boxes  # noqa: E402
 
 PARTS = ("feature read", "frozen HQ decoder", "refiner fwd+bwd", "optimizer")
@@ -41,7 +41,8 @@ def profile(cfg, repeats: int) -> dict:
     split = cfg.train.train_split
     run_extract(cfg, announce=False)  # no-op when the store is complete
     device = torch.device("cpu")
-    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
+    precision = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
+    amp_dtype = precision.dtype
     heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, device, announce=False)
     ds = StoreRows.from_store(cfg.store.path, split)
     tc = cfg.train
@@ -93,7 +94,7 @@ def profile(cfg, repeats: int) -> dict:
     med = {v: {p: statistics.median(r[p] for r in rows[v]) for p in PARTS} for v in rows}
     for v in med:
         med[v]["step"] = statistics.median(sum(r.values()) for r in rows[v])
-    return {"images": len(items), "boxes": len(boxes), "model": cfg.model.type, "amp": str(amp_dtype),
+    return {"images": len(items), "boxes": len(boxes), "model": cfg.model.type, "amp": precision.label,
             "repeats": repeats, "median_s": med, "runs": rows}
 
 

@@ -30,11 +30,11 @@ from boxrefine.shared.config import load_config  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
 from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
 from boxrefine.shared.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.precision import amp_setting  # noqa: E402
 from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
 from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
 from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
-from boxrefine.shared.scoring import amp_setting  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> None:
         generate_demo(scfg.annotations.parent.parent)
     run_extract(cfg)  # no-op when the store is complete
     device = torch.device("cpu")
-    amp_dtype, _, _ = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
+    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device).dtype
     heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, device, announce=False) \
         if cfg.refiner.use_mask else None
     ds = StoreRows.from_store(cfg.store.path, split)

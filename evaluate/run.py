@@ -45,19 +45,20 @@ from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes
 from boxrefine.shared.fileio import atomic_write_json
+from boxrefine.shared.precision import inference_precision
 from boxrefine.shared.rowdata import StoreRows
 from boxrefine.shared.sam import build_sam_heads, resolve_device
-from boxrefine.shared.scoring import ImagePrediction, amp_setting, predict, summarize
+from boxrefine.shared.scoring import ImagePrediction, predict, summarize
 from boxrefine.shared.store import open_checked_store
 
 
 def amp_dtype(cfg: PipelineConfig, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for evaluation: the training rule (``train.amp`` / ``train.amp_dtype``, via
     ``amp_setting``), without the GradScaler (nothing is trained here)."""
-    dtype, _, why = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)
-    if cfg.train.amp is not False and why != "amp off":
-        console.print(f"amp: {why}", markup=False)
-    return dtype
+    precision = inference_precision(cfg.train.amp, cfg.train.amp_dtype, device)
+    if precision.dtype is not None or precision.requested:
+        console.print(f"amp: {precision.why}", markup=False)
+    return precision.dtype
 
 
 def eval_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Path) -> tuple[dict[int, CoarseBoxes], str]:

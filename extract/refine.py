@@ -46,11 +46,11 @@ from boxrefine.shared.console import console, progress
 from boxrefine.shared.fileio import atomic_write_json
 from boxrefine.shared.imageio import ImageError, read_rgb
 from boxrefine.shared.overlay import COARSE_COLOUR, REFINED_COLOUR, draw_boxes, line_width, with_legend, write_png
+from boxrefine.shared.precision import inference_precision
 from boxrefine.shared.predictor import ImageFeatures, RefineError, RefinePredictor
 from boxrefine.shared.records import DataError, ImageRecord, resolve_image
 from boxrefine.shared.rowdata import row_geometry
 from boxrefine.shared.sam import checkpoint_info, resolve_device
-from boxrefine.shared.scoring import amp_setting
 from boxrefine.shared.store import STATE_COMPLETE, STATE_NAMES, F, SplitStore, StoreDamage, identity_for, open_store
 
 MAX_REPORTED = 5  # per reason, the passed-through detections printed one by one
@@ -135,7 +135,10 @@ class RefineRun:
         cfg = self.cfg
         device = resolve_device(cfg.model.device)
         wanted = identity_for(cfg, checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed).fingerprint)
-        amp = amp_setting(cfg.train.amp, cfg.train.amp_dtype, device)[0]
+        precision = inference_precision(cfg.train.amp, cfg.train.amp_dtype, device)
+        if precision.dtype is not None or precision.requested:
+            console.print(f"amp: {precision.why}", markup=False)
+        amp = precision.dtype
         self.predictor = RefinePredictor(self.checkpoint, cfg.model.checkpoint, device, amp, self.announce,
                                          expect=(wanted, "config"))
         self.dets = load_detection_entries(self.detections_path)

@@ -25,6 +25,7 @@ from boxrefine.extract.sources import split_records
 from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.precision import encoder_precision_note
 from boxrefine.shared.records import SplitRecords
 from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
 from boxrefine.shared.signals import StopSignals
@@ -162,6 +163,9 @@ class Extractor:
                                       announce=self.announce)
         if self.model is not None:
             self.device = next(self.model.parameters()).device
+            slow = encoder_precision_note(self.ecfg.encoder_precision, self.device)
+            if slow and not self.quiet:
+                console.print(f"warning: {slow}", style="yellow", markup=False)
         for split, jobs, summ in self.plans:
             if self.stopping:
                 break

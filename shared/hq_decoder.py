@@ -119,13 +119,14 @@ def decode_boxes(prompt_encoder: nn.Module, md: nn.Module, image_embeddings: tor
       regions: per box (x0, y0, x1, y1) in the 256×256 low-res frame, exclusive ends: compute the
         logits only there (0 elsewhere); None = everywhere.
     Returns:
-      low-res mask logits n×1×256×256 and IoU predictions n×1.
+      low-res mask logits n×1×256×256 and IoU predictions n×1, float32 (under autocast too).
     """
     n, dev = len(boxes), image_embeddings.device
     idx = torch.zeros(n, dtype=torch.long, device=dev) if image_index is None else image_index.to(dev).long()
     regs = [FULL] * n if regions is None else [_grow(tuple(int(v) for v in r), 0) for r in regions]
-    logits = image_embeddings.new_zeros((n, 1, LOWRES, LOWRES))
-    iou = image_embeddings.new_zeros((n, 1))
+    # float32 whatever autocast computes in: the rows are written one group of boxes at a time
+    logits = torch.zeros((n, 1, LOWRES, LOWRES), dtype=torch.float32, device=dev)
+    iou = torch.zeros((n, 1), dtype=torch.float32, device=dev)
     if n == 0:
         return logits, iou
     sparse, _ = prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -155,7 +156,7 @@ def decode_boxes(prompt_encoder: nn.Module, md: nn.Module, image_embeddings: tor
     for s in range(0, n, CHUNK):
         j = slice(s, s + CHUNK)
         hs, keys = _transformer(md, keys0, key_pe, shared, tokens[j], idx[j])
-        iou[j] = md.iou_prediction_head(hs[:, 0])[:, :1]
+        iou[j] = md.iou_prediction_head(hs[:, 0])[:, :1].float()
         h_sam = md.output_hypernetworks_mlps[0](hs[:, 1])  # m×32: the single-mask SAM token
         h_hq = md.hf_mlp(hs[:, md.num_mask_tokens])  # m×32: the HQ token
         # conv2 is linear: fold the HQ token's hypernetwork into its kernel (64→1 channel per box)
@@ -178,7 +179,7 @@ def decode_boxes(prompt_encoder: nn.Module, md: nn.Module, image_embeddings: tor
                              for b in idx[s + sel].tolist()])
             out = (torch.einsum("kc,kchw->khw", h_sam[sel], up[:, :, y, x]) + hq_mask[:, y, x]
                    + torch.einsum("kc,kchw->khw", h_hq[sel], hqf))
-            logits[s + sel, 0, r[1]:r[3], r[0]:r[2]] = out
+            logits[s + sel, 0, r[1]:r[3], r[0]:r[2]] = out.float()
     return logits, iou
 
 

@@ -25,6 +25,7 @@ from boxrefine.shared.errors import BoxrefineError, DeviceError
 from boxrefine.shared.fileio import atomic_write_json
 from boxrefine.shared.geometry import IMG_SIZE
 from boxrefine.shared.hq_decoder import Region, decode_boxes
+from boxrefine.shared.precision import autocast_context
 from boxrefine.shared.records import file_sha256
 
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
@@ -201,7 +202,8 @@ def encode(sam: torch.nn.Module, images: list[torch.Tensor], precision: str = "f
 
     Args:
       images: list of 1×3×H'×W' tensors (uint8 or float, long side 1024), any device.
-      precision: "float32", or "float16"/"bfloat16" autocast (CUDA only for float16).
+      precision: "float32", or "float16"/"bfloat16" autocast (float16 is slow on a CPU:
+        ``boxrefine.shared.precision.CPU_FLOAT16_NOTE``).
     Returns:
       image_embeddings B×256×64×64 and interm_embeddings B×64×64×C (the early-layer feature the
       HQ mask decoder consumes, ``interm_embeddings[0]``), on the model's device.
@@ -209,7 +211,7 @@ def encode(sam: torch.nn.Module, images: list[torch.Tensor], precision: str = "f
     device = next(sam.parameters()).device
     batch = torch.cat([sam.preprocess(im.to(device, non_blocking=True).float()) for im in images], 0)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast_context(device, dtype):
         emb, interm = sam.image_encoder(batch)
     return emb.float(), interm[0].float()
 

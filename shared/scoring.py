@@ -7,7 +7,6 @@ resized into SAM's low-res frame — nothing is resized here.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from boxrefine.shared.evalboxes import CoarseBoxes
 from boxrefine.shared.geometry import ImageGeometry
 from boxrefine.shared.hq_decoder import Region
 from boxrefine.shared.metrics import box_metrics, mask_iou
+from boxrefine.shared.precision import autocast_context
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
 from boxrefine.shared.rowdata import StoreRows, collate_rows
 from boxrefine.shared.sam import SamHeads
@@ -42,42 +42,6 @@ class ImagePrediction:
     mask_iou_coarse: torch.Tensor | None = None
     mask_iou_refined: torch.Tensor | None = None
     loss_terms: dict[str, float] = field(default_factory=dict)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 autocast is emulated and much slower on CPU (measured
-    here on an AVX2-only CPU: the HQ decoder 10x slower, the refiner 7x slower)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # private helpers moved: assume no
-        return False
-
-
-def amp_setting(amp: str | bool, amp_dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:
-    """Resolve ``train.amp``/``train.amp_dtype`` → (autocast dtype or None, use GradScaler, why).
-
-    auto: on for CUDA (bf16 where supported, else fp16 + GradScaler), off on CPU. true: also on CPU as
-    bf16 autocast, but only where the CPU has native bf16 unless amp_dtype is set to bfloat16
-    explicitly. false: float32 everywhere."""
-    on = (device.type == "cuda") if amp == "auto" else bool(amp)
-    if not on:
-        return None, False, "amp off"
-    if device.type == "cuda":
-        if amp_dtype == "float16" or (amp_dtype == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16, True, "CUDA float16 autocast + GradScaler"
-        return torch.bfloat16, False, "CUDA bfloat16 autocast"
-    if amp_dtype == "float16":
-        return torch.float16, False, "CPU float16 autocast (as asked)"
-    if amp_dtype == "bfloat16" or cpu_has_native_bf16():
-        return torch.bfloat16, False, "CPU bfloat16 autocast"
-    return None, False, ("amp requested, but this CPU has no native bfloat16 (AVX512-BF16/AMX), where "
-                         "autocast measured ~10x slower: running float32 (set train.amp_dtype: bfloat16 to force)")
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def box_prompt_logits(heads: SamHeads, emb: torch.Tensor, interm: torch.Tensor, boxes_in: torch.Tensor,

@@ -142,7 +142,7 @@ def test_natural_order() -> None:
 
 
 def test_amp_dtype_follows_train_amp(demo_root: Path, reference_store: Path) -> None:
-    from boxrefine.shared.scoring import cpu_has_native_bf16
+    from boxrefine.shared.precision import cpu_has_native_bf16
 
     cfg = _cfg(demo_root, reference_store)
     cpu = torch.device("cpu")

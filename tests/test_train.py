@@ -233,17 +233,37 @@ def test_existing_run_folder_and_bad_checkpoint(demo_root, reference_store, tmp_
 
 
 def test_amp_resolution():
-    from boxrefine.shared.scoring import amp_setting, cpu_has_native_bf16
+    from boxrefine.shared.precision import amp_setting, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
-    assert amp_setting("auto", "auto", cpu)[0] is None
-    assert amp_setting(False, "bfloat16", cpu)[0] is None
+    assert amp_setting("auto", "auto", cpu)[:2] == (None, False)
+    assert amp_setting("auto", "auto", cpu).label == "float32 (AMP off)"
+    assert amp_setting(False, "bfloat16", cpu).dtype is None
     assert amp_setting(True, "bfloat16", cpu)[:2] == (torch.bfloat16, False)  # forced
-    dt, scaler, why = amp_setting(True, "auto", cpu)
-    assert scaler is False
-    assert dt == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    if dt is None:
-        assert "no native bfloat16" in why
+    assert amp_setting(True, "bfloat16", cpu).label == "bfloat16 autocast"
+    # float16 always trains under a GradScaler, on a CPU too, and says that it is slow there
+    fp16 = amp_setting(True, "float16", cpu)
+    assert fp16[:2] == (torch.float16, True) and "slower" in fp16.why
+    assert fp16.label == "float16 autocast + GradScaler"
+    auto = amp_setting(True, "auto", cpu)
+    assert auto.scaler is False
+    assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    if auto.dtype is None:  # a float32 run is never labelled AMP
+        assert "no native bfloat16" in auto.why and auto.label == "float32 (no AMP on this CPU)"
+
+
+def test_amp_on_a_cpu_without_native_bf16_runs_float32_and_says_so(monkeypatch):
+    import boxrefine.shared.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    p = precision.amp_setting(True, "auto", cpu)
+    assert p.dtype is None and p.requested and p.label == "float32 (no AMP on this CPU)"
+    forced = precision.amp_setting(True, "bfloat16", cpu)
+    assert forced.dtype == torch.bfloat16 and "as asked" in forced.why
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.amp_setting(True, "auto", cpu).dtype == torch.bfloat16
+    assert precision.amp_setting("auto", "auto", cpu).dtype is None  # auto: CUDA only
 
 
 def _signal_at_step(monkeypatch, n: int, signum: int) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from boxrefine.shared.distributed import ProcessGroup
-from boxrefine.shared.scoring import autocast_context
+from boxrefine.shared.precision import autocast_context
 
 T = TypeVar("T")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,10 @@ from boxrefine.shared.console import console, progress
 from boxrefine.shared.distributed import ProcessGroup
 from boxrefine.shared.evalboxes import fixed_coarse_boxes
 from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
+from boxrefine.shared.precision import amp_setting
 from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
 from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
-from boxrefine.shared.scoring import amp_setting, predict, summarize
+from boxrefine.shared.scoring import predict, summarize
 from boxrefine.shared.store import open_checked_store
 from boxrefine.shared.yamlkeys import dict_differences
 from boxrefine.train.control import StopSignals, discard_unsaved_run, restore_rng, rng_state, unsaved_start
@@ -108,8 +110,9 @@ class TrainRecipe:
 
     def _setup(self) -> None:
         cfg, tc, pg = self.cfg, self.tc, self.pg
-        self.amp_dtype, use_scaler, amp_note = amp_setting(tc.amp, tc.amp_dtype, self.device)
-        console.print(f"precision: {amp_note}" + (f"; DDP over {pg.world} ranks ({pg.backend}), global batch "
+        self.precision = amp_setting(tc.amp, tc.amp_dtype, self.device)
+        self.amp_dtype, use_scaler = self.precision.dtype, self.precision.scaler
+        console.print(f"precision: {self.precision.why}" + (f"; DDP over {pg.world} ranks ({pg.backend}), global batch "
                                                  f"{tc.batch_images} images" if pg.active else ""), markup=False)
         if cfg.fast_applied:
             console.print(f"FAST mode: {', '.join(f'{k}={v}' for k, v in cfg.fast_applied.items())}", markup=False)
@@ -284,7 +287,9 @@ class TrainRecipe:
         entry = {"kind": "epoch", "epoch": st.epoch + 1, "loss": p["loss"] / n, "l1": p["l1"] / n,
                  "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
                  "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - images_before) / max(dt, 1e-9),
-                 "ranks": pg.world}
+                 "ranks": pg.world, "precision": self.precision.label}
+        if self.scaler.is_enabled():
+            entry.update(skipped_steps=int(p.get("skipped", 0)), grad_scale=self.scaler.get_scale())
         head = health.summary()
         why = head_collapse(head)
         entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
@@ -293,6 +298,9 @@ class TrainRecipe:
                   f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
                   + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
                      if head else ""))
+        if entry.get("skipped_steps"):
+            self._say(f"  float16: {entry['skipped_steps']} step(s) skipped on inf/NaN gradients (GradScaler; "
+                      f"scale now {entry['grad_scale']:g})")
         if why:
             self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
         last = st.epoch + 1 == tc.epochs
@@ -319,9 +327,14 @@ class TrainRecipe:
         if self.tc.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.refiner.parameters(), self.tc.grad_clip)
-        self.scaler.step(self.opt)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.opt)  # skipped when a gradient is inf/NaN (float16): the scale is lowered instead
         self.scaler.update()
-        self.sched.step()
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.state.partial["skipped"] = self.state.partial.get("skipped", 0) + 1
+        with warnings.catch_warnings():  # the lr follows the step count, skipped steps included
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.sched.step()
 
     def _end_of_epoch(self) -> None:
         """Validate (when due), then save last / best / top-k."""

@@ -23,7 +23,8 @@ class TrainResult:
 
 
 def zero_partial() -> dict[str, float]:
-    return {"loss": 0.0, "l1": 0.0, "giou": 0.0, "n": 0, "boxes": 0}
+    """Running sums of an epoch; ``skipped``: optimizer steps the float16 GradScaler skipped (inf/NaN)."""
+    return {"loss": 0.0, "l1": 0.0, "giou": 0.0, "n": 0, "boxes": 0, "skipped": 0}
 
 
 @dataclass

@@ -16,8 +16,8 @@ from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import TrainConfig
 from boxrefine.shared.evalboxes import detection_pairs
 from boxrefine.shared.geometry import ImageGeometry
+from boxrefine.shared.precision import autocast_context
 from boxrefine.shared.refiner import BoxRefiner, refine_loss
-from boxrefine.shared.scoring import autocast_context
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
