@@ -28,7 +28,7 @@ BENCH_REPEATS ?= $(if $(QUICK),2,3)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
-	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats, accuracy on 8)"
+	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats, accuracy on 8, precision on 4)"
 	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
 	@echo "             GPU_PYTHON=python3 (gpu-check with a Python that has the packages, instead of .venv)"
 
@@ -77,6 +77,7 @@ bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG cha
 	$(BIN)/python bench/peers.py --images $(BENCH_IMAGES) --vit-b-images $(BENCH_VIT_B) --repeats $(BENCH_REPEATS) \
 		--json bench/out/peers.json
 	$(BIN)/python bench/accuracy.py $(if $(QUICK),--quick) --json bench/out/accuracy.json
+	$(BIN)/python bench/precision.py $(if $(QUICK),--quick) --json bench/out/precision.json
 	$(BIN)/python bench/eval_gt_cache.py --repeats $(if $(QUICK),1,3) --json bench/out/eval_gt_cache.json
 	$(BIN)/python bench/eval_every.py $(if $(QUICK),--images 4 --val-images 2 --epochs 5) --json bench/out/eval_every.json
 	$(BIN)/python bench/report.py --out bench/out

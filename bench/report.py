@@ -3,8 +3,9 @@
     python bench/report.py [--out bench/out]
 
 Reads ``peers.json`` (bench/peers.py), ``step_profile.json`` (bench/step_profile.py),
-``accuracy.json`` (bench/accuracy.py), ``eval_gt_cache.json`` (bench/eval_gt_cache.py) and
-``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows out, with a line saying so.
+``accuracy.json`` (bench/accuracy.py), ``precision.json`` (bench/precision.py), ``eval_gt_cache.json``
+(bench/eval_gt_cache.py) and ``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows
+out, with a line saying so.
 The summary table is also written alone to ``summary.md``; ``--readme README.md`` pastes it between
 the README's ``bench:summary`` markers (the README's performance section is that table, regenerated,
 never typed).
@@ -30,7 +31,8 @@ from boxrefine.shared.fileio import atomic_savefig, atomic_write_text  # noqa: E
 START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
 MIB = 2 ** 20
-EXTRA = {"accuracy": "accuracy", "eval_gt": "eval_gt_cache", "eval_every": "eval_every"}  # key: <out>/<name>.json
+EXTRA = {"accuracy": "accuracy", "eval_gt": "eval_gt_cache", "eval_every": "eval_every",
+         "precision": "precision"}  # key: <out>/<name>.json
 
 
 def _load(path: Path) -> dict | None:
@@ -83,7 +85,21 @@ def summary(peers: dict | None, step: dict | None, extra: dict) -> list[str]:
                      f"{b['step']:.2f} s with the package's HQ decoder → {a['step']:.2f} s "
                      f"({b['step'] / a['step']:.1f}×); the frozen decoder alone {b['frozen HQ decoder']:.2f} s → "
                      f"{a['frozen HQ decoder']:.2f} s.")
-    return lines + [""] + out + [""] + accuracy_rows(extra.get("accuracy")) + evaluation_rows(extra)
+    return (lines + [""] + out + [""] + accuracy_rows(extra.get("accuracy")) + precision_rows(extra.get("precision"))
+            + evaluation_rows(extra))
+
+
+def precision_rows(prec: dict | None) -> list[str]:
+    """Autocast's cost per step and its agreement with float32 (bench/precision.py)."""
+    if not prec:
+        return ["Autocast on this machine: not measured in this run (bench/precision.py).", ""]
+    from bench.precision import table
+
+    a = prec["args"]
+    return [f"Autocast on this machine (bench/precision.py; CPU native bf16: {prec['native_bf16']}): a refiner "
+            f"(use_mask: true) trained {a['epochs']} epochs on a signal store of {a['num_train']} train demo images, "
+            f"its {a['num_val']} val images scored at each precision; one training step of the same batch per "
+            f"precision, medians of {a['repeats']} interleaved repeats.", "", *table(prec), ""]
 
 
 def accuracy_rows(acc: dict | None) -> list[str]:

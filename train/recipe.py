@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from boxrefine.train.data import TrainData
 from boxrefine.train.distributed import gather_in_order, idle_loss, rank_weight, step_totals, wrap_ddp
 from boxrefine.train.follow import FollowRows, wait_for_rows
 from boxrefine.train.state import TrainError, TrainResult, TrainState, zero_partial
-from boxrefine.train.steps import batch_loss, lr_lambda
+from boxrefine.train.steps import batch_loss, lr_lambda, optimizer_step
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
@@ -322,19 +321,9 @@ class TrainRecipe:
             lambda: follow.schedule(epoch, self.tc.epochs, self.tc.warmup_epochs))))
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the ranks here
-        if self.tc.grad_clip:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.refiner.parameters(), self.tc.grad_clip)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.opt)  # skipped when a gradient is inf/NaN (float16): the scale is lowered instead
-        self.scaler.update()
-        if scale is not None and self.scaler.get_scale() < scale:
+        # under DDP the gradients are averaged over the ranks in backward, so every rank skips alike
+        if optimizer_step(loss, self.opt, self.scaler, self.sched, self.refiner.parameters(), self.tc.grad_clip):
             self.state.partial["skipped"] = self.state.partial.get("skipped", 0) + 1
-        with warnings.catch_warnings():  # the lr follows the step count, skipped steps included
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            self.sched.step()
 
     def _end_of_epoch(self) -> None:
         """Validate (when due), then save last / best / top-k."""

@@ -7,7 +7,8 @@ state, so a step gives the same boxes whatever ran before it (resume, DataLoader
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -58,6 +59,26 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
         done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
     return f
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   sched: torch.optim.lr_scheduler.LRScheduler, params: Iterable[torch.Tensor],
+                   grad_clip: float | None) -> bool:
+    """Backward, clip, step and schedule; True when the GradScaler skipped the step (float16: an inf/NaN
+    gradient leaves the weights as they were and halves the scale). The learning rate follows the step
+    count, skipped steps included."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    with warnings.catch_warnings():  # torch warns when the first step was skipped: expected with float16
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        sched.step()
+    return scale is not None and scaler.get_scale() < scale
 
 
 def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: torch.device,
