@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine, write_json  # noqa: E402
 from bench.refiner_learning import build_stores, lr_tag, make_config, train_row  # noqa: E402
-from boxrefine.shared.console import console  # noqa: E402
-from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
-from boxrefine.shared.precision import amp_setting  # noqa: E402
+from boxrefine.shared.runtime.console import console  # noqa: E402
+from boxrefine.shared.runtime.device import amp_setting  # noqa: E402
+from boxrefine.train.control import sample_subset  # noqa: E402
 
 GOAL_POINTS = 0.5  # defaults vs reference, in points of mean IoU
 VARIANTS = (  # name, store dtype, FAST, train.amp

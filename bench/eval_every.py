@@ -33,8 +33,8 @@ from bench.eval_gt_cache import RecomputedGTRows  # noqa: E402
 from bench.machine import machine, write_json  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
-from boxrefine.shared.console import console  # noqa: E402
-from boxrefine.shared.store import open_store  # noqa: E402
+from boxrefine.shared.runtime.console import console  # noqa: E402
+from boxrefine.shared.store.feature_store import open_store  # noqa: E402
 from boxrefine.train.recipe import TrainRecipe  # noqa: E402
 
 

@@ -6,7 +6,7 @@ COCO AP, outputs) on the same store, checkpoint and fixed evaluation boxes, alte
 
 * cached (the real path): GT masks read from the store, already in SAM's low-res frame;
 * recomputed: for every image, each time it is scored, the original COCO masks are decoded
-  (``shared.records.instance_mask``) and resized with cv2 (``resize_gt_masks``) first.
+  (``shared.data.records.instance_mask``) and resized with cv2 (``resize_gt_masks``) first.
 
 It also times the GT step alone, per image: reading the cached masks vs decode + resize.
 Prints medians and ratios (recomputed ÷ cached). Usage::
@@ -39,15 +39,16 @@ sys.path.insert(0, str(REPO))
 
 import boxrefine.evaluate.run as er  # noqa: E402
 from boxrefine.extract.plan import gt_arrays  # noqa: E402
-from boxrefine.shared.checkpoints import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
-from boxrefine.shared.console import console  # noqa: E402
+from boxrefine.shared.data.records import load_coco  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
-from boxrefine.shared.records import load_coco  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS  # noqa: E402
-from boxrefine.shared.store import F, open_store  # noqa: E402
+from boxrefine.shared.model.checkpoint import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.sam import INTERM_CHANNELS  # noqa: E402
+from boxrefine.shared.runtime.console import console  # noqa: E402
+from boxrefine.shared.store.feature_store import open_store  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows  # noqa: E402
+from boxrefine.shared.store.schema import FIELD  # noqa: E402
 
 
 def recompute_gt(records: dict[int, Any], key: int, size: int) -> np.ndarray:
@@ -90,7 +91,7 @@ def make_config(args: argparse.Namespace) -> PipelineConfig:
 def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     store = open_store(cfg.store.path)
     torch.manual_seed(0)
-    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
+    refiner = build_refiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
     path.write_bytes(checkpoint_bytes({
         "format": CKPT_FORMAT, "refiner": refiner.state_dict(), "state": {"epoch": 0}, "config": cfg.to_dict(),
         "store_identity": store.identity.to_dict(), "store_path": cfg.store.path,
@@ -108,7 +109,7 @@ def gt_step_times(cfg: PipelineConfig, split: str, repeats: int) -> dict[str, fl
     cached, recomputed = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        a = [np.asarray(sp.array("gt_masks")[i, :int(recs[i, F["n_instances"]])]) for i in rows]
+        a = [np.asarray(sp.array("gt_masks")[i, :int(recs[i, FIELD["n_instances"]])]) for i in rows]
         cached.append((time.perf_counter() - t) / len(rows))
         t = time.perf_counter()
         b = [recompute_gt(coco, int(keys[i]), size) for i in rows]

@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.config import validate_config  # noqa: E402
+from boxrefine.shared.data.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.data.records import load_coco, resolve_image  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
-from boxrefine.shared.imageio import read_rgb  # noqa: E402
-from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
-from boxrefine.shared.sam import build_hq_sam, encode, to_input_tensor  # noqa: E402
+from boxrefine.shared.model.sam import build_hq_sam, encode, encoder_input  # noqa: E402
 
 
 def main() -> None:
@@ -51,14 +51,10 @@ def main() -> None:
         generate_demo(args.data)
     splits = {s: {"images": str(args.data / "images" / s),
                   "annotations": str(args.data / "annotations" / f"instances_{s}.json")} for s in ("train", "val")}
-
-    from segment_anything_hq.utils.transforms import ResizeLongestSide
-
-    tf = ResizeLongestSide(1024)
     inputs = []
     for sc in splits.values():
         for rec in load_coco(Path(sc["annotations"])).images:
-            inputs.append(to_input_tensor(tf.apply_image(read_rgb(resolve_image(Path(sc["images"]), rec.file_name)))))
+            inputs.append(encoder_input(read_rgb(resolve_image(Path(sc["images"]), rec.file_name)))[None])
     n = len(inputs)
 
     t0 = time.perf_counter()

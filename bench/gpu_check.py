@@ -100,7 +100,7 @@ def run_tests() -> dict[str, Any]:
 
 
 def encoder_rates(plan: Plan, repeats: int) -> dict[str, dict[str, float]]:
-    from boxrefine.shared.sam import build_hq_sam, encode
+    from boxrefine.shared.model.sam import build_hq_sam, encode
 
     dev = plan.device
     images = [torch.randint(0, 256, (1, 3, 1024, 1024), dtype=torch.uint8, device=dev) for _ in range(plan.images)]
@@ -130,9 +130,9 @@ def demo_config(plan: Plan, work: Path):
 
 
 def step_times(plan: Plan, cfg, repeats: int) -> dict[str, dict[str, float]]:
-    from boxrefine.shared.refiner import BoxRefiner
-    from boxrefine.shared.rowdata import StoreRows, collate_rows
-    from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads
+    from boxrefine.shared.model.heads import build_refiner
+    from boxrefine.shared.model.sam import INTERM_CHANNELS, build_sam_heads
+    from boxrefine.shared.store.rows import StoreRows, collate_rows
     from boxrefine.train.steps import batch_loss
 
     dev = plan.device
@@ -141,7 +141,7 @@ def step_times(plan: Plan, cfg, repeats: int) -> dict[str, dict[str, float]]:
     heads = build_sam_heads(cfg.model.type, None, cfg.model.seed, dev, announce=False)
     out = {}
     for name, dtype in plan.precisions.items():
-        refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(dev)
+        refiner = build_refiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(dev)
         opt = torch.optim.AdamW(refiner.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
@@ -160,7 +160,7 @@ def step_times(plan: Plan, cfg, repeats: int) -> dict[str, dict[str, float]]:
 
 def loader_rate(plan: Plan, cfg, epochs: int = 3) -> float:
     """Images/s of the training DataLoader alone (the step replaced by a copy to the GPU)."""
-    from boxrefine.shared.store import open_store
+    from boxrefine.shared.store.feature_store import open_store
     from boxrefine.train.data import TrainData
 
     data = TrainData(cfg, open_store(cfg.store.path), pin_memory=plan.device.type == "cuda")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from boxrefine.shared.fileio import atomic_write_json
+from boxrefine.shared.runtime.fileio import atomic_write_json
 
 
 def cpu_model() -> str:

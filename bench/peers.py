@@ -41,14 +41,20 @@ sys.path.insert(0, str(REPO))
 from bench.machine import machine, write_json  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
-from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
-from boxrefine.shared.imageio import read_rgb  # noqa: E402
-from boxrefine.shared.precision import amp_setting  # noqa: E402
-from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
-from boxrefine.shared.storage import compressors  # noqa: E402
+from boxrefine.shared.data.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.data.records import load_coco, resolve_image  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.sam import (  # noqa: E402
+    INTERM_CHANNELS,
+    build_hq_sam,
+    build_sam_heads,
+    encode,
+    encoder_input,
+)
+from boxrefine.shared.runtime.device import amp_setting  # noqa: E402
+from boxrefine.shared.store.codecs import compressors  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows, collate_rows  # noqa: E402
+from boxrefine.train.control import sample_subset  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -156,16 +162,13 @@ class Naive:
     """Decode, resize and encode the images of a batch (the encoder in the training loop)."""
 
     def __init__(self, cfg, keys: list[int]):
-        from segment_anything_hq.utils.transforms import ResizeLongestSide
-
         self.sam = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
-        self.tf = ResizeLongestSide(1024)
         scfg = cfg.data.splits[cfg.train.train_split]
         self.images = scfg.images
         self.names = {r.key: r.file_name for r in load_coco(scfg.annotations).images}
 
     def __call__(self, keys: list[int]) -> Feats:
-        ims = [to_input_tensor(self.tf.apply_image(read_rgb(resolve_image(self.images, self.names[k]))))
+        ims = [encoder_input(read_rgb(resolve_image(self.images, self.names[k])))[None]
                for k in keys]
         return encode(self.sam, ims)
 
@@ -174,7 +177,7 @@ def train_epoch(batches: list[dict], feats: Callable[[dict], Feats] | None, cfg,
     """One epoch of training steps over ``batches`` (GT and geometry in memory), the features of each
     batch from ``feats`` (None: the batch's own)."""
     torch.manual_seed(0)
-    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
+    r = build_refiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump())
     opt = torch.optim.AdamW(r.parameters(), lr=cfg.train.lr)
     t0 = time.perf_counter()
     for batch in batches:

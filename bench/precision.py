@@ -34,14 +34,14 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine, write_json  # noqa: E402
 from bench.refiner_learning import build_stores, make_config, train_row  # noqa: E402
-from boxrefine.shared.checkpoints import load_checkpoint, refiner_from_checkpoint  # noqa: E402
-from boxrefine.shared.evalboxes import fixed_coarse_boxes  # noqa: E402
-from boxrefine.shared.metrics import box_metrics  # noqa: E402
-from boxrefine.shared.precision import amp_setting, cpu_has_native_bf16  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads  # noqa: E402
-from boxrefine.shared.scoring import predict  # noqa: E402
+from boxrefine.shared.model.checkpoint import load_checkpoint, refiner_from_checkpoint  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.sam import INTERM_CHANNELS, build_sam_heads  # noqa: E402
+from boxrefine.shared.runtime.device import amp_setting, cpu_has_native_bf16  # noqa: E402
+from boxrefine.shared.scoring.coarse import fixed_coarse_boxes  # noqa: E402
+from boxrefine.shared.scoring.metrics import box_metrics  # noqa: E402
+from boxrefine.shared.scoring.predict import predict  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows, collate_rows  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
 DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,7 +85,7 @@ def step_costs(cfg, repeats: int, device: torch.device) -> dict[str, Any]:
     for r in range(repeats + 1):  # the first round warms the kernels up and is not counted
         for name, dtype in DTYPES.items():
             torch.manual_seed(0)
-            refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(device)
+            refiner = build_refiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(device)
             opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.train.lr)
             scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
             t0 = time.perf_counter()

@@ -43,17 +43,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.machine import describe as machine  # noqa: E402
-from boxrefine.extract.refine import RefineResult, RefineRun  # noqa: E402
-from boxrefine.shared.checkpoints import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
+from boxrefine.extract.refine.run import RefineResult, RefineRun  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
-from boxrefine.shared.console import console  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
-from boxrefine.shared.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from boxrefine.shared.predictor import ImageFeatures  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, SamHeads, build_hq_sam, checkpoint_info, resolve_device  # noqa: E402
-from boxrefine.shared.scoring import box_prompt_logits  # noqa: E402
-from boxrefine.shared.store import identity_for  # noqa: E402
+from boxrefine.shared.model.checkpoint import CKPT_FORMAT, checkpoint_bytes  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.sam import INTERM_CHANNELS, SamHeads, build_hq_sam  # noqa: E402
+from boxrefine.shared.model.weights import checkpoint_info  # noqa: E402
+from boxrefine.shared.runtime.console import console  # noqa: E402
+from boxrefine.shared.runtime.device import resolve_device  # noqa: E402
+from boxrefine.shared.runtime.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
+from boxrefine.shared.scoring.predict import box_prompt_logits  # noqa: E402
+from boxrefine.shared.scoring.predictor import ImageFeatures  # noqa: E402
+from boxrefine.shared.store.identity import identity_for  # noqa: E402
 
 
 def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
@@ -62,7 +64,7 @@ def untrained_checkpoint(cfg: PipelineConfig, path: Path) -> Path:
     args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
     torch.manual_seed(0)
     fp = checkpoint_info(cfg.model.type, cfg.model.checkpoint, cfg.model.seed).fingerprint
-    payload = {"format": CKPT_FORMAT, "refiner": BoxRefiner(**args).state_dict(), "refiner_args": args,
+    payload = {"format": CKPT_FORMAT, "refiner": build_refiner(**args).state_dict(), "refiner_args": args,
                "config": cfg.to_dict(), "store_identity": identity_for(cfg, fp).to_dict(), "state": {}}
     return atomic_write_bytes(path, checkpoint_bytes(payload))
 

@@ -46,13 +46,13 @@ sys.path.insert(0, str(REPO))
 from bench.machine import describe as machine  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.config import PipelineConfig, validate_config  # noqa: E402
-from boxrefine.shared.console import console  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
 from boxrefine.shared.dev.signal import make_signal_store, oracle_boxes  # noqa: E402
-from boxrefine.shared.evalboxes import fixed_coarse_boxes  # noqa: E402
-from boxrefine.shared.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from boxrefine.shared.metrics import box_metrics  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows  # noqa: E402
+from boxrefine.shared.runtime.console import console  # noqa: E402
+from boxrefine.shared.runtime.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from boxrefine.shared.scoring.coarse import fixed_coarse_boxes  # noqa: E402
+from boxrefine.shared.scoring.metrics import box_metrics  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows  # noqa: E402
 from boxrefine.train.recipe import run_train  # noqa: E402
 
 TARGET_IOU, TARGET_ACC75, TARGET_ACTIVE = 0.74, 0.50, 0.50

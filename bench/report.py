@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from boxrefine.shared.fileio import atomic_savefig, atomic_write_text  # noqa: E402
+from boxrefine.shared.runtime.fileio import atomic_savefig, atomic_write_text  # noqa: E402
 
 START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
@@ -260,8 +260,8 @@ def report(out: Path) -> str:
 
         md += ["## Where a training step goes", "", f"{step['images']} images, {step['boxes']} boxes, "
                f"{step['model']}, precision {step['amp']}, medians of {step['repeats']} repeats. *Before*: the "
-               "package's `MaskDecoderHQ.forward` per image, whole masks; *after*: `shared/hq_decoder.py` (per-image "
-               "work once, one mask token, only the logits the refiner reads, all boxes of the step in one "
+               "package's `MaskDecoderHQ.forward` per image, whole masks; *after*: `shared/model/hq_decoder.py` "
+               "(per-image work once, one mask token, only the logits the refiner reads, all boxes of the step in one "
                "call; `tests/test_hq_decoder.py` checks the logits against the package).", "",
                table(step), "", "![step profile](step_profile.png)", ""]
     if peers:

@@ -1,11 +1,11 @@
-"""Where one training step spends its time, before and after the fast HQ decoder (shared/hq_decoder.py).
+"""Where one training step spends its time, before and after the fast HQ decoder (shared/model/hq_decoder.py).
 
 One step of ``train.batch_images`` store rows with ``train.boxes_per_image`` jittered boxes each (the
 same boxes for both variants), split into its parts and timed ``--repeats`` times (medians):
 
 * feature read: ``StoreRows[i]`` for each row + ``collate_rows`` (page cache warm);
 * frozen HQ decoder, *before*: the package's ``MaskDecoderHQ.forward`` once per image, whole masks
-  (``SamHeads.package_forward``); *after*: ``SamHeads.forward`` — every box of the step in one call,
+  (``bench/package_decoder.py``); *after*: ``SamHeads.forward`` — every box of the step in one call,
   per-image work once, only the logits the refiner reads (``BoxRefiner.mask_regions``);
 * refiner forward + loss + backward; optimizer step.
 
@@ -26,12 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.machine import machine, write_json  # noqa: E402
+from bench.package_decoder import package_decode  # noqa: E402
 from bench.workdir import bench_config  # noqa: E402
 from boxrefine.extract.run import run_extract  # noqa: E402
-from boxrefine.shared.precision import amp_setting, autocast_context  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner, refine_loss  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.refiner import refine_loss  # noqa: E402
+from boxrefine.shared.model.sam import INTERM_CHANNELS, build_sam_heads  # noqa: E402
+from boxrefine.shared.runtime.device import amp_setting, autocast_context  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows, collate_rows  # noqa: E402
 from boxrefine.train.steps import seeded_generator, training_boxes  # noqa: E402
 
 PARTS = ("feature read", "frozen HQ decoder", "refiner fwd+bwd", "optimizer")
@@ -57,7 +59,7 @@ def profile(cfg, repeats: int) -> dict:
     boxes = torch.cat(coarse)
     index = torch.cat([torch.full((len(c),), b) for b, c in enumerate(coarse)])
     torch.manual_seed(0)
-    refiner = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **{**cfg.refiner.model_dump(), "use_mask": True})
+    refiner = build_refiner(INTERM_CHANNELS[cfg.model.type], **{**cfg.refiner.model_dump(), "use_mask": True})
     opt = torch.optim.AdamW(refiner.parameters(), lr=tc.lr)
 
     def tick(t0: float) -> float:
@@ -74,7 +76,7 @@ def profile(cfg, repeats: int) -> dict:
             t0 = time.perf_counter()
             with torch.inference_mode(), autocast_context(device, amp_dtype):
                 if variant == "before":
-                    lg = torch.cat([heads.package_forward(emb[k:k + 1], interm[k:k + 1], c)[0]
+                    lg = torch.cat([package_decode(heads, emb[k:k + 1], interm[k:k + 1], c)[0]
                                     for k, c in enumerate(coarse)])
                 else:
                     lg = heads(emb, interm, boxes, index, refiner.mask_regions(boxes))[0]

@@ -1,12 +1,12 @@
 """Which client an ``s3://`` store goes through: obstore (``zarr.storage.ObjectStore``, what
-``shared/objstore.py`` uses) or s3fs (fsspec's ``FsspecStore``, what zarr uses for any other URL).
+``shared/store/objstore.py`` uses) or s3fs (fsspec's ``FsspecStore``, what zarr uses for any other URL).
 
 Against moto's S3 server on 127.0.0.1 (loopback: the figure is the clients' own cost, no network),
 each backend writes ``--images`` rows of vit_tiny-sized features (as ``bench/store_open.py`` does,
 through ``SplitStore``'s write calls and the row index) and then reads them as a training epoch does
 (``StoreRows``: chunks, checksums, generation re-check), alternating, ``--repeats`` times. s3fs is
 selected by routing ``s3://`` through fsspec (``objstore.is_s3`` patched to False), i.e. the code before
-``shared/objstore.py``. Prints the machine, each repeat and the medians. Usage::
+``shared/store/objstore.py``. Prints the machine, each repeat and the medians. Usage::
 
     python bench/store_backends.py [--images 16] [--repeats 5]
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import store_open  # noqa: E402
 
-import boxrefine.shared.objstore as objstore  # noqa: E402
+import boxrefine.shared.store.objstore as objstore  # noqa: E402
 
 
 @contextmanager

@@ -36,15 +36,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import boxrefine.shared.storage as storage  # noqa: E402
-import boxrefine.shared.store_split as store_split  # noqa: E402
+import boxrefine.shared.store.codecs as storage  # noqa: E402
+import boxrefine.shared.store.split as store_split  # noqa: E402
 from bench.machine import describe as machine  # noqa: E402
 from boxrefine.extract.plan import gt_arrays, row_record  # noqa: E402
 from boxrefine.shared.config import StoreConfig  # noqa: E402
+from boxrefine.shared.data.records import load_coco  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
-from boxrefine.shared.records import load_coco  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows  # noqa: E402
-from boxrefine.shared.store import STATE_COMPLETE, FeatureStore, StoreIdentity  # noqa: E402
+from boxrefine.shared.store.feature_store import FeatureStore  # noqa: E402
+from boxrefine.shared.store.identity import StoreIdentity  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows  # noqa: E402
+from boxrefine.shared.store.schema import STATE_COMPLETE  # noqa: E402
 
 
 @contextmanager
@@ -57,7 +59,7 @@ def without_checksums() -> Iterator[None]:
     def compressors(*a: Any) -> list[Any]:
         return [c for c in real_compressors(*a) if not isinstance(c, Crc32cCodec)] or None  # type: ignore[return-value]
 
-    import boxrefine.shared.store_layout as layout
+    import boxrefine.shared.store.layout as layout
 
     layout.compressors, store_split.digest = compressors, lambda a: 0
     try:

@@ -3,7 +3,7 @@ local store and from an S3 store (moto's server on 127.0.0.1, loopback: no netwo
 
 * open: a synthetic split of ``--rows`` rows whose records say complete (one record chunk per row, as
   extract's commits leave them) is opened as train and evaluate open it
-  (``SplitStore.usable_rows``). "index" reads the row index (``shared/store_index.py``); "no index"
+  (``SplitStore.usable_rows``). "index" reads the row index (``shared/store/row_index.py``); "no index"
   is the same store with the ``row_index`` folder moved away, which reads every record as the code
   before the index did (``SplitStore.read_rows``). Both alternate, ``--repeats`` times.
 * epoch: ``--images`` rows of vit_tiny-sized features (256×64×64 and 64×64×160 float16, random) and
@@ -38,10 +38,12 @@ sys.path.insert(0, str(REPO / "bench"))
 from store_checksums import machine  # noqa: E402
 
 from boxrefine.shared.config import StoreConfig  # noqa: E402
-from boxrefine.shared.records import ImageRecord  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows  # noqa: E402
-from boxrefine.shared.store import ROW_FIELDS, STATE_COMPLETE, F, FeatureStore, StoreIdentity, open_store  # noqa: E402
-from boxrefine.shared.store_index import INDEX, IndexPart  # noqa: E402
+from boxrefine.shared.data.records import ImageRecord  # noqa: E402
+from boxrefine.shared.store.feature_store import FeatureStore, open_store  # noqa: E402
+from boxrefine.shared.store.identity import StoreIdentity  # noqa: E402
+from boxrefine.shared.store.row_index import INDEX, IndexPart  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows  # noqa: E402
+from boxrefine.shared.store.schema import FIELD, ROW_FIELDS, STATE_COMPLETE  # noqa: E402
 
 
 def identity() -> StoreIdentity:
@@ -62,7 +64,7 @@ def bench_open(root: Path, n: int, repeats: int) -> dict[str, list[float]]:
     path = root / "open.zarr"
     split = new_split(str(path), n, 8)
     rows = np.zeros((n, len(ROW_FIELDS)), np.int64)
-    rows[:, F["state"]], rows[:, F["generation"]] = STATE_COMPLETE, 1
+    rows[:, FIELD["state"]], rows[:, FIELD["generation"]] = STATE_COMPLETE, 1
     t0 = time.perf_counter()
     split.array("rows")[:] = rows
     part = IndexPart(split, (0, 1))
@@ -98,7 +100,7 @@ def fill_rows(path: str, n: int) -> None:
     info = np.array([[1, 1, 0]], np.int64)
     part = IndexPart(split, (0, 1))
     part.load(split.read_rows())
-    split.on_record = part.set
+    split.watch_records(part.set)
     for i in range(n):
         digests = split.write_features(i, emb, interm)
         digests.update(split.write_gt(i, masks, boxes, info))

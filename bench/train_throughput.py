@@ -27,20 +27,26 @@ sys.path.insert(0, str(REPO))
 
 from boxrefine.extract.run import run_extract  # noqa: E402
 from boxrefine.shared.config import load_config  # noqa: E402
+from boxrefine.shared.data.imageio import read_rgb  # noqa: E402
+from boxrefine.shared.data.records import load_coco, resolve_image  # noqa: E402
 from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
-from boxrefine.shared.evalboxes import sample_subset  # noqa: E402
-from boxrefine.shared.imageio import read_rgb  # noqa: E402
-from boxrefine.shared.precision import amp_setting  # noqa: E402
-from boxrefine.shared.records import load_coco, resolve_image  # noqa: E402
-from boxrefine.shared.refiner import BoxRefiner  # noqa: E402
-from boxrefine.shared.rowdata import StoreRows, collate_rows  # noqa: E402
-from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, build_sam_heads, encode, to_input_tensor  # noqa: E402
+from boxrefine.shared.model.heads import build_refiner  # noqa: E402
+from boxrefine.shared.model.sam import (  # noqa: E402
+    INTERM_CHANNELS,
+    build_hq_sam,
+    build_sam_heads,
+    encode,
+    encoder_input,
+)
+from boxrefine.shared.runtime.device import amp_setting  # noqa: E402
+from boxrefine.shared.store.rows import StoreRows, collate_rows  # noqa: E402
+from boxrefine.train.control import sample_subset  # noqa: E402
 from boxrefine.train.steps import batch_loss  # noqa: E402
 
 
 def make_refiner(cfg, device):
     torch.manual_seed(0)
-    r = BoxRefiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(device)
+    r = build_refiner(INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()).to(device)
     return r, torch.optim.AdamW(r.parameters(), lr=cfg.train.lr)
 
 
@@ -89,14 +95,12 @@ def main() -> None:
 
     # naive: decode + resize + encode each image inside the step (what boxrefine avoids)
     sam = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, device, announce=False)
-    from segment_anything_hq.utils.transforms import ResizeLongestSide
 
-    tf = ResizeLongestSide(1024)
     names = {r.key: r.file_name for r in load_coco(scfg.annotations).images}
 
     def naive_batches():
         for batch in in_memory:
-            ims = [to_input_tensor(tf.apply_image(read_rgb(resolve_image(scfg.images, names[k]))))
+            ims = [encoder_input(read_rgb(resolve_image(scfg.images, names[k])))[None]
                    for k in batch["key"]]
             emb, interm = encode(sam, ims)
             yield {**batch, "image_embeddings": emb, "interm_embeddings": interm}

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.checkpoints import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.refiner import BoxRefiner
-from boxrefine.shared.store import FeatureStore
-from boxrefine.shared.yamlkeys import dict_differences
+from boxrefine.shared.model.checkpoint import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
+from boxrefine.shared.model.refiner import BoxRefiner
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.identity import feature_differences
 
 
 class EvaluateError(BoxrefineError, RuntimeError):
@@ -83,13 +83,13 @@ def resolve_checkpoints(cfg: PipelineConfig, checkpoint: Path | None) -> tuple[l
 def load_refiner(path: Path, store: FeatureStore, device: torch.device) -> tuple[BoxRefiner, dict[str, Any]]:
     """Load a training checkpoint and rebuild its refiner from ``refiner_args``; CheckpointFileError
     (one line, naming the file) for anything that cannot be evaluated on this store."""
-    ck = load_checkpoint(path)
-    ck_identity = ck.get("store_identity")
-    diffs = (dict_differences(ck_identity, store.identity.to_dict(), ("checkpoint", "store"))
+    ckpt = load_checkpoint(path)
+    ck_identity = ckpt.get("store_identity")
+    diffs = (feature_differences(ck_identity, store.identity, ("checkpoint", "store"))
              if isinstance(ck_identity, dict) else ["the checkpoint records no store identity"])
     if diffs:
         raise CheckpointFileError(f"{path}: trained on another feature store ({'; '.join(diffs)})")
-    refiner = refiner_from_checkpoint(ck, path)
-    state = ck.get("state") if isinstance(ck.get("state"), dict) else {}
+    refiner = refiner_from_checkpoint(ckpt, path)
+    state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
     info = {"epoch": state.get("epoch"), "best_iou": (state.get("saver") or {}).get("best")}
     return refiner.to(device).eval(), info

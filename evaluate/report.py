@@ -17,12 +17,12 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from boxrefine.shared.boxes import paired_iou, xyxy_to_xywh
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console
-from boxrefine.shared.fileio import atomic_savefig, atomic_write_text
-from boxrefine.shared.metrics import IOU_THRESHOLDS, coco_box_ap
-from boxrefine.shared.scoring import ImagePrediction
+from boxrefine.shared.geometry.boxes import paired_iou, xyxy_to_xywh
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.runtime.fileio import atomic_savefig, atomic_write_text
+from boxrefine.shared.scoring.metrics import IOU_THRESHOLDS, coco_box_ap
+from boxrefine.shared.scoring.predict import ImagePrediction
 
 BOX_KEYS = ("mean_iou", *(f"acc@{t}" for t in IOU_THRESHOLDS), "side_err_px")
 AP_KEYS = ("AP", "AP50", "AP75")

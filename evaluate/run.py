@@ -40,16 +40,16 @@ from boxrefine.evaluate.report import (
     print_table,
     write_csv,
 )
-from boxrefine.shared.checkpoints import CheckpointFileError
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console, progress
-from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes
-from boxrefine.shared.fileio import atomic_write_json
-from boxrefine.shared.precision import inference_precision
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.sam import build_sam_heads, resolve_device
-from boxrefine.shared.scoring import ImagePrediction, predict, summarize
-from boxrefine.shared.store import open_checked_store
+from boxrefine.shared.model.checkpoint import CheckpointFileError
+from boxrefine.shared.model.sam import build_sam_heads
+from boxrefine.shared.runtime.console import console, progress
+from boxrefine.shared.runtime.device import inference_precision, resolve_device
+from boxrefine.shared.runtime.fileio import atomic_write_json
+from boxrefine.shared.scoring.coarse import CoarseBoxes, fixed_coarse_boxes
+from boxrefine.shared.scoring.predict import ImagePrediction, predict, summarize
+from boxrefine.shared.store.feature_store import open_checked_store
+from boxrefine.shared.store.rows import StoreRows
 
 
 def amp_dtype(cfg: PipelineConfig, device: torch.device) -> torch.dtype | None:
@@ -97,8 +97,8 @@ class Evaluator:
 
     def __init__(self, cfg: PipelineConfig, checkpoint: Path | None = None, split: str | None = None,
                  vis: bool | None = None):
-        self.cfg, self.ec = cfg, cfg.evaluate
-        self.vis = self.ec.vis if vis is None else vis
+        self.cfg, self.eval_cfg = cfg, cfg.evaluate
+        self.vis = self.eval_cfg.vis if vis is None else vis
         self.split = split or cfg.eval_split()
         self.checkpoint = checkpoint
         self.rows: list[dict[str, Any]] = []
@@ -136,7 +136,7 @@ class Evaluator:
     def _predict(self, desc: str, **kw: Any) -> list[ImagePrediction]:
         with progress(desc, len(self.ds)) as bar:
             preds = predict(self.ds, self.coarse, self.device, heads=self.heads, amp_dtype=self.amp,
-                            batch_images=self.ec.batch_images, num_workers=self.cfg.train.num_workers,
+                            batch_images=self.eval_cfg.batch_images, num_workers=self.cfg.train.num_workers,
                             on_batch=bar.advance, **kw)
         if self.ds.skipped:  # damaged rows left out (store.on_damage: skip): AP is scored without them
             left_out = {int(self.ds.keys[i]) for i in self.ds.skipped}
@@ -220,8 +220,9 @@ class Evaluator:
             _, boxes, info = self.ds.read_gt(p.row)
             return boxes[info[:, 2] == 0]
 
-        scfg = self.cfg.data.splits[self.split]
-        return draw_overlays(scfg.images, scfg.annotations, preds, gt_of, self.out_dir / "vis", self.ec.vis_count,
+        split_cfg = self.cfg.data.splits[self.split]
+        return draw_overlays(split_cfg.images, split_cfg.annotations, preds, gt_of, self.out_dir / "vis",
+                             self.eval_cfg.vis_count,
                              self.split, label, self.cfg.data.intensity.mapping())
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from boxrefine.shared.console import console
-from boxrefine.shared.imageio import ImageError, Intensity, read_rgb
-from boxrefine.shared.overlay import (  # noqa: F401  (line_width: part of this module's API)
+from boxrefine.shared.data.imageio import read_rgb
+from boxrefine.shared.data.intensity import ImageError, Intensity
+from boxrefine.shared.data.overlay import (  # noqa: F401  (line_width: part of this module's API)
     COARSE_COLOUR,
     GT_COLOUR,
     REFINED_COLOUR,
@@ -22,8 +22,9 @@ from boxrefine.shared.overlay import (  # noqa: F401  (line_width: part of this 
     with_legend,
     write_png,
 )
-from boxrefine.shared.records import DataError, load_coco, resolve_image
-from boxrefine.shared.scoring import ImagePrediction
+from boxrefine.shared.data.records import DataError, load_coco, resolve_image
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.scoring.predict import ImagePrediction
 
 
 def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePrediction],

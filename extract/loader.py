@@ -14,15 +14,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from boxrefine.extract.plan import Job, gt_arrays, row_record
-from boxrefine.shared.geometry import IMG_SIZE
-from boxrefine.shared.imageio import ImageError, Intensity, decode_rgb, grey_levels, source_fingerprint
-from boxrefine.shared.records import DataError
-from boxrefine.shared.store import STATE_COMPLETE, SplitStore
-from boxrefine.shared.store_files import store_access
+from boxrefine.shared.data.imageio import decode_rgb, grey_levels, source_fingerprint
+from boxrefine.shared.data.intensity import ImageError, Intensity
+from boxrefine.shared.data.records import DataError
+from boxrefine.shared.model.sam import encoder_input
+from boxrefine.shared.store.location import store_access
+from boxrefine.shared.store.schema import STATE_COMPLETE
+from boxrefine.shared.store.split import SplitStore
 
 MIN_GREY_LEVELS = 16  # fewer after decoding: warn, the encoder sees an almost flat image
 
@@ -32,10 +33,7 @@ class ImageJobs(Dataset):
     reason instead, so one corrupt file cannot kill the loader."""
 
     def __init__(self, jobs: list[Job], gt_size: int, intensity: Intensity | None = None):
-        from segment_anything_hq.utils.transforms import ResizeLongestSide
-
         self.jobs, self.gt_size, self.intensity = jobs, gt_size, intensity or Intensity()
-        self.transform = ResizeLongestSide(IMG_SIZE)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -56,7 +54,7 @@ class ImageJobs(Dataset):
                 if (h, w) != (rec.height, rec.width):
                     raise ImageError(f"{job.path}: image is {w}x{h} but the annotations say "
                                      f"{rec.width}x{rec.height}")
-                out["image"] = torch.from_numpy(self.transform.apply_image(rgb)).permute(2, 0, 1).contiguous()
+                out["image"] = encoder_input(rgb)
             out["gt"] = gt_arrays(rec, self.gt_size)
         except FileNotFoundError:
             out["error"] = f"{job.path}: file not found"

@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
-from boxrefine.shared.console import console
-from boxrefine.shared.distributed import ProcessGroup, Ranks
-from boxrefine.shared.store import FeatureStore, StoreError, StoreIdentity
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.runtime.distributed import ProcessGroup, Ranks
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.identity import StoreIdentity
+from boxrefine.shared.store.location import StoreError
 
 
 def open_output_store(cfg: PipelineConfig, identity: StoreIdentity, checkpoint: dict[str, Any]) -> FeatureStore:

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
-from boxrefine.shared.geometry import ImageGeometry
-from boxrefine.shared.imageio import source_fingerprint
-from boxrefine.shared.records import ImageRecord, instance_mask, resolve_image
-from boxrefine.shared.store import DIGEST, FEATURE_ARRAYS, STATE_BAD, STATE_COMPLETE, STATE_EMPTY, F, SplitStore
+from boxrefine.shared.data.imageio import source_fingerprint
+from boxrefine.shared.data.records import ImageRecord, instance_mask, resolve_image
+from boxrefine.shared.geometry.frames import ImageGeometry
+from boxrefine.shared.store.schema import DIGEST, FEATURE_ARRAYS, FIELD, STATE_BAD, STATE_COMPLETE, STATE_EMPTY
+from boxrefine.shared.store.split import SplitStore
 
 
 @dataclass
@@ -81,17 +82,17 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         except OSError:
             fp = (-1, -1)
         r = rows[i]
-        same_src = (int(r[F["src_size"]]), int(r[F["src_mtime_ns"]])) == fp
-        same_size = (int(r[F["orig_h"]]), int(r[F["orig_w"]])) == (rec.height, rec.width)
-        same_ann = int(r[F["ann_hash"]]) == rec.ann_hash
-        state = int(r[F["state"]])
-        write = {"generation": int(r[F["generation"]]) + 1, "had_record": state != STATE_EMPTY}
+        same_src = (int(r[FIELD["src_size"]]), int(r[FIELD["src_mtime_ns"]])) == fp
+        same_size = (int(r[FIELD["orig_h"]]), int(r[FIELD["orig_w"]])) == (rec.height, rec.width)
+        same_ann = int(r[FIELD["ann_hash"]]) == rec.ann_hash
+        state = int(r[FIELD["state"]])
+        write = {"generation": int(r[FIELD["generation"]]) + 1, "had_record": state != STATE_EMPTY}
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
             skipped += 1  # up to date; a bad row keeps its report until the file changes
             if state == STATE_BAD:
                 kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src and same_size:
-            kept = {DIGEST[a]: int(r[F[DIGEST[a]]]) for a in FEATURE_ARRAYS}
+            kept = {DIGEST[a]: int(r[FIELD[DIGEST[a]]]) for a in FEATURE_ARRAYS}
             jobs.append(Job(i, rec, path, gt_only=True, kept=kept, **write))
         else:
             jobs.append(Job(i, rec, path, gt_only=False, **write))

@@ -20,20 +20,20 @@ import numpy as np
 import zarr
 
 from boxrefine.extract.plan import Job
-from boxrefine.shared.imageio import is_8bit_file
-from boxrefine.shared.objstore import zarr_location
-from boxrefine.shared.store import STATE_COMPLETE, F, StoreError, StoreIdentity
-from boxrefine.shared.store_files import store_access
-from boxrefine.shared.yamlkeys import dict_differences
+from boxrefine.shared.data.imageio import is_8bit_file, source_fingerprint
+from boxrefine.shared.store.identity import FEATURE_FIELDS, StoreIdentity, feature_differences
+from boxrefine.shared.store.location import StoreError, store_access
+from boxrefine.shared.store.objstore import zarr_location
+from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE
 
-# What decides the feature values; GT size, codec and schema do not.
-FEATURE_IDENTITY = ("model_type", "checkpoint", "img_size", "pixel_mean", "pixel_std", "encoder_precision", "dtype")
+# The feature fields but the intensity mapping: a store made under another mapping still gives its rows of
+# 8-bit images (no mapping applies to them; ``same_mapping`` below).
+FEATURE_IDENTITY = tuple(f for f in FEATURE_FIELDS if f != "intensity")
 LEGACY_INTENSITY = "none"  # schema 1 had no intensity option: 16-bit ÷ 257, float images refused
 
 
 class FeatureSource:
     """The rows of another store whose features can be copied (any schema since 1)."""
-
     def __init__(self, path: str, identity: StoreIdentity):
         self.path = path
         with store_access(path, "open the store to reuse features from"):
@@ -45,9 +45,7 @@ class FeatureSource:
         old = attrs.get("identity")
         if not isinstance(old, dict) or "boxrefine" not in attrs:
             raise StoreError(f"{path}: not a boxrefine feature store (no 'boxrefine' attributes)")
-        want = identity.to_dict()
-        diffs = dict_differences({k: old.get(k) for k in FEATURE_IDENTITY}, {k: want[k] for k in FEATURE_IDENTITY},
-                                 ("that store has", "this config gives"))
+        diffs = feature_differences(old, identity, ("that store has", "this config gives"), FEATURE_IDENTITY)
         if diffs:
             raise StoreError(f"{path}: cannot reuse its features, they were computed differently: " + "; ".join(diffs))
         self.same_mapping = old.get("intensity", LEGACY_INTENSITY) == identity.intensity
@@ -69,13 +67,14 @@ class FeatureSource:
 
     def row_for(self, split: str, job: Job, fp: tuple[int, int]) -> int | None:
         """The row of ``OLD`` holding this job's image with the features it needs, or None."""
-        sp = self._split(split)
-        i = sp["row_of"].get(job.record.key) if sp else None
+        old_split = self._split(split)
+        i = old_split["row_of"].get(job.record.key) if old_split else None
         if i is None:
             return None
-        r = sp["rows"][i]
-        ok = (int(r[F["state"]]) == STATE_COMPLETE and (int(r[F["src_size"]]), int(r[F["src_mtime_ns"]])) == fp
-              and (int(r[F["orig_h"]]), int(r[F["orig_w"]])) == (job.record.height, job.record.width))
+        r = old_split["rows"][i]
+        ok = (int(r[FIELD["state"]]) == STATE_COMPLETE
+              and (int(r[FIELD["src_size"]]), int(r[FIELD["src_mtime_ns"]])) == fp
+              and (int(r[FIELD["orig_h"]]), int(r[FIELD["orig_w"]])) == (job.record.height, job.record.width))
         if not ok:
             return None
         if not self.same_mapping and not _is_8bit(job.path):
@@ -98,8 +97,6 @@ def _is_8bit(path: Path) -> bool:
 
 def mark_reusable(source: FeatureSource, split: str, jobs: list[Job]) -> int:
     """Set ``job.reuse_row`` on the full jobs whose features ``source`` holds; returns how many."""
-    from boxrefine.shared.imageio import source_fingerprint
-
     n = 0
     for job in jobs:
         if job.gt_only:

@@ -23,24 +23,20 @@ from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, sh
 from boxrefine.extract.reuse import FeatureSource, mark_reusable
 from boxrefine.extract.sources import split_records
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console, progress
+from boxrefine.shared.data.records import SplitRecords
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.precision import encoder_precision_note
-from boxrefine.shared.records import SplitRecords
-from boxrefine.shared.sam import INTERM_CHANNELS, build_hq_sam, checkpoint_info, encode, resolve_device
-from boxrefine.shared.signals import StopSignals
-from boxrefine.shared.store import (
-    STATE_BAD,
-    STATE_STALE,
-    F,
-    SplitStore,
-    StoreError,
-    identity_for,
-    to_storage,
-)
-from boxrefine.shared.store_files import store_access
-from boxrefine.shared.store_index import IndexPart
-from boxrefine.shared.workers import worker_init
+from boxrefine.shared.model.sam import INTERM_CHANNELS, build_hq_sam, encode
+from boxrefine.shared.model.weights import checkpoint_info
+from boxrefine.shared.runtime.console import console, progress
+from boxrefine.shared.runtime.device import encoder_precision_note, resolve_device
+from boxrefine.shared.runtime.signals import StopSignals
+from boxrefine.shared.runtime.workers import worker_init
+from boxrefine.shared.store.codecs import to_storage
+from boxrefine.shared.store.identity import identity_for
+from boxrefine.shared.store.location import StoreError, store_access
+from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.schema import FIELD, STATE_BAD, STATE_STALE
+from boxrefine.shared.store.split import SplitStore
 
 
 class ExtractError(BoxrefineError, RuntimeError):
@@ -71,12 +67,14 @@ class Extractor:
     its rows committed."""
 
     def __init__(self, cfg: PipelineConfig, model: torch.nn.Module | None = None, announce: bool = True,
-                 stop: StopSignals | None = None, quiet: bool = False):
+                 stop: StopSignals | None = None, quiet: bool = False, all_bad_is_error: bool = True):
+        """``all_bad_is_error``: a split whose every image is bad ends the run with an error (refine
+        passes the boxes of bad images through instead, and says False)."""
         self.cfg, self.ecfg = cfg, cfg.extract
         self.model, self.announce, self.stop, self.quiet = model, announce, stop, quiet
         self.encoder_s, self.encoded = 0.0, 0
         self.rows_done = 0  # rows processed (encoded, rewritten, reused or found bad) since the start
-        self.all_bad_is_error = True  # refine passes the boxes of bad images through instead
+        self.all_bad_is_error = all_bad_is_error
 
     def setup(self) -> Extractor:
         """Open (or create) the store, then plan every split (:meth:`plan`)."""
@@ -104,27 +102,28 @@ class Extractor:
         self.plans: list[tuple[SplitStore, list[Job], SplitSummary]] = []
         self.records: dict[str, SplitRecords] = {}
         for name in self.ecfg.splits or list(cfg.data.splits):
-            scfg = cfg.data.splits[name]
-            recs, unreadable = split_records(scfg)  # images-only splits: sizes from the image headers
+            split_cfg = cfg.data.splits[name]
+            recs, unreadable = split_records(split_cfg)  # images-only splits: sizes from the image headers
             self.records[name] = recs
-            ann = {"path": str(scfg.annotations) if scfg.annotations else None, "sha256": recs.sha256,
+            ann = {"path": str(split_cfg.annotations) if split_cfg.annotations else None, "sha256": recs.sha256,
                    "ground_truth": recs.ground_truth}
-            split = self.store.layout_split(name, recs.images, ann, str(scfg.images), INTERM_CHANNELS[cfg.model.type])
+            split = self.store.layout_split(name, recs.images, ann, str(split_cfg.images),
+                                            INTERM_CHANNELS[cfg.model.type])
             rows = self._records(split)
-            jobs, skipped, kept_bad = plan_split(split, list(recs.images), scfg.images, self.shard, rows)
-            summ = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            jobs, skipped, kept_bad = plan_split(split, list(recs.images), split_cfg.images, self.shard, rows)
+            summary = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
             for rep in unreadable.values():
                 console.print(f"bad image: {rep['reason']}", markup=False, style="red")
-            summ.bad.update(unreadable)
+            summary.bad.update(unreadable)
             if self.source is not None:
                 mark_reusable(self.source, name, jobs)
             if kept_bad:
                 reports = split.bad_images()
-                summ.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
+                summary.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
                                  for r in kept_bad}
                 if self.ecfg.strict:
-                    raise ExtractError(self._strict_message(name, summ.kept_bad))
-            self.plans.append((split, jobs, summ))
+                    raise ExtractError(self._strict_message(name, summary.kept_bad))
+            self.plans.append((split, jobs, summary))
         return self
 
     def _records(self, split: SplitStore) -> np.ndarray:
@@ -138,15 +137,19 @@ class Extractor:
             part.load(rows)
         else:
             rows = part.grow(split, split.marked_stale)
-        split.on_record = part.set
+        split.watch_records(part.set)
         return rows
+
+    def bad_images(self, split: str) -> dict[int, dict[str, str]]:
+        """The images of ``split`` that planning found bad or unreadable: {row key: {"file", "reason"}}."""
+        return next(summary.bad for split_store, _, summary in self.plans if split_store.name == split)
 
     def restrict(self, split: str, keys: set[int]) -> None:
         """Do only the rows of ``split`` whose key is in ``keys`` (refine: the images with boxes to refine)."""
-        for sp, jobs, summ in self.plans:
-            if sp.name == split:
+        for split_store, jobs, summary in self.plans:
+            if split_store.name == split:
                 jobs[:] = [j for j in jobs if j.record.key in keys]
-                summ.todo = len(jobs)
+                summary.todo = len(jobs)
 
     def _strict_message(self, split: str, kept_bad: dict[int, dict[str, str]]) -> str:
         reasons = sorted(rep["reason"] for rep in kept_bad.values())
@@ -166,38 +169,38 @@ class Extractor:
             slow = encoder_precision_note(self.ecfg.encoder_precision, self.device)
             if slow and not self.quiet:
                 console.print(f"warning: {slow}", style="yellow", markup=False)
-        for split, jobs, summ in self.plans:
+        for split, jobs, summary in self.plans:
             if self.stopping:
                 break
             if not jobs:
                 if not self.quiet:
-                    console.print(f"{split.name}: {summ.rows} rows, all up to date — nothing to do", markup=False)
+                    console.print(f"{split.name}: {summary.rows} rows, all up to date — nothing to do", markup=False)
                 self._flush_index(split, required=False)
                 continue
-            self.extract_split(split, jobs, summ)
+            self.extract_split(split, jobs, summary)
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
                             self.encoder_s, self.encoded, stopped=self.stopping)
         if not (self.quiet and not any(s.todo for s in res.splits)):
             print_summary(res)
         if self.stopping:
             return res
-        unusable = [m for split, _, summ in self.plans if (m := self._all_bad(split, summ))]
+        unusable = [m for split, _, summary in self.plans if (m := self._all_bad(split, summary))]
         if unusable and self.all_bad_is_error:
             raise ExtractError("; ".join(unusable))
         return res
 
-    def _all_bad(self, split: SplitStore, summ: SplitSummary) -> str | None:
+    def _all_bad(self, split: SplitStore, summary: SplitSummary) -> str | None:
         """The error when every image of a split is bad (a wrong image folder, typically): extract ends
         non-zero instead of leaving train a split with nothing in it."""
-        states = self.parts[split.name].records()[:, F["state"]]
+        states = self.parts[split.name].records()[:, FIELD["state"]]
         states = states[states != STATE_STALE]
         if len(states) == 0 or not (states == STATE_BAD).all():
             return None  # some row is complete, or still to do (e.g. by another shard)
-        example = next(iter({**summ.kept_bad, **summ.bad, **split.bad_images()}.values()), {}).get("reason", "?")
+        example = next(iter({**summary.kept_bad, **summary.bad, **split.bad_images()}.values()), {}).get("reason", "?")
         return (f"{self.cfg.store.path}: split {split.name!r}: all {len(states)} images are bad (e.g. {example}); "
                 f"check data.splits.{split.name}.images ({self.cfg.data.splits[split.name].images})")
 
-    def extract_split(self, split: SplitStore, jobs: list[Job], summ: SplitSummary) -> None:
+    def extract_split(self, split: SplitStore, jobs: list[Job], summary: SplitSummary) -> None:
         ecfg = self.ecfg
         loader = DataLoader(ImageJobs(jobs, self.cfg.store.gt_mask_size, self.cfg.data.intensity.mapping()),
                             batch_size=ecfg.batch_size,
@@ -215,18 +218,18 @@ class Extractor:
                         if "warning" in it:
                             console.print(f"warning: {it['warning']}", style="yellow", markup=False)
                         if "error" in it:
-                            self._bad(split, job, it, summ, writer, lock)
+                            self._bad(split, job, it, summary, writer, lock)
                         elif job.gt_only:
                             writer.submit(write_row, split, job, it["fingerprint"], None, it["gt"])
-                            summ.gt_only += 1
+                            summary.gt_only += 1
                         elif job.reuse_row is not None:
                             writer.submit(copy_row, split, job, it["fingerprint"], self.source, it["gt"])
-                            summ.reused += 1
+                            summary.reused += 1
                         else:
                             to_encode.append((job, it))
                     if to_encode:
                         self._encode(split, to_encode, writer)
-                        summ.encoded += len(to_encode)
+                        summary.encoded += len(to_encode)
                     writer.raise_errors(done_only=True)  # a failed write (disk full) stops the run here
                     bar.advance(len(items))
                     self.rows_done += len(items)
@@ -241,14 +244,14 @@ class Extractor:
                 failed = True
                 raise
             finally:
-                self._record_bad(split, summ)
+                self._record_bad(split, summary)
                 if not (self.stop is not None and self.stop.forced):
                     self._flush_index(split, required=not failed)
 
-    def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summ: SplitSummary, writer: RowWriter,
+    def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summary: SplitSummary, writer: RowWriter,
              lock: threading.Lock) -> None:
         with lock:
-            summ.bad[job.record.key] = {"file": job.record.file_name, "reason": it["error"]}
+            summary.bad[job.record.key] = {"file": job.record.file_name, "reason": it["error"]}
         console.print(f"bad image: {it['error']}", markup=False, style="red")
         if self.ecfg.strict:
             raise ExtractError(f"{it['error']} (--strict)")
@@ -287,15 +290,15 @@ class Extractor:
                 raise
             console.print(f"warning: the row index was not updated: {e}", style="yellow", markup=False)
 
-    def _record_bad(self, split: SplitStore, summ: SplitSummary) -> None:
-        if not summ.bad:
+    def _record_bad(self, split: SplitStore, summary: SplitSummary) -> None:
+        if not summary.bad:
             return
         try:
             previous = dict(split.group["bad_images"][self.shard_name].attrs.asdict())
         except KeyError:
             previous = {}
         merged = {int(k): v for k, v in previous.items()}
-        merged.update(summ.bad)
+        merged.update(summary.bad)
         with store_access(split.store_path, f"record the bad images of {split.name}"):
             split.record_bad_images(self.shard_name, merged)
 

@@ -14,17 +14,18 @@ import os
 from pathlib import Path
 
 from boxrefine.shared.config import SplitConfig
-from boxrefine.shared.imageio import IMAGE_EXTENSIONS, ImageError, header_size, read_rgb
-from boxrefine.shared.records import DataError, SplitRecords, images_only_record, load_coco, resolve_image
+from boxrefine.shared.data.imageio import IMAGE_EXTENSIONS, header_size, read_rgb
+from boxrefine.shared.data.intensity import ImageError
+from boxrefine.shared.data.records import DataError, SplitRecords, images_only_record, load_coco, resolve_image
 
 
-def split_records(scfg: SplitConfig) -> tuple[SplitRecords, dict[int, dict[str, str]]]:
+def split_records(split_cfg: SplitConfig) -> tuple[SplitRecords, dict[int, dict[str, str]]]:
     """(the split's records, {key: {"file", "reason", "image_id"}} of images-only files whose size is
     unknown: they get no row)."""
-    if scfg.annotations is None:
-        return folder_records(scfg.images)
-    recs = load_coco(scfg.annotations, allow_images_only=True)
-    return (recs, {}) if recs.ground_truth else sized(recs, scfg.images)
+    if split_cfg.annotations is None:
+        return folder_records(split_cfg.images)
+    recs = load_coco(split_cfg.annotations, allow_images_only=True)
+    return (recs, {}) if recs.ground_truth else sized(recs, split_cfg.images)
 
 
 def list_images(root: Path) -> list[str]:

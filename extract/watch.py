@@ -5,7 +5,7 @@ Runs until SIGTERM/SIGINT. Every cycle re-reads the annotation files, lays out e
 and plans what is new (new images, changed images, changed annotations), encodes it, then waits
 ``--interval`` seconds. The first signal finishes the batch in flight, commits its rows and exits 0;
 a second one exits at once (the rows in flight are redone next time, as after ``kill -9``). The
-watcher publishes its state in the store (``shared/watchers.py``), refreshed by a heartbeat thread.
+watcher publishes its state in the store (``shared/store/watchers.py``), refreshed by a heartbeat thread.
 Several watchers (``--shard i/n`` or torchrun ranks) may serve one store, each on its own rows.
 """
 
@@ -21,11 +21,11 @@ import torch
 
 from boxrefine.extract.run import ExtractError, Extractor
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console
-from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.signals import StopSignals
-from boxrefine.shared.store import StoreError
-from boxrefine.shared.watchers import HEARTBEAT_S, WatcherState, read_watchers
+from boxrefine.shared.errors import BoxrefineError, first_line
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.runtime.signals import StopSignals
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.watchers import HEARTBEAT_S, WatcherState, read_watchers
 
 
 class Heartbeat:
@@ -129,7 +129,7 @@ def run_watch(cfg: PipelineConfig, interval: float, *, model: torch.nn.Module | 
             status, message = "stopped", "stopped at once (second signal)"
             raise
         except BaseException as e:
-            status, message = "failed", str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            status, message = "failed", first_line(e, 300)
             raise
         finally:
             beat.stop(status, message)

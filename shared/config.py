@@ -18,8 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from boxrefine.shared.data.intensity import Intensity
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.imageio import Intensity
+from boxrefine.shared.runtime.urls import is_url
 from boxrefine.shared.yamlkeys import DuplicateKeyError, UniqueKeyLoader, set_dotted
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
@@ -62,7 +63,7 @@ class SplitConfig(_Section):
 
 
 class IntensityConfig(_Section):
-    """How images that are not 8-bit become 8-bit (``shared/imageio.py`` ``Intensity``)."""
+    """How images that are not 8-bit become 8-bit (``shared/data/imageio.py`` ``Intensity``)."""
 
     mode: Literal["percentile", "range", "none"] = "percentile"
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -255,10 +256,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard {text!r}: need 0 <= i < n")
     return i, n
-
-
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

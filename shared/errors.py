@@ -15,3 +15,10 @@ class BoxrefineError(Exception):
 
 class DeviceError(BoxrefineError, ValueError):
     """A device that this machine does not have."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit``
+    characters: how a library's multi-line error is quoted in a one-line message."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

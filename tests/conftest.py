@@ -65,7 +65,7 @@ def write_config(path: Path, data_root: Path, store_path: Path | str, **sections
 
 @pytest.fixture(scope="session")
 def sam():
-    from boxrefine.shared.sam import build_hq_sam
+    from boxrefine.shared.model.sam import build_hq_sam
 
     return build_hq_sam("vit_tiny", None, 0, "cpu", announce=False)
 
@@ -103,9 +103,9 @@ def store_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     built and images/GT masks cannot be decoded: what train and evaluate must cope with."""
     import segment_anything_hq  # noqa: F401
 
-    import boxrefine.shared.records as records
-    import boxrefine.shared.sam as sm
-    from boxrefine.shared.geometry import ImageGeometry
+    import boxrefine.shared.data.records as records
+    import boxrefine.shared.model.sam as sm
+    from boxrefine.shared.geometry.frames import ImageGeometry
 
     data = tmp_path / "store-only-data"
     shutil.copytree(demo_root, data)
@@ -129,10 +129,10 @@ def without_feature_digests(records: Any) -> Any:
     float16 value rounds the other way (see :func:`assert_stores_equal`), and without the generation."""
     import numpy as np
 
-    import boxrefine.shared.store as st
+    from boxrefine.shared.store.schema import DIGEST, FEATURE_ARRAYS, FIELD
 
-    digests = [st.F[st.DIGEST[x]] for x in st.FEATURE_ARRAYS] if hasattr(st, "DIGEST") else []
-    history = [st.F["generation"]] if "generation" in st.F else []  # how often a row was written, not content
+    digests = [FIELD[DIGEST[x]] for x in FEATURE_ARRAYS]
+    history = [FIELD["generation"]]  # how often a row was written, not content
     return np.delete(records, digests + history, axis=-1)
 
 
@@ -142,7 +142,7 @@ def assert_stores_equal(a: Path, b: Path) -> None:
     float16 values round the other way — and so do the feature digests in the records)."""
     import numpy as np
 
-    import boxrefine.shared.store as st
+    import boxrefine.shared.store.feature_store as st
 
     sa, sb = st.open_store(str(a)), st.open_store(str(b))
     assert sa.identity == sb.identity
@@ -167,11 +167,12 @@ def spawn_extract(cfg_path: Path, *extra: str) -> subprocess.Popen:
 
 
 def complete_rows(store: Path) -> int:
-    from boxrefine.shared.store import STATE_COMPLETE, F, open_store
+    from boxrefine.shared.store.feature_store import open_store
+    from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE
 
     try:
         st = open_store(str(store))
-        return sum(int((st.split(s).read_rows()[:, F["state"]] == STATE_COMPLETE).sum()) for s in st.splits)
+        return sum(int((st.split(s).read_rows()[:, FIELD["state"]] == STATE_COMPLETE).sum()) for s in st.splits)
     except Exception:
         return 0
 
@@ -194,8 +195,8 @@ def kill_9_after_rows(proc: subprocess.Popen, store: Path | str, rows: int = 2, 
 def reindex(store: Path | str) -> None:
     """Rewrite the row index (the part a single extract writes) from the row records, as the next
     extract does: for tests that set records directly instead of through extract."""
-    from boxrefine.shared.store import FeatureStore
-    from boxrefine.shared.store_index import IndexPart
+    from boxrefine.shared.store.feature_store import FeatureStore
+    from boxrefine.shared.store.row_index import IndexPart
 
     st = FeatureStore.open(str(store), "a")
     for name in st.splits:

@@ -17,8 +17,9 @@ import numpy as np
 
 from boxrefine.extract.loader import write_row
 from boxrefine.extract.plan import Job
-from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.store import STATE_COMPLETE, F, FeatureStore
+from boxrefine.shared.data.records import ImageRecord
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE
 
 
 def versions(split, i):
@@ -33,7 +34,7 @@ def versions(split, i):
 
 def main(store: str, split_name: str, stop: str, seconds: float) -> None:
     split = FeatureStore.open(store, "a").split(split_name)
-    rows = [int(i) for i in np.flatnonzero(split.read_rows()[:, F["state"]] == STATE_COMPLETE)]
+    rows = [int(i) for i in np.flatnonzero(split.read_rows()[:, FIELD["state"]] == STATE_COMPLETE)]
     state = {i: versions(split, i) for i in rows}
     t_end, n = time.monotonic() + seconds, 0
     while time.monotonic() < t_end and not Path(stop).exists():
@@ -41,10 +42,11 @@ def main(store: str, split_name: str, stop: str, seconds: float) -> None:
             rec, a, b = state[i]
             now = split.read_record(i)
             feats, gt = (b if n // len(rows) % 2 == 0 else a)
-            record = ImageRecord(image_id=0, file_name="x", key=0, height=int(rec[F["orig_h"]]),
-                                 width=int(rec[F["orig_w"]]), instances=(), ann_hash=int(rec[F["ann_hash"]]))
-            job = Job(i, record, Path("x"), gt_only=False, generation=int(now[F["generation"]]) + 1, had_record=True)
-            write_row(split, job, (int(rec[F["src_size"]]), int(rec[F["src_mtime_ns"]])), feats, gt)
+            record = ImageRecord(image_id=0, file_name="x", key=0, height=int(rec[FIELD["orig_h"]]),
+                                 width=int(rec[FIELD["orig_w"]]), instances=(), ann_hash=int(rec[FIELD["ann_hash"]]))
+            job = Job(i, record, Path("x"), gt_only=False, generation=int(now[FIELD["generation"]]) + 1,
+                      had_record=True)
+            write_row(split, job, (int(rec[FIELD["src_size"]]), int(rec[FIELD["src_mtime_ns"]])), feats, gt)
             n += 1
     print(n, flush=True)
 

@@ -18,9 +18,10 @@ import torch
 import yaml
 from conftest import REPO, invoke, make_config, write_config
 
-from boxrefine.shared.refiner import BoxRefiner, refine_loss
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.sam import build_sam_heads
+from boxrefine.shared.model.heads import build_refiner
+from boxrefine.shared.model.refiner import refine_loss
+from boxrefine.shared.model.sam import build_sam_heads
+from boxrefine.shared.store.rows import StoreRows
 
 DTYPES = [torch.bfloat16, torch.float16]
 NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -56,7 +57,7 @@ def _row(store: Path, split: str = "val"):
 def test_decoder_runs_in_autocast_and_returns_float32(reference_store: Path, dtype: torch.dtype, regions: bool):
     emb, interm, boxes = _row(reference_store)
     heads = build_sam_heads("vit_tiny", None, 0, "cpu", announce=False)
-    regs = BoxRefiner(160).mask_regions(boxes) if regions else None
+    regs = build_refiner(160).mask_regions(boxes) if regions else None
     ref, iou_ref = heads(emb, interm, boxes, regions=regs)
     with output_dtypes() as seen, torch.autocast("cpu", dtype=dtype):
         logits, iou = heads(emb, interm, boxes, regions=regs)
@@ -79,7 +80,7 @@ def test_refiner_forward_backward_in_autocast(reference_store: Path, dtype, head
     emb, interm, boxes = _row(reference_store)
     torch.manual_seed(0)
     logits = torch.randn(len(boxes), 1, 256, 256) if use_mask else None
-    refiner = BoxRefiner(160, head=head, use_mask=use_mask, hidden=32)
+    refiner = build_refiner(160, head=head, use_mask=use_mask, hidden=32)
     for p in refiner.parameters():
         if not p.abs().sum():
             torch.nn.init.normal_(p, std=0.5)
@@ -127,7 +128,7 @@ def _stage_config(demo_root, store, tmp_path, dtype, head, use_mask, **train):
                                                                         "fp16-box-mask", "fp16-sides"])
 def test_train_validate_evaluate_refine_in_autocast(demo_root, reference_store, tmp_path, dtype, head, use_mask):
     from boxrefine.evaluate.run import run_evaluate
-    from boxrefine.shared.predictor import RefinePredictor
+    from boxrefine.shared.scoring.predictor import RefinePredictor
     from boxrefine.train.recipe import run_train
 
     cfg = _stage_config(demo_root, reference_store, tmp_path, dtype, head, use_mask)
@@ -237,10 +238,10 @@ def test_refined_boxes_in_autocast_agree_with_float32_on_a_signal_store(demo_roo
     gives the same boxes in bf16 and fp16 autocast as in float32: within 0.5 px, where this setting
     measured at most 0.015 px (bf16) and 0.003 px (fp16) over 20 boxes moved by a median 5 px (train
     seeds 0 and 1). A box whose coordinates were computed in bf16 would be off by up to 4 px."""
-    from boxrefine.shared.checkpoints import load_checkpoint, refiner_from_checkpoint
     from boxrefine.shared.dev.signal import make_signal_store
-    from boxrefine.shared.evalboxes import fixed_coarse_boxes
-    from boxrefine.shared.scoring import predict
+    from boxrefine.shared.model.checkpoint import load_checkpoint, refiner_from_checkpoint
+    from boxrefine.shared.scoring.coarse import fixed_coarse_boxes
+    from boxrefine.shared.scoring.predict import predict
     from boxrefine.train.recipe import run_train
 
     signal = tmp_path / "signal.zarr"
@@ -273,7 +274,7 @@ def test_extract_with_a_bfloat16_encoder(demo_root, reference_store, tmp_path):
     import numpy as np
 
     from boxrefine.extract.run import run_extract
-    from boxrefine.shared.store import open_store
+    from boxrefine.shared.store.feature_store import open_store
 
     store = tmp_path / "bf16.zarr"
     cfg = make_config(demo_root, store, extract={"encoder_precision": "bfloat16", "splits": ["val"]})

@@ -39,7 +39,9 @@ from conftest import REPO, config_dict, invoke, make_config, reindex, write_conf
 
 from boxrefine.extract.run import ExtractError, run_extract
 from boxrefine.shared.config import ConfigError, load_config
-from boxrefine.shared.store import STATE_BAD, F, FeatureStore, StoreError, open_store
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.schema import FIELD, STATE_BAD
 from boxrefine.train.recipe import TrainError, run_train
 
 
@@ -53,7 +55,7 @@ def _set_states(store: Path, split: str, rows: list[int], state: int) -> None:
     sp = FeatureStore.open(str(store), "a").split(split)
     for i in rows:
         rec = sp.read_rows()[i].copy()
-        rec[F["state"]] = state
+        rec[FIELD["state"]] = state
         sp.array("rows")[i] = rec
     reindex(store)  # as extract's row index would say
 
@@ -81,7 +83,7 @@ def test_every_image_of_a_split_bad_fails_extract(demo_root: Path, tmp_path: Pat
     assert "\n" not in msg
     assert "split 'train'" in msg and "all 4 images are bad" in msg and str(wrong) in msg
     # the bad rows are recorded; a rerun (nothing to retry) says the same
-    states = open_store(str(tmp_path / "s.zarr")).split("train").read_rows()[:, F["state"]]
+    states = open_store(str(tmp_path / "s.zarr")).split("train").read_rows()[:, FIELD["state"]]
     assert (states == STATE_BAD).all()
     with pytest.raises(ExtractError, match="all 4 images are bad"):
         run_extract(cfg, model=sam)
@@ -135,7 +137,7 @@ def test_partly_extracted_split_warns(demo_root: Path, reference_store: Path, tm
 # ------------------------------------------------------------------------------------ item 6
 def test_box_fill_is_clipped_to_the_image() -> None:
     """Negative numpy slice indices: [-0.5, 10, 50, 50] filled columns W-1.. instead of 0..50."""
-    from boxrefine.shared.records import Instance, instance_mask
+    from boxrefine.shared.data.records import Instance, instance_mask
 
     def fill(box: tuple[float, float, float, float]) -> np.ndarray:
         return instance_mask(Instance(1, 1, box, 0, None), 100, 120)
@@ -221,7 +223,7 @@ def test_saved_evaluation_boxes_with_nan_are_refused(demo_root: Path, reference_
 
 
 def test_detections_for_unknown_images_are_counted(demo_root: Path, tmp_path: Path, capsys) -> None:
-    from boxrefine.shared.evalboxes import load_detections
+    from boxrefine.shared.data.detections import load_detections
 
     dets = json.loads((demo_root / "annotations" / "detections_val.json").read_text())
     extra = [{"image_id": 999, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5},
@@ -245,7 +247,7 @@ def test_failed_start_leaves_no_run_folder(demo_root: Path, reference_store: Pat
                                            monkeypatch, where: str, fault: type[BaseException]) -> None:
     """A train that failed after making runs/<name>/ left config.yaml there: the name was blocked and
     a bare `evaluate` picked that run and failed. (Ctrl-C before training starts is a KeyboardInterrupt.)"""
-    import boxrefine.shared.evalboxes as eb
+    import boxrefine.shared.scoring.coarse as eb
     import boxrefine.train.recipe as rc
 
     def boom(*a, **k):
@@ -380,7 +382,7 @@ def test_cli_prints_bracketed_paths_verbatim(demo_root: Path, reference_store: P
 
 
 def test_warnings_keep_their_brackets(capsys) -> None:
-    from boxrefine.shared.console import warn_loud
+    from boxrefine.shared.runtime.console import warn_loud
 
     warn_loud("random weights", "values [inf, 1.0] at [x, y, w, h] in /data/[raw]/[/b]")
     assert capsys.readouterr().err.strip() == \
@@ -410,7 +412,7 @@ def test_every_console_print_is_verbatim() -> None:
 
 # ------------------------------------------------------------------------------------ item 16
 def test_zero_size_gt_box_is_never_a_target() -> None:
-    from boxrefine.shared.geometry import ImageGeometry
+    from boxrefine.shared.geometry.frames import ImageGeometry
     from boxrefine.train.steps import training_boxes
 
     gt = torch.tensor([[10.0, 10.0, 10.0, 50.0], [5.0, 5.0, 40.0, 45.0], [20.0, 30.0, 60.0, 30.0]])

@@ -14,8 +14,10 @@ import pytest
 import torch
 from conftest import REPO, copy_store
 
-from boxrefine.shared.rowdata import StoreRows, collate_rows
-from boxrefine.shared.store import STATE_COMPLETE, F, FeatureStore, SplitStore, open_store
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.rows import StoreRows, collate_rows
+from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE
+from boxrefine.shared.store.split import SplitStore
 
 
 def _reference_rows(store: Path, split: str) -> dict[int, dict]:
@@ -47,12 +49,12 @@ def _assert_whole(item: dict, ref: dict) -> str:
 def _rewrite(split: SplitStore, i: int, ref: dict, version: str) -> None:
     """Rewrite row i as extract does (clear, chunks, commit with the next generation)."""
     rec = split.read_record(i).copy()
-    gen = int(rec[F["generation"]]) + 1
+    gen = int(rec[FIELD["generation"]]) + 1
     split.clear_row(i, gen)
     sign, k = (1, len(ref["boxes"])) if version == "A" else (-1, 1)
     digests = split.write_features(i, (sign * ref["emb"]).numpy(), (sign * ref["interm"]).numpy())
     digests.update(split.write_gt(i, ref["masks"][:k], ref["boxes"][:k], ref["info"][:k]))
-    record = {name: int(rec[F[name]]) for name in ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h",
+    record = {name: int(rec[FIELD[name]]) for name in ("state", "src_size", "src_mtime_ns", "ann_hash", "orig_h",
                                                     "orig_w", "input_h", "input_w")}
     split.commit_row(i, {**record, "n_instances": k, "generation": gen, **digests})
 
@@ -67,7 +69,7 @@ def test_row_rewritten_between_record_and_chunks_is_read_again(reference_store, 
     _rewrite(writer, 1, ref[1], "B")  # after the reader opened the split
     item = ds[ds.rows.index(1)]
     assert "damage" not in item and _assert_whole(item, ref[1]) == "B"
-    assert item["geometry"] is not None and int(ds.split().read_record(1)[F["generation"]]) == 2
+    assert item["geometry"] is not None and int(ds.split().read_record(1)[FIELD["generation"]]) == 2
 
     # rewritten *while* its chunks are read: between the features and the GT
     real = SplitStore.read_gt
@@ -91,7 +93,7 @@ def test_row_cleared_while_read_is_left_out_not_damage(reference_store, tmp_path
     real = SplitStore.read_gt
 
     def clear_midway(self, i, *a, **k):
-        writer.clear_row(i, int(writer.read_record(i)[F["generation"]]) + 1)  # a rewrite has begun
+        writer.clear_row(i, int(writer.read_record(i)[FIELD["generation"]]) + 1)  # a rewrite has begun
         return real(self, i, *a, **k)
 
     monkeypatch.setattr(SplitStore, "read_gt", clear_midway)
@@ -140,5 +142,5 @@ def test_complete_rows_of_the_index_are_checked_against_their_records(reference_
     sp = FeatureStore.open(str(store), "a").split("train")
     sp.clear_row(0, 5)  # not through extract: the index still says complete
     ds = StoreRows.from_store(str(store), "train")
-    assert 0 in ds.rows and int(ds.records[0, F["state"]]) == STATE_COMPLETE
+    assert 0 in ds.rows and int(ds.records[0, FIELD["state"]]) == STATE_COMPLETE
     assert ds[ds.rows.index(0)].get("busy")

@@ -14,7 +14,7 @@ from conftest import (
 )
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.store import FeatureStore, open_store
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
 
 
 @pytest.mark.slow

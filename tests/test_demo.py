@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo dataset generator (shared/demo.py)."""
+"""Tests for the synthetic demo dataset generator (shared/dev/demo.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from boxrefine.shared.dev.demo import app, box_iou, generate_demo
+from boxrefine.shared.cli.dev_cmd import demo_app
+from boxrefine.shared.dev.demo import box_iou, generate_demo
 
 SPLITS = ("train", "val")
 # pycocotools 2.0.x + numpy 2: harmless "__array__ ... copy keyword" warning inside mask.decode
@@ -172,7 +173,7 @@ def test_zero_noise_detections_equal_gt(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["--out", str(out), "--num-train", "1", "--num-val", "1", "--seed", "2"])
+    result = CliRunner().invoke(demo_app, ["--out", str(out), "--num-train", "1", "--num-val", "1", "--seed", "2"])
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "val" in result.output
     assert (out / "annotations" / "instances_val.json").is_file()

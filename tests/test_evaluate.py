@@ -27,12 +27,12 @@ from pycocotools.coco import COCO
 import boxrefine.evaluate.run as er
 from boxrefine.evaluate.run import EvaluateError, amp_dtype, natural_key, resolve_checkpoints, run_evaluate
 from boxrefine.evaluate.vis import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR
-from boxrefine.shared.checkpoints import checkpoint_bytes
-from boxrefine.shared.evalboxes import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
-from boxrefine.shared.refiner import BoxRefiner
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.scoring import predict, summarize
-from boxrefine.shared.store import StoreError
+from boxrefine.shared.model.checkpoint import checkpoint_bytes
+from boxrefine.shared.model.heads import build_refiner
+from boxrefine.shared.scoring.coarse import CoarseBoxes, fixed_coarse_boxes, load_coarse_boxes
+from boxrefine.shared.scoring.predict import predict, summarize
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.rows import StoreRows
 
 
 class FakeHeads(torch.nn.Module):
@@ -114,7 +114,7 @@ def _box_metrics(boxes_xywh: list[list[float]], eval_boxes: Path, ann: Path) -> 
 
 def _coarse_mask_iou(cfg, eval_boxes: Path) -> float:
     """HQ-SAM's low-res mask for each matched coarse box vs its stored GT mask, by hand."""
-    from boxrefine.shared.sam import build_sam_heads
+    from boxrefine.shared.model.sam import build_sam_heads
 
     heads = build_sam_heads("vit_tiny", None, 0, "cpu", announce=False)
     ds = StoreRows.from_store(cfg.store.path, "val", with_masks=True)
@@ -142,7 +142,7 @@ def test_natural_order() -> None:
 
 
 def test_amp_dtype_follows_train_amp(demo_root: Path, reference_store: Path) -> None:
-    from boxrefine.shared.precision import cpu_has_native_bf16
+    from boxrefine.shared.runtime.device import cpu_has_native_bf16
 
     cfg = _cfg(demo_root, reference_store)
     cpu = torch.device("cpu")
@@ -164,7 +164,7 @@ def test_run_module_imports_images_only_lazily() -> None:
             top.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             top.add(node.module or "")
-    assert not {m for m in top if m.startswith(("evaluate.vis", "cv2", "shared.imageio"))}
+    assert not {m for m in top if m.startswith(("evaluate.vis", "cv2", "shared.data.imageio"))}
 
 
 def test_default_checkpoint_is_best_of_latest_run(demo_root: Path, reference_store: Path, trained: Path,
@@ -208,7 +208,7 @@ def test_predict_keeps_metrics_when_an_image_has_no_boxes(demo_root: Path, refer
     empty_key = int(ds.keys[ds.rows[1]])
     coarse[empty_key] = CoarseBoxes(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
                                     torch.zeros(0, dtype=torch.int64))
-    refiner = BoxRefiner(160, hidden=32, use_mask=False)
+    refiner = build_refiner(160, hidden=32, use_mask=False)
     kw = {"refiner": refiner, "heads": FakeHeads(), "batch_images": 2}
     s = summarize(predict(ds, coarse, torch.device("cpu"), zero_shot=True, masks=True, **kw))
     assert s["images"] == 4 and {"zero_shot", "refined", "mask_iou_coarse", "mask_iou_refined"} <= set(s)
@@ -384,7 +384,7 @@ def test_vis_writes_overlays(demo_root: Path, reference_store: Path, trained: Pa
     # hidden, so its colour is only required somewhere in the picture (legend included)
     assert int((out == np.array(COARSE_COLOUR, np.uint8)).all(-1).sum()) > 0, COARSE_COLOUR
     # away from the boxes, the image is the picture the encoder saw (the same decoding as extract)
-    from boxrefine.shared.imageio import read_rgb
+    from boxrefine.shared.data.imageio import read_rgb
 
     orig = read_rgb(demo_root / "images" / "val" / doc["file_name"])
     assert (img == orig).all(-1).mean() > 0.8

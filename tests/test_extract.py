@@ -14,9 +14,11 @@ from conftest import make_config
 from pycocotools import mask as mask_utils
 
 from boxrefine.extract.run import ExtractError, run_extract
-from boxrefine.shared.imageio import read_rgb
-from boxrefine.shared.records import load_coco
-from boxrefine.shared.store import STATE_BAD, STATE_COMPLETE, F, StoreError, open_store
+from boxrefine.shared.data.imageio import read_rgb
+from boxrefine.shared.data.records import load_coco
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.schema import FIELD, STATE_BAD, STATE_COMPLETE
 
 
 def _row_of(split, file_name: str, demo_root: Path, split_name: str) -> int:
@@ -59,13 +61,13 @@ def test_store_describes_itself(reference_store):
         ann = sp.group.attrs["annotations"]
         assert len(ann["sha256"]) == 64 and ann["path"].endswith(f"instances_{name}.json")
         rows = sp.read_rows()
-        assert (rows[:, F["state"]] == STATE_COMPLETE).all()
+        assert (rows[:, FIELD["state"]] == STATE_COMPLETE).all()
         # one chunk per image per feature array
         assert sp.array("image_embeddings").chunks == (1, 256, 64, 64)
         assert sp.array("interm_embeddings").chunks == (1, 64, 64, 160)
     # original and resized sizes are recorded per row
     rows = store.split("train").read_rows()
-    assert (np.maximum(rows[:, F["input_h"]], rows[:, F["input_w"]]) == 1024).all()
+    assert (np.maximum(rows[:, FIELD["input_h"]], rows[:, FIELD["input_w"]]) == 1024).all()
 
 
 def test_stored_gt_is_sams_low_res_frame(reference_store, demo_root):
@@ -73,7 +75,7 @@ def test_stored_gt_is_sams_low_res_frame(reference_store, demo_root):
     the COCO masks (per instance IoU, no shift); boxes and info match the annotations."""
     from test_geometry import sam_postprocess
 
-    from boxrefine.shared.rowdata import row_geometry
+    from boxrefine.shared.store.rows import row_geometry
 
     coco = json.loads((demo_root / "annotations" / "instances_train.json").read_text())
     split = open_store(str(reference_store)).split("train")
@@ -81,7 +83,7 @@ def test_stored_gt_is_sams_low_res_frame(reference_store, demo_root):
     ious = []
     for i, image_id in enumerate(ids.tolist()):
         anns = sorted((a for a in coco["annotations"] if a["image_id"] == image_id), key=lambda a: a["id"])
-        n = int(rows[i, F["n_instances"]])
+        n = int(rows[i, FIELD["n_instances"]])
         assert n == len(anns)
         masks, boxes, info = split.read_gt(i)
         geo = row_geometry(rows[i])
@@ -129,7 +131,7 @@ def test_changed_image_is_recomputed_alone(reference_store, data_copy, tmp_path,
     new = [split.read_features(r)[0] for r in range(split.n_rows)]
     for r in range(split.n_rows):
         assert torch.equal(old[r], new[r]) == (r != i)
-    assert split.read_rows()[i, F["src_size"]] == img_path.stat().st_size
+    assert split.read_rows()[i, FIELD["src_size"]] == img_path.stat().st_size
 
 
 def test_annotation_change_rewrites_gt_without_encoder(reference_store, data_copy, tmp_path, monkeypatch):
@@ -144,7 +146,7 @@ def test_annotation_change_rewrites_gt_without_encoder(reference_store, data_cop
     val = next(s for s in res.splits if s.split == "val")
     assert (val.encoded, val.gt_only) == (0, 1)
     sp = open_store(str(store)).split("val")
-    n = int(sp.read_rows()[0, F["n_instances"]])
+    n = int(sp.read_rows()[0, FIELD["n_instances"]])
     assert n == len(coco["annotations"])
     assert dropped["id"] not in sp.read_gt(0)[2][:, 0].tolist()
     assert sp.group.attrs["annotations"]["sha256"] == load_coco(ann_path).sha256
@@ -197,7 +199,7 @@ def test_bad_images_reported_not_fatal(data_copy, tmp_path, sam):
     sp = open_store(str(store)).split("val")
     stored = {rep["file"]: rep["reason"] for rep in sp.bad_images().values()}
     assert stored == got  # the store's attributes list them too
-    states = sp.read_rows()[:, F["state"]]
+    states = sp.read_rows()[:, FIELD["state"]]
     assert (states == STATE_COMPLETE).sum() == 1 and (states == STATE_BAD).sum() == 4
 
     # unchanged bad images are not retried; fixing one makes the next run pick it up
@@ -217,11 +219,11 @@ def test_strict_makes_bad_images_fatal_and_keeps_rows(data_copy, tmp_path, sam):
     with pytest.raises(ExtractError, match="--strict"):
         run_extract(cfg, model=sam)
     sp = open_store(str(store)).split("val")
-    assert (sp.read_rows()[:, F["state"]] == STATE_COMPLETE).sum() == 1  # the good row, written first, kept
+    assert (sp.read_rows()[:, FIELD["state"]] == STATE_COMPLETE).sum() == 1  # the good row, written first, kept
 
 
 def test_path_escaping_image_root_is_refused(data_copy, tmp_path):
-    from boxrefine.shared.records import DataError
+    from boxrefine.shared.data.records import DataError
 
     ann_path = data_copy / "annotations" / "instances_val.json"
     coco = json.loads(ann_path.read_text())
@@ -234,8 +236,8 @@ def test_path_escaping_image_root_is_refused(data_copy, tmp_path):
 def test_checkpoint_file_loads_through_real_path(demo_root, tmp_path, monkeypatch):
     """Save a (random, seed 7) state dict to a file and extract with it: identity records its sha256
     and the features are those of the seed-7 weights, i.e. the file was really loaded."""
-    from boxrefine.shared import sam as sam_mod
-    from boxrefine.shared.records import file_sha256
+    from boxrefine.shared.data.records import file_sha256
+    from boxrefine.shared.model import sam as sam_mod
 
     ref = sam_mod.build_hq_sam("vit_tiny", None, 7, "cpu", announce=False)
     ckpt = tmp_path / "sam_hq_vit_tiny_test.pth"
@@ -253,5 +255,7 @@ def test_checkpoint_file_loads_through_real_path(demo_root, tmp_path, monkeypatc
     torch.testing.assert_close(emb.float(), pred.features[0], atol=2e-3, rtol=2e-3)
 
     # the sha256 is remembered per path+size+mtime: a second fingerprint does not re-hash
-    monkeypatch.setattr(sam_mod, "file_sha256", lambda p: pytest.fail("re-hashed"))
-    assert sam_mod.checkpoint_info("vit_tiny", ckpt, 0).sha256 == file_sha256(ckpt)
+    from boxrefine.shared.model import weights
+
+    monkeypatch.setattr(weights, "file_sha256", lambda p: pytest.fail("re-hashed"))
+    assert weights.checkpoint_info("vit_tiny", ckpt, 0).sha256 == file_sha256(ckpt)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointSaver, load_checkpoint
-from boxrefine.shared.fileio import atomic_write, atomic_write_json
+from boxrefine.shared.model.checkpoint import CKPT_FORMAT, load_checkpoint
+from boxrefine.shared.runtime.fileio import atomic_write, atomic_write_json
+from boxrefine.train.checkpoints import CheckpointSaver
 
 
 def test_concurrent_writers_never_leave_a_torn_file(tmp_path: Path) -> None:
@@ -88,6 +89,20 @@ def test_saver_keeps_last_best_and_top_k(tmp_path: Path) -> None:
     (tmp_path / "k0").mkdir()
     none.save(_payload(1), 1, 0.9)
     assert sorted(p.name for p in (tmp_path / "k0").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_saver_links_the_files_of_one_checkpoint(tmp_path: Path) -> None:
+    """An epoch's last.pt, best.pt and epoch file are one file under three names (timm's habit), and
+    the next last.pt leaves the others as they were."""
+    saver = CheckpointSaver(tmp_path, keep_top_k=2)
+    saver.save(_payload(1), 1, 0.5)
+    inode = {n: (tmp_path / n).stat().st_ino for n in ("last.pt", "best.pt", "epoch_001.pt")}
+    assert len(set(inode.values())) == 1 and (tmp_path / "last.pt").stat().st_nlink == 3
+    saver.save(_payload(2), 2, 0.4)  # validated, neither best nor top 2 — kept as top 2 of 2
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["epoch"] == 1
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 2
+    assert (tmp_path / "best.pt").stat().st_ino == inode["best.pt"] != (tmp_path / "last.pt").stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_001.pt", "epoch_002.pt", "last.pt"]
 
 
 def test_log_lines_are_not_wrapped_when_output_is_not_a_terminal(tmp_path: Path) -> None:

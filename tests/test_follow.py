@@ -11,9 +11,10 @@ from pathlib import Path
 from conftest import copy_store, make_config
 from test_train import _assert_same_training
 
-from boxrefine.shared.checkpoints import load_checkpoint
-from boxrefine.shared.store import ROW_FIELDS, F, FeatureStore
-from boxrefine.shared.store_index import IndexPart
+from boxrefine.shared.model.checkpoint import load_checkpoint
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.schema import FIELD, ROW_FIELDS
 from boxrefine.train import follow
 from boxrefine.train.recipe import TrainRecipe, run_train
 
@@ -26,15 +27,15 @@ class Extractor:
         self.split = FeatureStore.open(str(store), "a").split("train")
         self.part = IndexPart(self.split, (0, 1))
         self.part.load(self.split.read_rows())
-        self.split.on_record = self.part.set
+        self.split.watch_records(self.part.set)
         self.saved = {i: self.split.read_record(i).copy() for i in missing}
         for i, rec in self.saved.items():
-            self.split.clear_row(i, int(rec[F["generation"]]) + 1)
+            self.split.clear_row(i, int(rec[FIELD["generation"]]) + 1)
         self.part.flush()
 
     def finish(self, i: int) -> None:
         rec = self.saved[i].copy()
-        rec[F["generation"]] += 2
+        rec[FIELD["generation"]] += 2
         self.split.commit_row(i, dict(zip(ROW_FIELDS, rec.tolist(), strict=True)))
         self.part.flush()
 

@@ -12,7 +12,7 @@ import torch
 from segment_anything_hq.modeling.sam import Sam
 from segment_anything_hq.utils.transforms import ResizeLongestSide
 
-from boxrefine.shared.geometry import ImageGeometry, input_shape
+from boxrefine.shared.geometry.frames import ImageGeometry, input_shape
 
 _SAM = types.SimpleNamespace(image_encoder=types.SimpleNamespace(img_size=1024))  # what postprocess_masks reads
 
@@ -111,7 +111,7 @@ def test_valid_region_is_fractional_aware() -> None:
 def test_padding_is_never_scored(hw: tuple[int, int]) -> None:
     """A prediction that is perfect inside the valid region and noise in the padding: mask IoU 1.0,
     and a zero-shot box equal to the GT box within 4 input px."""
-    from boxrefine.shared.scoring import _mask_iou
+    from boxrefine.shared.scoring.predict import _mask_iou
 
     geo = ImageGeometry.of(*hw)
     h, w = hw

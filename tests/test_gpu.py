@@ -61,7 +61,7 @@ def test_extract_with_a_float16_encoder_on_cuda(demo_root, reference_store, tmp_
     import numpy as np
 
     from boxrefine.extract.run import run_extract
-    from boxrefine.shared.store import open_store
+    from boxrefine.shared.store.feature_store import open_store
 
     store = tmp_path / "fp16.zarr"
     cfg = make_config(demo_root, store, **CUDA, extract={"encoder_precision": "float16", "num_workers": 2})
@@ -79,9 +79,9 @@ def test_ddp_step_over_a_one_rank_nccl_group(demo_root, reference_store):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from boxrefine.shared.refiner import BoxRefiner
-    from boxrefine.shared.rowdata import StoreRows, collate_rows
-    from boxrefine.shared.sam import build_sam_heads
+    from boxrefine.shared.model.heads import build_refiner
+    from boxrefine.shared.model.sam import build_sam_heads
+    from boxrefine.shared.store.rows import StoreRows, collate_rows
     from boxrefine.train.steps import batch_loss
 
     cfg = make_config(demo_root, reference_store, **CUDA, train={"boxes_per_image": 4})
@@ -92,7 +92,7 @@ def test_ddp_step_over_a_one_rank_nccl_group(demo_root, reference_store):
     torch.cuda.set_device(dev)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=dev)
     try:
-        refiner = BoxRefiner(160, use_mask=True).to(dev)
+        refiner = build_refiner(160, use_mask=True).to(dev)
         model = DistributedDataParallel(refiner, device_ids=[0], broadcast_buffers=False)
         heads = build_sam_heads("vit_tiny", None, 0, dev, announce=False)
         ds = StoreRows.from_store(str(reference_store), "train")
@@ -108,7 +108,7 @@ def test_ddp_step_over_a_one_rank_nccl_group(demo_root, reference_store):
 
 
 def test_training_loader_pins_memory_on_cuda(demo_root, reference_store, tmp_path):
-    from boxrefine.shared.store import open_store
+    from boxrefine.shared.store.feature_store import open_store
     from boxrefine.train.data import TrainData
 
     cfg = _cfg(demo_root, reference_store, tmp_path, "bfloat16")

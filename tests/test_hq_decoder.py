@@ -1,4 +1,5 @@
-"""``SamHeads.forward`` (``shared/hq_decoder.py``) against the package's ``MaskDecoderHQ.forward``.
+"""``SamHeads.forward`` (``shared/model/hq_decoder.py``) against the package's ``MaskDecoderHQ.forward``
+(``bench/package_decoder.py``).
 
 vit_tiny heads with random weights; random features for several images; boxes of every kind (the
 whole frame, at the edges, small, large). Tolerances are relative to the logits' scale: the two
@@ -8,12 +9,19 @@ regions one pixel short of what the refiner reads, differ by far more (``test_to
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from conftest import REPO
 
-from boxrefine.shared import hq_decoder
-from boxrefine.shared.refiner import HEADS, BoxRefiner
-from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads
+from boxrefine.shared.model import hq_decoder
+from boxrefine.shared.model.heads import build_refiner
+from boxrefine.shared.model.refiner import HEADS
+from boxrefine.shared.model.sam import INTERM_CHANNELS, build_sam_heads
+
+sys.path.insert(0, str(REPO / "bench"))
+from package_decoder import package_decode  # noqa: E402  (the reference: the package's decoder, unchanged)
 
 N_IMAGES, N_BOXES = 3, 4
 REL_TOL = 1e-4  # of the largest |logit|; float rounding measured ~1e-6 of it
@@ -35,10 +43,10 @@ def case() -> dict:
     interm = torch.randn(N_IMAGES, 64, 64, INTERM_CHANNELS["vit_tiny"], generator=g)
     boxes = [_boxes(g) for _ in range(N_IMAGES)]
     with torch.no_grad():
-        ref = [heads.package_forward(emb[b:b + 1], interm[b:b + 1], boxes[b]) for b in range(N_IMAGES)]
+        ref = [package_decode(heads, emb[b:b + 1], interm[b:b + 1], boxes[b]) for b in range(N_IMAGES)]
     refiners = {}
     for head in HEADS:
-        refiner = BoxRefiner(INTERM_CHANNELS["vit_tiny"], head=head)
+        refiner = build_refiner(INTERM_CHANNELS["vit_tiny"], head=head)
         last = refiner.mlp[-1] if head == "box" else refiner.sides.score[-1]
         # zero-initialised: make it read (the side head's scores need more to move a side by pixels)
         torch.nn.init.normal_(last.weight, std=0.01 if head == "box" else 1.0, generator=g)

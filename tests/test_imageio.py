@@ -1,4 +1,4 @@
-"""shared/imageio.py: every supported file comes back as H×W×3 uint8 RGB in the displayed frame;
+"""shared/data/imageio.py: every supported file comes back as H×W×3 uint8 RGB in the displayed frame;
 every unusable file raises ImageError naming the file and the reason."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boxrefine.shared.imageio import ImageError, Intensity, decode_rgb, grey_levels, read_rgb, source_fingerprint
+from boxrefine.shared.data.imageio import decode_rgb, grey_levels, read_rgb, source_fingerprint
+from boxrefine.shared.data.intensity import ImageError, Intensity
 
 
 def _check_rgb(a: np.ndarray, h: int, w: int) -> None:
@@ -91,7 +92,7 @@ def test_dim_16bit_image_spans_the_8bit_range(tmp_path: Path) -> None:
     encoder ≥ 200 grey levels (checked on what extract feeds the encoder, after ResizeLongestSide)."""
     from boxrefine.extract.loader import ImageJobs
     from boxrefine.extract.plan import Job
-    from boxrefine.shared.records import ImageRecord
+    from boxrefine.shared.data.records import ImageRecord
 
     p = _dim_16bit(tmp_path)
     assert grey_levels(read_rgb(p, Intensity("none"))) <= 2

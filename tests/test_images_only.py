@@ -17,9 +17,11 @@ from PIL import Image
 
 from boxrefine.extract.sources import list_images, split_records
 from boxrefine.shared.config import ConfigError, SplitConfig, validate_config
-from boxrefine.shared.imageio import ImageError, header_size, read_rgb
-from boxrefine.shared.records import DataError, load_coco
-from boxrefine.shared.store import F, open_store
+from boxrefine.shared.data.imageio import header_size, read_rgb
+from boxrefine.shared.data.intensity import ImageError
+from boxrefine.shared.data.records import DataError, load_coco
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.schema import FIELD
 
 
 def _rotated_jpeg(src: Path, dst: Path, orientation: int = 6) -> None:
@@ -101,7 +103,7 @@ def test_images_only_splits_extract_and_are_refused_for_training(demo_root: Path
     train and evaluate refuse them with one line."""
     from boxrefine.evaluate.run import run_evaluate
     from boxrefine.extract.run import run_extract
-    from boxrefine.shared.store import StoreError
+    from boxrefine.shared.store.location import StoreError
     from boxrefine.train.recipe import run_train
 
     photos = tmp_path / "photos"
@@ -125,7 +127,7 @@ def test_images_only_splits_extract_and_are_refused_for_training(demo_root: Path
         sp = st.split(name)
         assert not sp.has_ground_truth
         rec = sp.read_rows()[0]
-        assert (rec[F["orig_h"]], rec[F["orig_w"]], rec[F["n_instances"]]) == (h, w, 0) and w > h  # turned
+        assert (rec[FIELD["orig_h"]], rec[FIELD["orig_w"]], rec[FIELD["n_instances"]]) == (h, w, 0) and w > h  # turned
     assert st.split("train").image_ids().tolist() == [3]
     assert run_extract(cfg, model=sam).encoded == 0
 

@@ -19,11 +19,13 @@ import torch
 from conftest import assert_stores_equal, copy_store, invoke, make_config, one_line_error, spawn_extract, write_config
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
+from boxrefine.shared.data.records import load_coco
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.records import load_coco
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import StoreError, open_store
+from boxrefine.shared.model.checkpoint import CKPT_FORMAT, CheckpointFileError, load_checkpoint
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.rows import StoreRows
+from boxrefine.train.checkpoints import CheckpointSaver
 
 ROW = 2  # the train row the damage tests hit
 ROW_ARRAYS = ("image_embeddings", "interm_embeddings", "gt_masks", "gt_boxes", "gt_info", "rows")
@@ -173,7 +175,7 @@ def test_store_of_the_previous_schema_is_refused_with_how_to_rebuild(reference_s
     with pytest.raises(StoreError, match=f"store schema 1; .*boxrefine extract --store NEW_STORE --reuse-features "
                                          f"{re.escape(str(store))}$"):
         open_store(str(store))
-    from boxrefine.shared.store_files import inspect_store_path
+    from boxrefine.shared.store.location import inspect_store_path
 
     assert inspect_store_path(str(store)).kind == "store"  # so --overwrite may delete and rebuild it
 
@@ -229,7 +231,7 @@ def test_kill_9_at_seeded_chunk_counts_then_rerun_equals_uninterrupted(demo_root
     far (0 = as soon as the store exists); each rerun is killed in turn at the next point, and the
     last rerun completes. After every kill the store verifies clean (no torn row is served, nothing
     complete is damaged), and the end result equals an uninterrupted extract."""
-    from boxrefine.shared.integrity import verify_store
+    from boxrefine.shared.store.verify import verify_store
 
     store = tmp_path / "features.zarr"
     cfg = write_config(tmp_path / "cfg.yaml", demo_root, store)

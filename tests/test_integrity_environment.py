@@ -16,8 +16,9 @@ import pytest
 from conftest import assert_stores_equal, copy_store, invoke, make_config, one_line_error, spawn_extract, write_config
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import FeatureStore, StoreError
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.rows import StoreRows
 
 # ------------------------------------------------------------------------- 13. environment faults
 
@@ -85,7 +86,7 @@ def test_unreadable_chunk_in_a_loader_worker_is_one_line(reference_store: Path,
     import zarr.storage._local as local
     from torch.utils.data import DataLoader
 
-    from boxrefine.shared.rowdata import collate_rows
+    from boxrefine.shared.store.rows import collate_rows
 
     real_get = local._get
 

@@ -14,7 +14,7 @@ import torch
 from conftest import coco_stats
 from pycocotools.coco import COCO
 
-from boxrefine.shared.metrics import box_metrics, coco_box_ap, mask_iou
+from boxrefine.shared.scoring.metrics import box_metrics, coco_box_ap, mask_iou
 
 
 def test_box_metrics_known_answers() -> None:

@@ -25,10 +25,10 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 
 def test_editable_install_imports_from_the_folders() -> None:
     import boxrefine.evaluate.run as er
-    import boxrefine.shared.store as st
+    import boxrefine.shared.store.feature_store as st
 
     assert Path(er.__file__).resolve() == REPO / "evaluate" / "run.py"
-    assert Path(st.__file__).resolve() == REPO / "shared" / "store.py"
+    assert Path(st.__file__).resolve() == REPO / "shared" / "store" / "feature_store.py"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""shared/records.py: safe file names, stable row keys, one-line DataErrors for malformed COCO files,
+"""shared/data/records.py: safe file names, stable row keys, one-line DataErrors for malformed COCO files,
 instance masks from every COCO segmentation form, and the GT resize into SAM's low-res frame."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from boxrefine.shared.records import (
+from boxrefine.shared.data.records import (
     DataError,
     Instance,
     image_key,

@@ -22,9 +22,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import boxrefine.extract.run as xr
-from boxrefine.shared.checkpoints import checkpoint_bytes
-from boxrefine.shared.predictor import ImageFeatures, RefineError, RefinePredictor
-from boxrefine.shared.store import open_store
+from boxrefine.shared.model.checkpoint import checkpoint_bytes
+from boxrefine.shared.scoring.predictor import ImageFeatures, RefineError, RefinePredictor
+from boxrefine.shared.store.feature_store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_checkpoint_of_another_model_or_mapping_is_refused(demo_root: Path, stor
 
 def test_output_written_atomically(demo_root: Path, store: Path, refiner: Path, tmp_path: Path, monkeypatch) -> None:
     """A failure while the result is written leaves the previous file whole and no temp file behind."""
-    import boxrefine.shared.fileio as fileio
+    import boxrefine.shared.runtime.fileio as fileio
 
     cfg = _cfg(tmp_path, demo_root, store)
     out = tmp_path / "out.json"

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from boxrefine.shared.dev.signal import oracle_boxes, signal_channels
-from boxrefine.shared.refiner import NORMS, BoxRefiner, HeadHealth, head_collapse
+from boxrefine.shared.model.box_head import NORMS
+from boxrefine.shared.model.heads import build_refiner
+from boxrefine.train.health import HeadHealth, head_collapse
 
 
 def _inputs(n_img: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -27,7 +29,7 @@ def _inputs(n_img: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 @pytest.mark.parametrize("roi_size,context", [(7, 1.5), (14, 2.0), (5, 3.0)])
 def test_untrained_refiner_returns_the_coarse_boxes(head: str, norm: str, roi_size: int, context: float) -> None:
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, roi_size=roi_size, hidden=32, context=context, use_mask=False, norm=norm, head=head)
+    refiner = build_refiner(160, roi_size=roi_size, hidden=32, context=context, use_mask=False, norm=norm, head=head)
     emb, interm, boxes = _inputs()
     with torch.no_grad():
         out = refiner(emb, interm, boxes)
@@ -36,15 +38,15 @@ def test_untrained_refiner_returns_the_coarse_boxes(head: str, norm: str, roi_si
 
 def test_unknown_norm_or_head_refused() -> None:
     with pytest.raises(ValueError, match="norm must be one of"):
-        BoxRefiner(160, norm="batch")
+        build_refiner(160, norm="batch")
     with pytest.raises(ValueError, match="head must be one of"):
-        BoxRefiner(160, head="mlp")
+        build_refiner(160, head="mlp")
 
 
 def test_side_head_moves_each_side_along_its_own_normal() -> None:
     """Scores that pick the outermost position move every side outwards by ``reach`` box sizes (left and
     top decrease, right and bottom increase); the innermost, inwards by as much."""
-    refiner = BoxRefiner(160, roi_size=7, hidden=32, context=2.0, use_mask=False, head="sides")
+    refiner = build_refiner(160, roi_size=7, hidden=32, context=2.0, use_mask=False, head="sides")
     emb, interm, boxes = _inputs()
     coarse = torch.cat(boxes)
     size = (coarse[:, 2:] - coarse[:, :2]).repeat(1, 2)
@@ -69,7 +71,7 @@ def test_side_head_moves_each_side_along_its_own_normal() -> None:
 
 def test_head_health_counts_units_and_corrections() -> None:
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="box")
+    refiner = build_refiner(160, hidden=32, use_mask=False, head="box")
     torch.nn.init.normal_(refiner.mlp[3].weight, std=0.1)
     emb, interm, boxes = _inputs()
     with torch.no_grad(), HeadHealth(refiner) as health:
@@ -101,7 +103,7 @@ def test_head_health_counts_units_and_corrections() -> None:
 def test_side_head_dropout_is_drawn_per_image() -> None:
     """Training-time dropout draws each image's mask from that image's generator: an image gives the
     same boxes alone as beside another (what makes a DDP rank's part of a batch train like one process)."""
-    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="sides").train()
+    refiner = build_refiner(160, hidden=32, use_mask=False, head="sides").train()
     torch.nn.init.normal_(refiner.sides.score[-1].weight, std=1.0)
     emb, interm, boxes = _inputs()
 
@@ -118,7 +120,7 @@ def test_side_head_dropout_is_drawn_per_image() -> None:
 def test_head_health_watches_the_side_head() -> None:
     """The side head's hidden units are per box (any side, any position) and its corrections N×4."""
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, hidden=32, use_mask=False, head="sides")
+    refiner = build_refiner(160, hidden=32, use_mask=False, head="sides")
     torch.nn.init.normal_(refiner.sides.score[-1].weight, std=0.1)
     emb, interm, boxes = _inputs()
     with torch.no_grad(), HeadHealth(refiner) as health:
@@ -166,8 +168,8 @@ def test_signal_store_is_a_verified_copy_with_the_gt_in_its_embeddings(reference
     """The copy passes `store verify` (each rewritten row is committed with its new digests) and its
     first channels are the GT's; the source is untouched."""
     from boxrefine.shared.dev.signal import SIGNAL_ATTR, make_signal_store
-    from boxrefine.shared.integrity import verify_store
-    from boxrefine.shared.store import open_store
+    from boxrefine.shared.store.feature_store import open_store
+    from boxrefine.shared.store.verify import verify_store
 
     dst = tmp_path / "signal.zarr"
     summary = make_signal_store(str(reference_store), str(dst))
@@ -188,10 +190,10 @@ def test_signal_store_is_a_verified_copy_with_the_gt_in_its_embeddings(reference
 def test_checkpoint_from_before_the_norm_option_rebuilds_the_head_it_holds(tmp_path) -> None:
     """refiner_args without ``norm`` or ``head`` (checkpoints written before they existed) name the box
     head without a norm, whose state-dict keys are unchanged; the rebuilt head gives the same boxes."""
-    from boxrefine.shared.checkpoints import refiner_from_checkpoint
+    from boxrefine.shared.model.checkpoint import refiner_from_checkpoint
 
     torch.manual_seed(0)
-    old = BoxRefiner(160, hidden=32, use_mask=False, norm="none", head="box")
+    old = build_refiner(160, hidden=32, use_mask=False, norm="none", head="box")
     assert sorted(k for k in old.state_dict() if k.startswith("mlp")) == [
         "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"]
     torch.nn.init.normal_(old.mlp[-1].weight, std=0.01)

@@ -1,4 +1,4 @@
-"""The row index (shared/store_index.py): opening a split costs a bounded number of reads whatever its
+"""The row index (shared/store/row_index.py): opening a split costs a bounded number of reads whatever its
 row count (counted, not timed), the parts of several writers merge by generation, and rows the index
 does not cover are read from their own records."""
 
@@ -14,18 +14,12 @@ import pytest
 import zarr.storage
 
 from boxrefine.shared.config import StoreConfig
-from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.store import (
-    ROW_FIELDS,
-    STATE_COMPLETE,
-    STATE_DAMAGED,
-    F,
-    FeatureStore,
-    SplitStore,
-    StoreIdentity,
-    open_store,
-)
-from boxrefine.shared.store_index import INDEX, IndexPart, read_index
+from boxrefine.shared.data.records import ImageRecord
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.identity import StoreIdentity
+from boxrefine.shared.store.row_index import INDEX, IndexPart, read_index
+from boxrefine.shared.store.schema import FIELD, ROW_FIELDS, STATE_COMPLETE, STATE_DAMAGED
+from boxrefine.shared.store.split import SplitStore
 
 S = 16
 
@@ -45,8 +39,8 @@ def synthetic_split(path: Path, n: int, index: bool = True) -> SplitStore:
                         instances=(), ann_hash=7) for i in range(n)]
     split = store.layout_split("train", recs, {"path": "synthetic.json", "sha256": "0"}, "/images", 8)
     rows = np.zeros((n, len(ROW_FIELDS)), np.int64)
-    rows[:, F["state"]], rows[:, F["generation"]], rows[:, F["orig_h"]] = STATE_COMPLETE, 1, 480
-    rows[:, F["src_size"]] = np.arange(n)
+    rows[:, FIELD["state"]], rows[:, FIELD["generation"]], rows[:, FIELD["orig_h"]] = STATE_COMPLETE, 1, 480
+    rows[:, FIELD["src_size"]] = np.arange(n)
     split.array("rows")[:] = rows  # one record chunk per row, as extract's commits leave them
     if index:
         part = IndexPart(split, (0, 1))
@@ -103,8 +97,8 @@ def test_parts_merge_by_generation_and_uncovered_rows_are_read(tmp_path):
     part.flush()
     merged, covered = read_index(open_store(str(tmp_path / "s.zarr")).split("train"))
     assert covered.all()
-    assert merged[3, F["state"]] == STATE_DAMAGED and merged[5, F["src_size"]] == 555
-    assert merged[4, F["state"]] == STATE_COMPLETE  # stale: a reader checks its record (test_concurrent_readers)
+    assert merged[3, FIELD["state"]] == STATE_DAMAGED and merged[5, FIELD["src_size"]] == 555
+    assert merged[4, FIELD["state"]] == STATE_COMPLETE  # stale: a reader checks its record (test_concurrent_readers)
 
     # rows appended after the index was written are read from their own records
     recs = [ImageRecord(image_id=i + 1, file_name=f"img_{i:06d}.jpg", key=1000 + i, height=480, width=640,
@@ -113,4 +107,4 @@ def test_parts_merge_by_generation_and_uncovered_rows_are_read(tmp_path):
     grown = store.layout_split("train", recs, {"path": "synthetic.json", "sha256": "0"}, "/images", 8)
     grown.commit_row(44, {"state": STATE_COMPLETE, "src_size": 4444, "generation": 1})
     records = open_store(str(tmp_path / "s.zarr")).split("train").records()
-    assert records.shape[0] == 45 and records[44, F["src_size"]] == 4444 and records[43, F["state"]] == 0
+    assert records.shape[0] == 45 and records[44, FIELD["src_size"]] == 4444 and records[43, FIELD["state"]] == 0

@@ -23,10 +23,11 @@ from conftest import (
 )
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.records import ImageRecord
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import STATE_COMPLETE, FeatureStore, open_store
-from boxrefine.shared.store_index import IndexPart
+from boxrefine.shared.data.records import ImageRecord
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.rows import StoreRows
+from boxrefine.shared.store.schema import STATE_COMPLETE
 
 
 def _small_train(demo_root, store, runs, **train):
@@ -105,7 +106,7 @@ def _one_error_line(rc, out):
 def test_missing_bucket_wrong_credentials_and_no_server_fail_in_one_line(s3, s3_server, demo_root, tmp_path,
                                                                           monkeypatch):
     """Each ends at once in one line naming the store (the process limit is only the guard against a
-    hang: requests give up within seconds, CONNECT_TIMEOUT / RETRY_TIMEOUT in shared/objstore.py)."""
+    hang: requests give up within seconds, CONNECT_TIMEOUT / RETRY_TIMEOUT in shared/store/objstore.py)."""
     import moto.settings
 
     missing = "s3://bxr-no-such-bucket/features.zarr"
@@ -141,7 +142,7 @@ def _split_of(url: str, n: int) -> None:
     """A store whose train split has ``n`` complete rows (records only: opening a split reads no
     features), written as extract writes it, with its row index."""
     from boxrefine.shared.config import StoreConfig
-    from boxrefine.shared.store import StoreIdentity
+    from boxrefine.shared.store.identity import StoreIdentity
 
     ident = StoreIdentity("vit_tiny", "random-init:seed=0", 1024, (0.0,) * 3, (1.0,) * 3, "float16", "float32", 256,
                           "percentile")
@@ -151,7 +152,7 @@ def _split_of(url: str, n: int) -> None:
     split = store.layout_split("train", recs, {"path": "a.json", "sha256": "0"}, "images", 160)
     part = IndexPart(split, (0, 1))
     part.load(split.read_rows())
-    split.on_record = part.set
+    split.watch_records(part.set)
     for k in range(n):
         split.commit_row(k, {"state": STATE_COMPLETE, "orig_h": 8, "orig_w": 8, "generation": 1})
     part.flush()

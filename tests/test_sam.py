@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from boxrefine.shared import sam as sam_mod
-from boxrefine.shared.sam import CheckpointError, build_hq_sam, checkpoint_info, load_state_dict_file
+from boxrefine.shared.model import weights as weights_mod
+from boxrefine.shared.model.sam import build_hq_sam
+from boxrefine.shared.model.weights import CheckpointError, checkpoint_info, load_state_dict_file
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_wrong_model_type_checkpoint_is_refused(tmp_path):
 def test_official_checkpoint_named_by_sha256_and_type_checked(tmp_path, monkeypatch):
     ckpt = tmp_path / "renamed.pth"
     ckpt.write_bytes(b"pretend weights")
-    digest = sam_mod.file_sha256(ckpt)
-    monkeypatch.setitem(sam_mod.OFFICIAL_CHECKPOINTS, digest, ("vit_b", "sam_hq_vit_b.pth"))
+    digest = weights_mod.file_sha256(ckpt)
+    monkeypatch.setitem(weights_mod.OFFICIAL_CHECKPOINTS, digest, ("vit_b", "sam_hq_vit_b.pth"))
     info = checkpoint_info("vit_b", ckpt, 0)
     assert info.official_name == "sam_hq_vit_b.pth" and info.fingerprint == f"sha256:{digest}"
     with pytest.raises(CheckpointError, match="official sam_hq_vit_b.pth"):
@@ -97,7 +98,7 @@ def test_missing_checkpoint_file(tmp_path):
 def test_heads_without_encoder_equal_the_full_models(tmp_path, sam):
     """train/evaluate build only the prompt encoder + HQ decoder; they must hold the same weights
     the full model (used by extract) has — for random init and from a checkpoint file."""
-    from boxrefine.shared.sam import build_sam_heads
+    from boxrefine.shared.model.sam import build_sam_heads
 
     def same(heads, full):
         hs = heads.state_dict()

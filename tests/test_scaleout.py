@@ -25,8 +25,9 @@ import torch
 from conftest import REPO, assert_stores_equal, invoke, make_config, write_config
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.checkpoints import load_checkpoint
-from boxrefine.shared.store import StoreError, open_store
+from boxrefine.shared.model.checkpoint import load_checkpoint
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import StoreError
 
 # ------------------------------------------------------------------------------------ concurrent creation
 
@@ -34,8 +35,9 @@ _CREATE_RACE = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
     from boxrefine.shared.config import load_config
-    from boxrefine.shared.records import load_coco
-    from boxrefine.shared.store import FeatureStore, identity_for
+    from boxrefine.shared.data.records import load_coco
+    from boxrefine.shared.store.feature_store import FeatureStore
+    from boxrefine.shared.store.identity import identity_for
 
     cfg_path, base, me, n_procs, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
         int(sys.argv[5])
@@ -85,8 +87,9 @@ def test_processes_creating_one_fresh_store_at_once(demo_root, tmp_path):
     assert not errors, errors
     # every store came out whole: attributes, and the layout one process alone computes
     cfg = make_config(demo_root, tmp_path / "alone.zarr")
-    from boxrefine.shared.records import load_coco
-    from boxrefine.shared.store import FeatureStore, identity_for
+    from boxrefine.shared.data.records import load_coco
+    from boxrefine.shared.store.feature_store import FeatureStore
+    from boxrefine.shared.store.identity import identity_for
 
     alone = FeatureStore.open_or_create(cfg.store, identity_for(cfg, "random-init:seed=0"), {}, cfg.to_dict())
     for s in cfg.data.splits:

@@ -15,9 +15,11 @@ import zarr
 from conftest import make_config
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.evalboxes import fixed_coarse_boxes, load_coarse_boxes
-from boxrefine.shared.rowdata import StoreRows
-from boxrefine.shared.store import STATE_COMPLETE, F, StoreError, open_store
+from boxrefine.shared.scoring.coarse import fixed_coarse_boxes, load_coarse_boxes
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.rows import StoreRows
+from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE
 from boxrefine.train.recipe import run_train
 
 
@@ -81,7 +83,7 @@ def test_changed_image_size_in_annotations_reencodes(reference_store, data_copy,
     val = next(s for s in res.splits if s.split == "val")
     assert (val.encoded, val.gt_only) == (1, 0)  # ...is re-encoded, not given new GT over old features
     rec = open_store(str(store)).split("val").read_rows()[0]
-    assert (rec[F["orig_h"]], rec[F["orig_w"]]) == (im["height"], im["width"])
+    assert (rec[FIELD["orig_h"]], rec[FIELD["orig_w"]]) == (im["height"], im["width"])
 
 
 def test_eval_boxes_are_rebuilt_when_their_inputs_change(reference_store, data_copy, tmp_path, capsys):
@@ -158,7 +160,7 @@ def test_schema_1_store_is_refused_and_rebuilt_without_encoder_work_for_8bit_ima
     assert st.identity == ref.identity
     for name in ("train", "val"):
         a, b = st.split(name), ref.split(name)
-        assert (a.read_rows()[:, F["state"]] == STATE_COMPLETE).all()
+        assert (a.read_rows()[:, FIELD["state"]] == STATE_COMPLETE).all()
         np.testing.assert_array_equal(a.array("gt_masks")[:], b.array("gt_masks")[:])
         for i in range(a.n_rows):  # every row reads back through its checksums
             np.testing.assert_allclose(a.read_features(i)[0].float(), b.read_features(i)[0].float(), atol=2e-3)

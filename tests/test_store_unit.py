@@ -1,4 +1,4 @@
-"""shared/store.py without the encoder: rows written with random arrays and read back, the commit
+"""shared/store/feature_store.py without the encoder: rows written with random arrays and read back, the commit
 protocol, layout idempotence and growth, stale rows, identity checks; on a local path and on an
 fsspec ``memory://`` URL."""
 
@@ -16,22 +16,13 @@ import pytest
 import torch
 
 from boxrefine.shared.config import StoreConfig
-from boxrefine.shared.records import SplitRecords, load_coco
-from boxrefine.shared.store import (
-    DIGEST,
-    ROW_FIELDS,
-    STATE_COMPLETE,
-    STATE_EMPTY,
-    STATE_STALE,
-    F,
-    FeatureStore,
-    SplitStore,
-    StoreError,
-    StoreIdentity,
-    from_storage,
-    open_store,
-    to_storage,
-)
+from boxrefine.shared.data.records import SplitRecords, load_coco
+from boxrefine.shared.store.codecs import from_storage, to_storage
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.identity import StoreIdentity
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.schema import DIGEST, FIELD, ROW_FIELDS, STATE_COMPLETE, STATE_EMPTY, STATE_STALE
+from boxrefine.shared.store.split import SplitStore
 
 S = 16  # gt_mask_size (smallest allowed): keeps the GT arrays tiny
 C = 8  # interm channels: the layout takes any count; small keeps rows cheap
@@ -190,7 +181,7 @@ def test_uncommitted_row_is_not_complete(store_path: str, records: SplitRecords)
     _write_row(split, 0, _random_row(0, 2, "float16"), seed=0, commit=False)
     _write_row(split, 1, _random_row(1, 2, "float16"), seed=1)
     np.testing.assert_array_equal(split.complete_indices(), [1])
-    assert split.read_rows()[0, F["state"]] == STATE_EMPTY
+    assert split.read_rows()[0, FIELD["state"]] == STATE_EMPTY
     # clearing a committed row withdraws it before any chunk changes
     split.clear_row(1)
     assert split.complete_indices().size == 0
@@ -266,7 +257,7 @@ def test_new_image_appends_one_row(store_path: str, tmp_path: Path, coco: dict[s
     boxes, info = split2.array("gt_boxes")[1], split2.array("gt_info")[1]
     assert np.isnan(boxes[old_k:]).all() and (info[old_k:] == -1).all()
     np.testing.assert_array_equal(split2.complete_indices(), [1])
-    assert split2.read_rows()[-1, F["state"]] == STATE_EMPTY
+    assert split2.read_rows()[-1, FIELD["state"]] == STATE_EMPTY
     # and the new row can hold all its instances
     big = _random_row(3, old_k + 2, "float16")
     _write_row(split2, split2.n_rows - 1, big, seed=3)
@@ -291,7 +282,7 @@ def test_removed_image_marks_row_stale(store_path: str, tmp_path: Path, coco: di
 
     split2 = _layout(_create(store_path), recs2)
     np.testing.assert_array_equal(split2.keys(), keys)  # nothing moves, nothing is deleted
-    states = split2.read_rows()[:, F["state"]]
+    states = split2.read_rows()[:, FIELD["state"]]
     assert states.tolist() == [STATE_COMPLETE, STATE_EMPTY, STATE_STALE, STATE_EMPTY]
     assert STATE_STALE == 3
     assert split2.image_ids()[2] == -1
@@ -299,7 +290,7 @@ def test_removed_image_marks_row_stale(store_path: str, tmp_path: Path, coco: di
     _assert_row(split2, 0, row0, seed=0)
     # laying out again keeps it stale (idempotent)
     split3 = _layout(_create(store_path), recs2)
-    assert split3.read_rows()[2, F["state"]] == STATE_STALE
+    assert split3.read_rows()[2, FIELD["state"]] == STATE_STALE
 
 
 # ------------------------------------------------------------------------------------ identity

@@ -11,10 +11,10 @@ import torch
 import yaml
 from conftest import make_config
 
-from boxrefine.shared.checkpoints import load_checkpoint
 from boxrefine.shared.config import load_config
-from boxrefine.shared.evalboxes import sample_subset
-from boxrefine.shared.store import StoreError
+from boxrefine.shared.model.checkpoint import load_checkpoint
+from boxrefine.shared.store.location import StoreError
+from boxrefine.train.control import sample_subset
 from boxrefine.train.recipe import TrainError, run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,15 +133,15 @@ def test_head_overfits_a_fixed_batch(reference_store):
     start. Margins are wide on purpose: CPUs differ in their float kernels (measured on AVX2 and on
     AVX-512 machines, the final loss is a small fraction of the first)."""
     from boxrefine.shared.config import TrainConfig
-    from boxrefine.shared.refiner import BoxRefiner
-    from boxrefine.shared.rowdata import StoreRows, collate_rows
+    from boxrefine.shared.model.heads import build_refiner
+    from boxrefine.shared.store.rows import StoreRows, collate_rows
     from boxrefine.train.steps import batch_loss
 
     ds = StoreRows.from_store(str(reference_store), "train")
     batch = collate_rows([ds[0]])
     tc = TrainConfig(boxes_per_image=16, jitter=0.2, seed=0)
     torch.manual_seed(0)
-    refiner = BoxRefiner(160, hidden=64, use_mask=False)
+    refiner = build_refiner(160, hidden=64, use_mask=False)
     opt = torch.optim.AdamW(refiner.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for _ in range(150):
@@ -205,7 +205,7 @@ def test_fast_changes_exactly_the_fast_block(tmp_path):
 
 
 def test_amp_bf16_autocast_on_cpu(demo_root, reference_store, tmp_path, monkeypatch):
-    from boxrefine.shared.refiner import BoxRefiner
+    from boxrefine.shared.model.refiner import BoxRefiner
 
     seen = []
     real = BoxRefiner.forward
@@ -233,7 +233,7 @@ def test_existing_run_folder_and_bad_checkpoint(demo_root, reference_store, tmp_
 
 
 def test_amp_resolution():
-    from boxrefine.shared.precision import amp_setting, cpu_has_native_bf16
+    from boxrefine.shared.runtime.device import amp_setting, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
     assert amp_setting("auto", "auto", cpu)[:2] == (None, False)
@@ -253,7 +253,7 @@ def test_amp_resolution():
 
 
 def test_amp_on_a_cpu_without_native_bf16_runs_float32_and_says_so(monkeypatch):
-    import boxrefine.shared.precision as precision
+    import boxrefine.shared.runtime.device as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     cpu = torch.device("cpu")

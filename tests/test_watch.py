@@ -12,20 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    assert_stores_equal,
-    complete_rows,
-    copy_store,
-    invoke,
-    make_config,
-    spawn_extract,
-    write_config,
-)
+from conftest import assert_stores_equal, complete_rows, copy_store, invoke, make_config, spawn_extract, write_config
 
 from boxrefine.extract.run import run_extract
-from boxrefine.shared.store import F, open_store
-from boxrefine.shared.store_files import write_store_file
-from boxrefine.shared.watchers import STALE_S, WatcherState, read_watchers
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import write_store_file
+from boxrefine.shared.store.schema import FIELD
+from boxrefine.shared.store.watchers import STALE_S, WatcherState, read_watchers
 
 
 def _state(shard: str, heartbeat: float, status: str) -> WatcherState:
@@ -48,7 +41,7 @@ def test_store_info_shows_watchers_and_a_stale_heartbeat_as_not_running(referenc
     assert "not running (last heartbeat" in line["shard-1-of-3"]
     assert "stopped at" in line["shard-2-of-3"]
     # --overwrite counts the watchers' folder as the store's own content (deleted with it)
-    from boxrefine.shared.store_files import inspect_store_path
+    from boxrefine.shared.store.location import inspect_store_path
 
     assert "watchers" in inspect_store_path(str(store)).own
 
@@ -92,10 +85,10 @@ def test_watch_picks_up_new_images_and_changed_annotations_then_sigterm_exits_0(
         _wait("the changed annotation", lambda: 99 in val().read_gt(0)[2][:, 1].tolist(), proc)
         st = open_store(str(store)).split("train")
         new_row = int(np.flatnonzero(st.keys() == st.keys()[-1])[0])
-        assert new_row == 4 and int(st.read_rows()[new_row, F["generation"]]) == 1
+        assert new_row == 4 and int(st.read_rows()[new_row, FIELD["generation"]]) == 1
         for got, want in zip(st.read_features(4), st.read_features(1), strict=True):  # the same picture
             np.testing.assert_allclose(got.float().numpy(), want.float().numpy(), atol=2e-3, rtol=2e-3)
-        assert int(val().read_rows()[0, F["generation"]]) == 2  # rewritten once
+        assert int(val().read_rows()[0, FIELD["generation"]]) == 2  # rewritten once
         _wait("the state", lambda: read_watchers(str(store))[0].rows_done >= 2, proc, timeout=30)
         res, out = invoke("store", "info", str(store))
         assert "shard-0-of-1: running" in out, out

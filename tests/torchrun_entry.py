@@ -56,7 +56,7 @@ def _hold(rank: int, folder: Path) -> None:
     if RANK == 0:
         import torch.distributed as dist
 
-        from boxrefine.shared.store import SplitStore
+        from boxrefine.shared.store.split import SplitStore
 
         _touch_on_call(SplitStore, "commit_row", folder / "rank0-committed", before=False)
         for name in ("init_process_group", "barrier", "broadcast_object_list"):

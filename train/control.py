@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from boxrefine.shared.signals import StopSignals
+from boxrefine.shared.runtime.signals import StopSignals
 
 __all__ = ["EpochSampler", "StopSignals", "rng_state", "restore_rng", "unsaved_start", "discard_unsaved_run"]
 
@@ -85,3 +85,11 @@ def discard_unsaved_run(run: Path) -> bool:
         return False
     shutil.rmtree(run, ignore_errors=True)
     return True
+
+
+def sample_subset(n: int, ratio: float, seed: int) -> np.ndarray:
+    """A seeded subset of ``round(ratio·n)`` (≥ 1) positions out of n, sorted (``train.sample_ratio``)."""
+    k = max(1, int(round(ratio * n))) if n else 0
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from boxrefine.shared.fileio import atomic_savefig
+from boxrefine.shared.runtime.fileio import atomic_savefig
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:

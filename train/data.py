@@ -13,21 +13,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console
-from boxrefine.shared.evalboxes import load_detections, sample_subset
-from boxrefine.shared.rowdata import StoreRows, collate_rows
-from boxrefine.shared.store import FeatureStore
-from boxrefine.shared.workers import worker_context, worker_init
-from boxrefine.train.control import EpochSampler
+from boxrefine.shared.data.detections import load_detections
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.runtime.workers import worker_context, worker_init
+from boxrefine.shared.store.feature_store import FeatureStore
+from boxrefine.shared.store.rows import StoreRows, collate_rows
+from boxrefine.train.control import EpochSampler, sample_subset
 from boxrefine.train.steps import gt_targets, seeded_generator
 
 
 class TrainData:
     def __init__(self, cfg: PipelineConfig, store: FeatureStore, rank: int = 0, world: int = 1,
                  pin_memory: bool = False):
-        tc = self.tc = cfg.train
+        train_cfg = self.train_cfg = cfg.train
         self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
-        self.split = store.split(tc.train_split)
+        self.split = store.split(train_cfg.train_split)
         on_damage = cfg.store.on_damage
         # both splits are checked before any work: no complete row is refused, damage follows on_damage
         records, rows = self.split.usable_rows(on_damage)
@@ -37,46 +37,48 @@ class TrainData:
         self.det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.loader: DataLoader | None = None
         self.use_rows(records, rows)
-        console.print(f"train: {len(self.subset(0))} of {len(self.rows)} images (sample_ratio {tc.sample_ratio}, "
-                      f"seed {tc.seed}{', redrawn each epoch' if tc.resample_each_epoch else ''})"
-                      + (", each epoch from the rows complete when it starts (--follow)" if tc.follow else ""),
+        console.print(f"train: {len(self.subset(0))} of {len(self.rows)} images "
+                      f"(sample_ratio {train_cfg.sample_ratio}, "
+                      f"seed {train_cfg.seed}{', redrawn each epoch' if train_cfg.resample_each_epoch else ''})"
+                      + (", each epoch from the rows complete when it starts (--follow)" if train_cfg.follow else ""),
                       markup=False)
 
     def use_rows(self, records: np.ndarray, rows: np.ndarray) -> None:
         """Train on store ``rows`` (``records``: the split's records): the dataset, the GT targets of rows
         not seen yet (zero-size boxes, detections matched to GT) and the loader. ``train --follow`` calls
         it again at the start of every epoch with the rows complete then (``train/follow.py``)."""
-        cfg, tc = self.cfg, self.tc
+        cfg, train_cfg = self.cfg, self.train_cfg
         self.records, self.rows = records, rows
         self.keys, self.image_ids = self.split.keys(), self.split.image_ids()
-        self.dataset = StoreRows(cfg.store.path, tc.train_split, rows.tolist(), records, self.keys,
+        self.dataset = StoreRows(cfg.store.path, train_cfg.train_split, rows.tolist(), records, self.keys,
                                  on_damage=cfg.store.on_damage)
-        scfg = cfg.data.splits[tc.train_split]
+        split_cfg = cfg.data.splits[train_cfg.train_split]
         new = [i for i in rows.tolist() if i not in self.det_pairs]
-        dets = (load_detections(scfg.detections, {int(self.image_ids[i]) for i in new} - {-1})
-                if (tc.use_detections and scfg.detections and new) else None)
-        zero_size = gt_targets(self.dataset, new, self.image_ids, dets, tc.match_iou, self.det_pairs)
+        dets = (load_detections(split_cfg.detections, {int(self.image_ids[i]) for i in new} - {-1})
+                if (train_cfg.use_detections and split_cfg.detections and new) else None)
+        zero_size = gt_targets(self.dataset, new, self.image_ids, dets, train_cfg.match_iou, self.det_pairs)
         if zero_size:
-            console.print(f"{cfg.store.path}: split {tc.train_split!r}: {len(zero_size)} zero-size GT box(es) (e.g. "
-                          f"annotation id {min(zero_size)}) are never training targets", style="yellow", markup=False)
+            console.print(f"{cfg.store.path}: split {train_cfg.train_split!r}: {len(zero_size)} zero-size GT "
+                          f"box(es) (e.g. annotation id {min(zero_size)}) are never training targets", style="yellow",
+                          markup=False)
         position = {int(r): k for k, r in enumerate(rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [position[int(r)] for r in self.epoch_order(epoch)],
-                                    tc.batch_images, self.rank, self.world)
+                                    train_cfg.batch_images, self.rank, self.world)
         self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=tc.num_workers, collate_fn=collate_rows,
-            pin_memory=self.pin_memory, persistent_workers=tc.num_workers > 0,
-            prefetch_factor=2 if tc.num_workers else None, worker_init_fn=worker_init(),
-            multiprocessing_context=worker_context(cfg.store.path, tc.num_workers))
+            self.dataset, batch_sampler=self.sampler, num_workers=train_cfg.num_workers, collate_fn=collate_rows,
+            pin_memory=self.pin_memory, persistent_workers=train_cfg.num_workers > 0,
+            prefetch_factor=2 if train_cfg.num_workers else None, worker_init_fn=worker_init(),
+            multiprocessing_context=worker_context(cfg.store.path, train_cfg.num_workers))
 
     def subset(self, epoch: int) -> np.ndarray:
         """Store rows trained on in ``epoch`` (seeded; redrawn per epoch if configured)."""
-        seed = self.tc.seed + (epoch if self.tc.resample_each_epoch else 0)
-        return self.rows[sample_subset(len(self.rows), self.tc.sample_ratio, seed)]
+        seed = self.train_cfg.seed + (epoch if self.train_cfg.resample_each_epoch else 0)
+        return self.rows[sample_subset(len(self.rows), self.train_cfg.sample_ratio, seed)]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Store rows of ``epoch`` in their seeded training order (the same on every rank)."""
         subset = self.subset(epoch)
-        return subset[torch.randperm(len(subset), generator=seeded_generator(self.tc.seed, epoch)).numpy()]
+        return subset[torch.randperm(len(subset), generator=seeded_generator(self.train_cfg.seed, epoch)).numpy()]
 
     @property
     def steps_per_epoch(self) -> int:

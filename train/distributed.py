@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from boxrefine.shared.distributed import ProcessGroup
-from boxrefine.shared.precision import autocast_context
+from boxrefine.shared.runtime.device import autocast_context
+from boxrefine.shared.runtime.distributed import ProcessGroup
 
 T = TypeVar("T")
 

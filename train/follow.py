@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.evalboxes import sample_subset
-from boxrefine.shared.fileio import atomic_write_json
-from boxrefine.shared.store import SplitStore, StoreError, open_store
+from boxrefine.shared.runtime.console import console
+from boxrefine.shared.runtime.fileio import atomic_write_json
+from boxrefine.shared.store.feature_store import open_store
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.split import SplitStore
+from boxrefine.train.control import sample_subset
 
 PREFIX = "rows_epoch_"
 WAIT_S = 5.0  # how often a follower waiting for its first complete row looks again
@@ -45,18 +47,18 @@ class FollowRows:
 
     @classmethod
     def of(cls, run: Path, cfg: PipelineConfig) -> FollowRows:
-        tc = cfg.train
-        return cls(run, cfg.store.path, tc.train_split, cfg.store.on_damage, tc.sample_ratio, tc.resample_each_epoch,
-                   tc.seed, tc.batch_images)
+        train_cfg = cfg.train
+        return cls(run, cfg.store.path, train_cfg.train_split, cfg.store.on_damage, train_cfg.sample_ratio,
+                   train_cfg.resample_each_epoch, train_cfg.seed, train_cfg.batch_images)
 
     def split(self) -> SplitStore:
         return open_store(self.store_path).split(self.split_name)
 
     def rows(self, epoch: int) -> np.ndarray:
         """The store rows of ``epoch``: recorded for it, or the rows complete now (then recorded)."""
-        sp = self.split()
+        split_store = self.split()
         path = epoch_file(self.run, epoch)
-        keys = sp.keys()
+        keys = split_store.keys()
         if path.is_file():
             saved = json.loads(path.read_text())
             rows = np.asarray(saved["rows"], np.int64)
@@ -64,9 +66,9 @@ class FollowRows:
                 raise StoreError(f"{path}: the rows this epoch started with are not in {self.store_path} any more "
                                  "(the store was rebuilt); start a new run")
             return rows
-        rows = sp.usable_rows(self.on_damage)[1]
+        rows = split_store.usable_rows(self.on_damage)[1]
         atomic_write_json(path, {"epoch": epoch + 1, "split": self.split_name, "rows": rows.tolist(),
-                                 "keys": keys[rows].tolist(), "image_ids": sp.image_ids()[rows].tolist(),
+                                 "keys": keys[rows].tolist(), "image_ids": split_store.image_ids()[rows].tolist(),
                                  "of_rows": int(len(keys)), "recorded": time.time()})
         console.print(f"epoch {epoch + 1} (--follow): {len(rows)} complete rows of {len(keys)}", markup=False)
         return rows

@@ -36,23 +36,26 @@ from typing import Any
 import torch
 import yaml
 
-from boxrefine.shared.checkpoints import CKPT_FORMAT, CheckpointFileError, CheckpointSaver, load_checkpoint
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.console import console, progress
-from boxrefine.shared.distributed import ProcessGroup
-from boxrefine.shared.evalboxes import fixed_coarse_boxes
-from boxrefine.shared.fileio import atomic_write_json, atomic_write_text
-from boxrefine.shared.precision import amp_setting
-from boxrefine.shared.refiner import BoxRefiner, HeadHealth, head_collapse
-from boxrefine.shared.sam import INTERM_CHANNELS, build_sam_heads, resolve_device
-from boxrefine.shared.scoring import predict, summarize
-from boxrefine.shared.store import open_checked_store
+from boxrefine.shared.model.checkpoint import CKPT_FORMAT, CheckpointFileError, load_checkpoint
+from boxrefine.shared.model.heads import build_refiner
+from boxrefine.shared.model.sam import INTERM_CHANNELS, build_sam_heads
+from boxrefine.shared.runtime.console import console, progress
+from boxrefine.shared.runtime.device import amp_setting, resolve_device
+from boxrefine.shared.runtime.distributed import ProcessGroup
+from boxrefine.shared.runtime.fileio import atomic_write_json, atomic_write_text
+from boxrefine.shared.scoring.coarse import fixed_coarse_boxes
+from boxrefine.shared.scoring.predict import predict, summarize
+from boxrefine.shared.store.feature_store import open_checked_store
+from boxrefine.shared.store.identity import feature_differences
 from boxrefine.shared.yamlkeys import dict_differences
+from boxrefine.train.checkpoints import CheckpointSaver
 from boxrefine.train.control import StopSignals, discard_unsaved_run, restore_rng, rng_state, unsaved_start
 from boxrefine.train.curves import plot_curves
 from boxrefine.train.data import TrainData
 from boxrefine.train.distributed import gather_in_order, idle_loss, rank_weight, step_totals, wrap_ddp
 from boxrefine.train.follow import FollowRows, wait_for_rows
+from boxrefine.train.health import HeadHealth, head_collapse
 from boxrefine.train.state import TrainError, TrainResult, TrainState, zero_partial
 from boxrefine.train.steps import batch_loss, lr_lambda, optimizer_step
 
@@ -64,7 +67,7 @@ FROZEN_ON_RESUME = ("refiner",)
 
 class TrainRecipe:
     def __init__(self, cfg: PipelineConfig, resume: Path | None = None):
-        self.cfg, self.tc = cfg, cfg.train
+        self.cfg, self.train_cfg = cfg, cfg.train
         self.resume_ck: dict[str, Any] | None = None
         self.run: Path | None = None
         self.made_run = False  # this start made self.run (a new run, not a resumed one)
@@ -76,10 +79,10 @@ class TrainRecipe:
     def _read_resume(self, resume: Path) -> tuple[dict[str, Any], Path]:
         ck_path = resume / "last.pt" if resume.is_dir() else resume
         try:
-            ck = load_checkpoint(ck_path)
+            ckpt = load_checkpoint(ck_path)
         except CheckpointFileError as e:
             raise TrainError(str(e)) from None
-        diffs = dict_differences(ck["config"], self.cfg.to_dict(), ("checkpoint", "now"))
+        diffs = dict_differences(ckpt["config"], self.cfg.to_dict(), ("checkpoint", "now"))
         frozen = [d for d in diffs if d.split(".")[0] in FROZEN_ON_RESUME]
         if frozen:
             raise TrainError(f"{ck_path}: cannot resume with a changed {'/'.join(FROZEN_ON_RESUME)} config: "
@@ -89,15 +92,18 @@ class TrainRecipe:
                           markup=False)
             for d in diffs:
                 console.print(f"  {d}", markup=False)
-        return ck, ck_path.parent
+        return ckpt, ck_path.parent
 
     def setup(self) -> TrainRecipe:
-        cfg, tc = self.cfg, self.tc
-        if tc.follow:
-            wait_for_rows(cfg.store.path, tc.train_split)
-        self.store = open_checked_store(cfg, (tc.train_split, cfg.val_split()))
-        if self.resume_ck is not None and self.resume_ck["store_identity"] != self.store.identity.to_dict():
-            raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on")
+        cfg, train_cfg = self.cfg, self.train_cfg
+        if train_cfg.follow:
+            wait_for_rows(cfg.store.path, train_cfg.train_split)
+        self.store = open_checked_store(cfg, (train_cfg.train_split, cfg.val_split()))
+        diffs = feature_differences(self.resume_ck["store_identity"], self.store.identity, ("checkpoint", "store")) \
+            if self.resume_ck is not None else []
+        if diffs:
+            raise TrainError(f"{cfg.store.path}: store differs from the one this checkpoint was trained on: "
+                             + "; ".join(diffs))
         self.device = resolve_device(cfg.model.device)
         self.pg = ProcessGroup(self.device)  # torchrun: DDP over its ranks; otherwise a world of one
         try:
@@ -108,11 +114,11 @@ class TrainRecipe:
         return self
 
     def _setup(self) -> None:
-        cfg, tc, pg = self.cfg, self.tc, self.pg
-        self.precision = amp_setting(tc.amp, tc.amp_dtype, self.device)
+        cfg, train_cfg, pg = self.cfg, self.train_cfg, self.pg
+        self.precision = amp_setting(train_cfg.amp, train_cfg.amp_dtype, self.device)
         self.amp_dtype, use_scaler = self.precision.dtype, self.precision.scaler
         console.print(f"precision: {self.precision.why}" + (f"; DDP over {pg.world} ranks ({pg.backend}), global batch "
-                                                 f"{tc.batch_images} images" if pg.active else ""), markup=False)
+                                                 f"{train_cfg.batch_images} images" if pg.active else ""), markup=False)
         if cfg.fast_applied:
             console.print(f"FAST mode: {', '.join(f'{k}={v}' for k, v in cfg.fast_applied.items())}", markup=False)
         self.data = TrainData(cfg, self.store, pg.rank, pg.world, pin_memory=self.device.type == "cuda")
@@ -129,30 +135,31 @@ class TrainRecipe:
             raise
 
     def _setup_model(self, use_scaler: bool) -> None:
-        cfg, tc = self.cfg, self.tc
+        cfg, train_cfg = self.cfg, self.train_cfg
         self.heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, self.device) \
             if cfg.refiner.use_mask else None
-        torch.manual_seed(tc.seed)
+        torch.manual_seed(train_cfg.seed)
         self.refiner_args = {"interm_channels": INTERM_CHANNELS[cfg.model.type], **cfg.refiner.model_dump()}
-        self.refiner = BoxRefiner(**self.refiner_args).to(self.device)
-        self.opt = torch.optim.AdamW(self.refiner.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.refiner = build_refiner(**self.refiner_args).to(self.device)
+        self.opt = torch.optim.AdamW(self.refiner.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         steps = self.data.steps_per_epoch
-        self.lr_plan = lr_lambda(tc.epochs * steps, int(tc.warmup_epochs * steps))  # --follow: set per epoch
+        # --follow: set per epoch
+        self.lr_plan = lr_lambda(train_cfg.epochs * steps, int(train_cfg.warmup_epochs * steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self.lr_plan(step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
-    def _load_state(self, ck: dict[str, Any]) -> None:
-        self.refiner.load_state_dict(ck["refiner"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        restore_rng(ck["rng"])
-        self.state = TrainState(**ck["state"])
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
+        self.refiner.load_state_dict(ckpt["refiner"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"])
+        self.state = TrainState(**ckpt["state"])
         console.print(f"resuming {self.run} at epoch {self.state.epoch + 1}, step {self.state.step}", markup=False)
 
     def _new_run_dir(self) -> Path:
-        name = self.tc.name or time.strftime("%Y%m%d-%H%M%S")
-        run = self.tc.runs_dir / name
+        name = self.train_cfg.name or time.strftime("%Y%m%d-%H%M%S")
+        run = self.train_cfg.runs_dir / name
         if run.exists() and any(run.iterdir()):
             if not unsaved_start(run):
                 raise TrainError(f"{run}: run folder exists; choose another train.name or --resume it")
@@ -176,14 +183,14 @@ class TrainRecipe:
         """Rank 0 writes the run files; the validation boxes it draws (or reads back) go to every rank."""
         assert self.run is not None
         pg, data, run = self.pg, self.data, self.run
-        self.saver = CheckpointSaver(run, self.tc.keep_top_k, self.state.saver)
+        self.saver = CheckpointSaver(run, self.train_cfg.keep_top_k, self.state.saver)
         self.metrics_path = run / "metrics.jsonl"
 
         def write() -> Any:
             if self.resume_ck is None:
                 atomic_write_text(run / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             first = data.subset(0)
-            atomic_write_json(run / "subset.json", {"split": self.tc.train_split, "rows": first.tolist(),
+            atomic_write_json(run / "subset.json", {"split": self.train_cfg.train_split, "rows": first.tolist(),
                                                     "image_ids": data.image_ids[first].tolist(),
                                                     "of": int(len(data.rows))})
             if data.val_ds is None:
@@ -223,7 +230,7 @@ class TrainRecipe:
             try:
                 if self.state.pending_eval:
                     self._end_of_epoch()
-                while self.state.epoch < self.tc.epochs and not self._stopping():
+                while self.state.epoch < self.train_cfg.epochs and not self._stopping():
                     self.train_epoch()
                     if not self._stopping():
                         self._end_of_epoch()
@@ -248,8 +255,8 @@ class TrainRecipe:
     def train_epoch(self) -> None:
         """Train epoch ``state.epoch`` from step ``state.step``; returns early when the ranks agree to stop.
         Each rank computes its part of a step; the logged sums are the step's global values."""
-        st, tc, pg = self.state, self.tc, self.pg
-        if tc.follow:
+        st, train_cfg, pg = self.state, self.train_cfg, self.pg
+        if train_cfg.follow:
             self._follow_rows()
         order_len = len(self.data.epoch_order(st.epoch))
         self.data.sampler.set_epoch(st.epoch, st.step)
@@ -258,12 +265,12 @@ class TrainRecipe:
         assert self.data.loader is not None
         # head health counts this rank's boxes (under DDP rank 0's share of every step is what is logged)
         health = HeadHealth(self.refiner, st.health)
-        with progress(f"epoch {st.epoch + 1}/{tc.epochs}", order_len, unit="img") as bar, health:
-            bar.advance(min(st.step * tc.batch_images, order_len))
+        with progress(f"epoch {st.epoch + 1}/{train_cfg.epochs}", order_len, unit="img") as bar, health:
+            bar.advance(min(st.step * train_cfg.batch_images, order_len))
             for raw in self.data.loader:
                 batch = self.data.dataset.accept(raw)  # damaged rows: stop, or left out (store.on_damage)
                 n_img = len(batch["row"]) if batch is not None else 0
-                loss, terms, n_boxes = batch_loss(batch, self.model, self.heads, self.device, self.amp_dtype, tc,
+                loss, terms, n_boxes = batch_loss(batch, self.model, self.heads, self.device, self.amp_dtype, train_cfg,
                                                   self.data.det_pairs, st.epoch) if n_img else (None, {}, 0)
                 idle = None
                 if loss is None and pg.active:  # DDP's forward may talk to the other ranks: every rank runs one
@@ -281,15 +288,23 @@ class TrainRecipe:
                 bar.advance(step.images, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self._stopping():
                     return
-        p, dt = st.partial, time.perf_counter() - t0
+        self._log_epoch(health.summary(), time.perf_counter() - t0, images_before)
+        last = st.epoch + 1 == train_cfg.epochs
+        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, zero_partial(), {}
+        st.pending_eval = self.data.val_ds is not None and (st.epoch % train_cfg.eval_every == 0 or last)
+        if st.pending_eval:
+            self.save()  # a stop during validation resumes at the validation, not the epoch
+
+    def _log_epoch(self, head: dict[str, float], seconds: float, images_before: float) -> None:
+        """The epoch's line in metrics.jsonl (losses, lr, speed, precision, head health) and its summary."""
+        st, p = self.state, self.state.partial
         n = max(p["n"], 1)
         entry = {"kind": "epoch", "epoch": st.epoch + 1, "loss": p["loss"] / n, "l1": p["l1"] / n,
                  "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
-                 "boxes": p["boxes"], "seconds": dt, "images_per_s": (p["n"] - images_before) / max(dt, 1e-9),
-                 "ranks": pg.world, "precision": self.precision.label}
+                 "boxes": p["boxes"], "seconds": seconds, "images_per_s": (p["n"] - images_before) / max(seconds, 1e-9),
+                 "ranks": self.pg.world, "precision": self.precision.label}
         if self.scaler.is_enabled():
             entry.update(skipped_steps=int(p.get("skipped", 0)), grad_scale=self.scaler.get_scale())
-        head = health.summary()
         why = head_collapse(head)
         entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
         self.log(entry)
@@ -302,11 +317,6 @@ class TrainRecipe:
                       f"scale now {entry['grad_scale']:g})")
         if why:
             self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
-        last = st.epoch + 1 == tc.epochs
-        st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, zero_partial(), {}
-        st.pending_eval = self.data.val_ds is not None and (st.epoch % tc.eval_every == 0 or last)
-        if st.pending_eval:
-            self.save()  # a stop during validation resumes at the validation, not the epoch
 
     def _follow_rows(self) -> None:
         """``--follow``: train this epoch on the rows complete when it starts, recorded by rank 0 (or read
@@ -318,11 +328,11 @@ class TrainRecipe:
         self.data.split = follow.split()  # the split may have grown since (new images)
         self.data.use_rows(self.data.split.records(), rows)
         self.lr_plan = lr_lambda(*self.pg.broadcast(self.pg.main_first(
-            lambda: follow.schedule(epoch, self.tc.epochs, self.tc.warmup_epochs))))
+            lambda: follow.schedule(epoch, self.train_cfg.epochs, self.train_cfg.warmup_epochs))))
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         # under DDP the gradients are averaged over the ranks in backward, so every rank skips alike
-        if optimizer_step(loss, self.opt, self.scaler, self.sched, self.refiner.parameters(), self.tc.grad_clip):
+        if optimizer_step(loss, self.opt, self.scaler, self.sched, self.refiner.parameters(), self.train_cfg.grad_clip):
             self.state.partial["skipped"] = self.state.partial.get("skipped", 0) + 1
 
     def _end_of_epoch(self) -> None:
@@ -347,13 +357,13 @@ class TrainRecipe:
         share of the images, summarised on rank 0 and shared; None when a stop was requested meanwhile."""
         assert self.data.val_ds is not None and self.val_boxes is not None
         t0 = time.perf_counter()
-        tc, pg = self.tc, self.pg
+        train_cfg, pg = self.train_cfg, self.pg
         part = self.data.val_part(pg.rank, pg.world)
         assert part is not None
         with progress("validate", len(part)) as bar:
             preds = predict(part, self.val_boxes, self.device, refiner=self.refiner, heads=self.heads,
                             amp_dtype=self.amp_dtype, batch_images=self.cfg.evaluate.batch_images, num_workers=0,
-                            loss_weights=(tc.l1_weight, tc.giou_weight), on_batch=bar.advance,
+                            loss_weights=(train_cfg.l1_weight, train_cfg.giou_weight), on_batch=bar.advance,
                             should_stop=lambda: self.stop.requested)
         if self._stopping():
             return None
@@ -361,8 +371,8 @@ class TrainRecipe:
         out = None
         if every is not None:
             out = summarize(every)
-            out["val_loss"] = tc.l1_weight * out.get("loss_l1", float("nan")) + \
-                tc.giou_weight * out.get("loss_giou", float("nan"))
+            out["val_loss"] = train_cfg.l1_weight * out.get("loss_l1", float("nan")) + \
+                train_cfg.giou_weight * out.get("loss_giou", float("nan"))
             out["seconds"] = time.perf_counter() - t0
         return pg.broadcast(out)
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from boxrefine.shared.boxes import jitter_boxes, trainable_gt
 from boxrefine.shared.config import TrainConfig
-from boxrefine.shared.evalboxes import detection_pairs
-from boxrefine.shared.geometry import ImageGeometry
-from boxrefine.shared.precision import autocast_context
-from boxrefine.shared.refiner import BoxRefiner, refine_loss
+from boxrefine.shared.geometry.boxes import jitter_boxes, trainable_gt
+from boxrefine.shared.geometry.frames import ImageGeometry
+from boxrefine.shared.model.refiner import BoxRefiner, refine_loss
+from boxrefine.shared.runtime.device import autocast_context
+from boxrefine.shared.scoring.coarse import detection_pairs
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
@@ -41,7 +41,7 @@ def training_boxes(gt_boxes: torch.Tensor, gt_info: torch.Tensor, det: tuple[tor
     use_det = det is not None and len(det[0]) > 0
     pick_det = (torch.rand(k, generator=g) < 0.5) if use_det else torch.zeros(k, dtype=torch.bool)
     gt_idx = valid[torch.randint(len(valid), (k,), generator=g)]
-    coarse = jitter_boxes(gt_boxes[gt_idx].float(), jitter, geometry, g)
+    coarse = jitter_boxes(gt_boxes[gt_idx].float(), jitter, geometry.orig_hw, g)
     target = gt_boxes[gt_idx].float()
     if use_det and pick_det.any():
         assert det is not None
@@ -82,7 +82,7 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
 
 
 def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: torch.device,
-               amp_dtype: torch.dtype | None, tc: TrainConfig,
+               amp_dtype: torch.dtype | None, train_cfg: TrainConfig,
                det_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]], epoch: int
                ) -> tuple[torch.Tensor | None, dict[str, float], int]:
     """Loss of one batch of store rows (features stacked by ``collate_rows``): draw this epoch's
@@ -92,9 +92,9 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
     interm = batch["interm_embeddings"].to(device, non_blocking=True).float()
     coarse_in, target_in = [], []
     for b, row in enumerate(batch["row"]):
-        g = seeded_generator(tc.seed, epoch, batch["key"][b])
+        g = seeded_generator(train_cfg.seed, epoch, batch["key"][b])
         c, t = training_boxes(batch["gt_boxes"][b], batch["gt_info"][b], det_pairs.get(row),
-                              batch["geometry"][b], tc.boxes_per_image, tc.jitter, g)
+                              batch["geometry"][b], train_cfg.boxes_per_image, train_cfg.jitter, g)
         coarse_in.append(batch["geometry"][b].boxes_to_input(c).to(device))
         target_in.append(batch["geometry"][b].boxes_to_input(t).to(device))
     n_boxes = int(sum(len(c) for c in coarse_in))
@@ -110,9 +110,9 @@ def batch_loss(batch: dict[str, Any], refiner: BoxRefiner, heads: Any, device: t
         logits = lg.float().clone()  # a normal tensor again (autograd refuses inference tensors)
     with autocast_context(device, amp_dtype):
         refined = refiner(emb, interm, coarse_in, logits,  # the head's dropout: seeded per image, as its boxes
-                          generators=[seeded_generator(tc.seed, epoch, 0xD409, k) for k in batch["key"]])
+                          generators=[seeded_generator(train_cfg.seed, epoch, 0xD409, k) for k in batch["key"]])
     loss, terms = refine_loss(refined.float(), torch.cat(target_in), torch.cat(coarse_in),
-                              tc.l1_weight, tc.giou_weight)
+                              train_cfg.l1_weight, train_cfg.giou_weight)
     return loss, terms, n_boxes
 
 

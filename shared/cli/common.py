@@ -11,8 +11,8 @@ import typer
 from rich.text import Text
 
 from boxrefine.shared.config import PipelineConfig, load_config, parse_set_option
-from boxrefine.shared.console import console
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.runtime.console import console
 
 F = TypeVar("F", bound=Callable[..., Any])
 

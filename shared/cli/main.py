@@ -10,10 +10,9 @@ import typer
 
 from boxrefine.evaluate.cli import app as evaluate_app
 from boxrefine.extract.cli import app as extract_app
-from boxrefine.extract.refine_cli import app as refine_app
-from boxrefine.shared.cli.store import app as store_app
-from boxrefine.shared.dev.demo import app as demo_app
-from boxrefine.shared.dev.signal import app as dev_app
+from boxrefine.extract.refine.cli import app as refine_app
+from boxrefine.shared.cli.dev_cmd import demo_app, dev_app
+from boxrefine.shared.cli.store_cmd import app as store_app
 from boxrefine.train.cli import app as train_app
 
 app = typer.Typer(name="boxrefine", help="Box refinement on frozen HQ-SAM features cached once in Zarr.",

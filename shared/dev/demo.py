@@ -32,10 +32,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import typer
 from pycocotools import mask as mask_utils
-from rich.console import Console
-from rich.text import Text
 
 CATEGORIES = [
     {"id": 1, "name": "mushroom", "supercategory": "fungus"},
@@ -86,40 +83,44 @@ def _mushroom(rng: np.random.Generator, size: float, category: int) -> tuple[np.
     rgb = np.zeros((side, side, 3), np.float32)
     mask = np.zeros((side, side), np.uint8)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
-
     cap_w = size * rng.uniform(0.7, 1.1)
     cap_h = size * (rng.uniform(0.28, 0.42) if category == 1 else rng.uniform(0.38, 0.5))
     stem_w = cap_w * rng.uniform(0.2, 0.34)
     stem_h = size * rng.uniform(0.45, 0.7)
     top = c - (cap_h + stem_h) / 2.0
     base = top + cap_h  # y of the cap's underside
-    cx = int(round(c))
+    mask |= _paint_stem(rng, rgb, xx, yy, c, base, cap_h, stem_w, stem_h)
+    mask |= _paint_cap(rng, rgb, xx, yy, c, top, base, cap_w, cap_h, category)
+    return _tilt(rng, rgb, mask, c, side)
 
-    # stem: slightly flared trapezoid with a rounded foot, cylinder shading
-    stem = np.zeros_like(mask)
+
+def _paint_stem(rng: np.random.Generator, rgb: np.ndarray, xx: np.ndarray, yy: np.ndarray, c: float, base: float,
+                cap_h: float, stem_w: float, stem_h: float) -> np.ndarray:
+    """The stem (a slightly flared trapezoid with a rounded foot, cylinder shading) painted into
+    ``rgb``; its mask."""
+    stem = np.zeros(rgb.shape[:2], np.uint8)
     y0, y1 = int(round(base - 0.3 * cap_h)), int(round(base + stem_h))
     hw_top, hw_bot = stem_w / 2.0, stem_w / 2.0 * rng.uniform(1.0, 1.35)
-    poly = (
-        np.array([[c - hw_top, y0], [c + hw_top, y0], [c + hw_bot, y1], [c - hw_bot, y1]], np.float32)
-        .round()
-        .astype(np.int32)
-    )
-    cv2.fillPoly(stem, [poly], 1)
-    cv2.ellipse(
-        stem, (cx, y1), (max(1, int(round(hw_bot))), max(1, int(round(stem_w * 0.2)))), 0, 0, 360, 1, -1
-    )
+    poly = np.array([[c - hw_top, y0], [c + hw_top, y0], [c + hw_bot, y1], [c - hw_bot, y1]], np.float32)
+    cv2.fillPoly(stem, [poly.round().astype(np.int32)], 1)
+    cv2.ellipse(stem, (int(round(c)), y1), (max(1, int(round(hw_bot))), max(1, int(round(stem_w * 0.2)))),
+                0, 0, 360, 1, -1)
     stem_col = np.array([232, 222, 200], np.float32) * rng.uniform(0.85, 1.05)
     shade = 0.72 + 0.32 * np.cos(np.clip((xx - c) / max(hw_bot, 1.0), -1, 1) * math.pi / 2)
     shade = shade - 0.12 * np.clip((yy - y0) / max(y1 - y0, 1), 0, 1)  # darker towards the ground
     sel = stem > 0
     rgb[sel] = stem_col * shade[sel, None]
-    mask |= stem
+    return stem
 
-    # cap: upper half-ellipse plus a flat lower rim (gills visible on brown mushrooms)
-    cap = np.zeros_like(mask)
+
+def _paint_cap(rng: np.random.Generator, rgb: np.ndarray, xx: np.ndarray, yy: np.ndarray, c: float, top: float,
+               base: float, cap_w: float, cap_h: float, category: int) -> np.ndarray:
+    """The cap (an upper half-ellipse and a flat lower rim; gills on brown mushrooms, white spots on
+    red ones) painted into ``rgb``; its mask."""
+    cap = np.zeros(rgb.shape[:2], np.uint8)
     ax = (max(2, int(round(cap_w / 2))), max(2, int(round(cap_h))))
     rim = (ax[0], max(1, int(round(cap_h * rng.uniform(0.12, 0.22)))))
-    cy = int(round(base))
+    cx, cy = int(round(c)), int(round(base))
     cv2.ellipse(cap, (cx, cy), ax, 0, 180, 360, 1, -1)
     cv2.ellipse(cap, (cx, cy), rim, 0, 0, 360, 1, -1)
     if category == 1:
@@ -131,25 +132,25 @@ def _mushroom(rng: np.random.Generator, size: float, category: int) -> tuple[np.
     shade = np.clip(1.18 - 0.55 * dist, 0.45, 1.2)
     sel = cap > 0
     rgb[sel] = cap_col * shade[sel, None]
+    marks = np.zeros_like(cap)
     if category == 1:  # gill band under the cap
-        gills = np.zeros_like(mask)
-        cv2.ellipse(gills, (cx, cy), (int(ax[0] * 0.9), rim[1]), 0, 0, 180, 1, -1)
-        sel_g = (gills > 0) & (cap > 0)
-        rgb[sel_g] = cap_col * 0.55
-    else:  # white spots, clipped to the cap
-        spots = np.zeros_like(mask)
-        for _ in range(int(rng.integers(3, 8))):
-            sx = c + rng.uniform(-0.4, 0.4) * cap_w
-            sy = base - rng.uniform(0.15, 0.85) * cap_h
-            r = max(1, int(round(cap_w * rng.uniform(0.04, 0.09))))
-            cv2.circle(spots, (int(round(sx)), int(round(sy))), r, 1, -1)
-        sel_s = (spots > 0) & (cap > 0)
-        rgb[sel_s] = np.array([245, 242, 235], np.float32) * shade[sel_s, None].clip(0.8, 1.0)
-    mask |= cap
+        cv2.ellipse(marks, (cx, cy), (int(ax[0] * 0.9), rim[1]), 0, 0, 180, 1, -1)
+        rgb[(marks > 0) & sel] = cap_col * 0.55
+        return cap
+    for _ in range(int(rng.integers(3, 8))):  # white spots, clipped to the cap
+        sx = c + rng.uniform(-0.4, 0.4) * cap_w
+        sy = base - rng.uniform(0.15, 0.85) * cap_h
+        r = max(1, int(round(cap_w * rng.uniform(0.04, 0.09))))
+        cv2.circle(marks, (int(round(sx)), int(round(sy))), r, 1, -1)
+    spots = (marks > 0) & sel
+    rgb[spots] = np.array([245, 242, 235], np.float32) * shade[spots, None].clip(0.8, 1.0)
+    return cap
 
-    # tilt the whole object a little
-    angle = float(rng.uniform(-25, 25))
-    rot = cv2.getRotationMatrix2D((c, c), angle, 1.0)
+
+def _tilt(rng: np.random.Generator, rgb: np.ndarray, mask: np.ndarray, c: float, side: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The painted object turned by a small random angle: (RGB, bool mask)."""
+    rot = cv2.getRotationMatrix2D((c, c), float(rng.uniform(-25, 25)), 1.0)
     rgb = cv2.warpAffine(rgb, rot, (side, side), flags=cv2.INTER_LINEAR)
     cover = cv2.warpAffine(mask.astype(np.float32), rot, (side, side), flags=cv2.INTER_LINEAR)
     rgb /= np.maximum(cover, 1e-3)[..., None]  # un-premultiply: no dark fringe from the black canvas
@@ -361,27 +362,3 @@ def generate_demo(
         "val": _generate_split(out, "val", num_val, seed, noise),
     }
     return {"out": str(out), "splits": splits}
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-app = typer.Typer(help="Generate the built-in synthetic demo dataset.", no_args_is_help=False)
-
-
-@app.callback(invoke_without_command=True)
-def demo_data(
-    out: Path = typer.Option(Path("data/demo"), "--out", help="Output folder (images/ and annotations/)."),
-    num_train: int = typer.Option(16, "--num-train", min=1, help="Number of training images."),
-    num_val: int = typer.Option(8, "--num-val", min=1, help="Number of validation images."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same dataset."),
-    noise: float = typer.Option(0.25, "--noise", min=0.0, max=0.4, help="Jitter of the coarse boxes."),
-) -> None:
-    """Generate the synthetic mushroom dataset (COCO instances + coarse detections)."""
-    summary = generate_demo(out, num_train=num_train, num_val=num_val, seed=seed, noise=noise)
-    console = Console()
-    console.print(Text.assemble(("Demo dataset written to ", "bold green"), str(summary["out"])), soft_wrap=True)
-    for split, s in summary["splits"].items():
-        console.print(Text.assemble("  ", (split, "bold"),
-                                    f": {s['images']} images, {s['instances']} instances -> images/{split}/, "
-                                    f"annotations/instances_{split}.json, annotations/detections_{split}.json"),
-                      soft_wrap=True)

@@ -24,19 +24,18 @@ Developer tooling: library code never imports this module.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-import typer
 
-from boxrefine.shared.cli.common import fail, one_line_errors
-from boxrefine.shared.console import console, progress
 from boxrefine.shared.errors import BoxrefineError
-from boxrefine.shared.store import ROW_FIELDS, STATE_COMPLETE, F, FeatureStore, open_store, to_storage
+from boxrefine.shared.runtime.console import progress
+from boxrefine.shared.store.codecs import to_storage
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.schema import FIELD, ROW_FIELDS, STATE_COMPLETE
 
 UNION, BOUNDARY, FIRST_INSTANCE = 0, 1, 2
 EMBED_CHANNELS, EMBED_GRID = 256, 64  # image_embeddings: 256 × 64 × 64
@@ -85,24 +84,24 @@ def make_signal_store(src: str, dst: str, gain: float = 3.0, overwrite: bool = F
     dtype = store.identity.dtype
     summary: dict[str, Any] = {}
     for name in store.splits:
-        sp = store.split(name)
-        rows = sp.read_rows()
-        done = np.flatnonzero(rows[:, F["state"]] == STATE_COMPLETE) if len(rows) else np.zeros(0, np.int64)
+        split_store = store.split(name)
+        rows = split_store.read_rows()
+        done = np.flatnonzero(rows[:, FIELD["state"]] == STATE_COMPLETE) if len(rows) else np.zeros(0, np.int64)
         dropped = 0
         with progress(f"signal {name}", len(done), unit="img") as bar:
             for i in done.tolist():
-                masks, _, _ = sp.read_gt(i, masks=True, record=rows[i])
+                masks, _, _ = split_store.read_gt(i, masks=True, record=rows[i])
                 chans = signal_channels(masks, gain)
                 if len(chans) > EMBED_CHANNELS:
                     dropped += len(chans) - EMBED_CHANNELS
                     chans = chans[:EMBED_CHANNELS]
-                emb, interm = sp.read_features(i, record=rows[i])
+                emb, interm = split_store.read_features(i, record=rows[i])
                 emb = emb.float()
                 emb[:len(chans)] = chans
                 # the row protocol: clear the record, write the chunks, commit the record with their digests
-                sp.clear_row(i)
-                digests = sp.write_features(i, to_storage(emb, dtype), to_storage(interm.float(), dtype))
-                sp.commit_row(i, {**dict(zip(ROW_FIELDS, rows[i].tolist(), strict=True)), **digests})
+                split_store.clear_row(i)
+                digests = split_store.write_features(i, to_storage(emb, dtype), to_storage(interm.float(), dtype))
+                split_store.commit_row(i, {**dict(zip(ROW_FIELDS, rows[i].tolist(), strict=True)), **digests})
                 bar.advance(1)
         summary[name] = {"rows": int(len(done)), "instances_dropped": dropped}
     store.group.attrs[SIGNAL_ATTR] = {
@@ -130,27 +129,3 @@ def oracle_boxes(image_embeddings: torch.Tensor, gt_index: torch.Tensor, fallbac
         if len(xs):
             out[j] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) * cell
     return out
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-app = typer.Typer(help="Developer tools (not pipeline stages).", no_args_is_help=True)
-
-
-@app.command("signal-store")
-@one_line_errors
-def signal_store_cmd(
-    src: str = typer.Argument(..., help="An extracted feature store (path or fsspec URL)."),
-    dst: str = typer.Argument(..., help="Where to write the signal copy."),
-    gain: float = typer.Option(3.0, "--gain", min=0.0, help="Multiplier of the GT channels."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
-) -> None:
-    """Copy a store with its ground truth written into the image-embedding channels, to check that a
-    refiner recipe learns (train/evaluate read it like any store; its numbers mean nothing for real data)."""
-    if Path(src).resolve() == Path(dst).resolve() and "://" not in src:
-        fail(f"{dst}: the signal store must not replace its source")
-    summary = make_signal_store(src, dst, gain, overwrite)
-    for name, s in summary.items():
-        extra = f", {s['instances_dropped']} instance channel(s) dropped (over 254)" if s["instances_dropped"] else ""
-        console.print(f"{name}: {s['rows']} rows with GT in image_embeddings{extra}", markup=False)
-    console.print(f"signal store written to {dst} (for checking recipes only)", markup=False)

@@ -1,0 +1,95 @@
+"""Atomic file writes: the one helper behind every file boxrefine writes outside the Zarr store
+(checkpoints, configs, metrics, results JSON, plots, caches).
+
+The content goes to a temp file in the destination folder with a name unique to this writer
+(``tempfile.mkstemp``: never shared by two processes or threads), is flushed and fsynced, then
+``os.replace``\\ d over the destination, and the folder entry is fsynced. A reader sees the old file
+or the new one, never a torn one; a crash leaves at most a hidden ``.<name>.*.tmp`` file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms/filesystems without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(f)`` on a binary temp file beside ``path``, then atomically move it to ``path``."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_link(source: str | Path, path: str | Path, data: bytes) -> Path:
+    """``path`` as a second name of the file ``source`` (a hard link, made under a temp name and then
+    ``os.replace``\\ d over ``path``): the same bytes without a second copy. Where the file system
+    has no hard links, ``data`` (the bytes of ``source``) is written instead."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return atomic_write_bytes(path, data)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
+    """JSON with ``allow_nan=False``: a NaN is a bug to report here, not a file no parser reads."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
+
+
+def atomic_savefig(fig: Any, path: str | Path, dpi: int = 90) -> Path:
+    """A matplotlib figure as PNG, atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def read_bytes(path: str | Path, error: type[Exception], what: str = "file") -> bytes:
+    """A whole file's bytes; a missing or unreadable one raises ``error`` with one line naming the
+    path (``<path>: <what> not found`` / ``<path>: cannot read <what>: <reason>``)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
