@@ -110,11 +110,11 @@ class Extractor:
             split = self.store.layout_split(name, recs.images, ann, str(split_cfg.images),
                                             INTERM_CHANNELS[cfg.model.type])
             rows = self._records(split)
-            jobs, skipped, kept_bad = plan_split(split, list(recs.images), split_cfg.images, self.shard, rows)
-            summary = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            jobs, summary, kept_bad = plan_split(split, list(recs.images), split_cfg.images, self.shard, rows)
             for rep in unreadable.values():
                 console.print(f"bad image: {rep['reason']}", markup=False, style="red")
             summary.bad.update(unreadable)
+            summary.no_row = len(unreadable)
             if self.source is not None:
                 mark_reusable(self.source, name, jobs)
             if kept_bad:
@@ -160,6 +160,7 @@ class Extractor:
 
     def run(self) -> ExtractResult:
         cfg = self.cfg
+        encoder_s0, encoded0 = self.encoder_s, self.encoded  # this run's share (``--watch`` runs again and again)
         self.device = resolve_device(cfg.model.device)
         if self.model is None and any(j.needs_image for _, jobs, _ in self.plans for j in jobs):
             self.model = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, self.device,
@@ -179,7 +180,7 @@ class Extractor:
                 continue
             self.extract_split(split, jobs, summary)
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
-                            self.encoder_s, self.encoded, stopped=self.stopping)
+                            self.encoder_s - encoder_s0, self.encoded - encoded0, stopped=self.stopping)
         if not (self.quiet and not any(s.todo for s in res.splits)):
             print_summary(res)
         if self.stopping:
@@ -311,17 +312,35 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
 
 
 def print_summary(res: ExtractResult) -> None:
+    """Per split, what each row came to (each row counted once), then the encoder's throughput."""
     for s in res.splits:
+        bad_rows = len(s.bad) - s.no_row + len(s.kept_bad)
         console.print(f"{s.split}: rows {s.rows}: encoded {s.encoded}, gt-only {s.gt_only}, "
                       + (f"features reused {s.reused}, " if s.reused else "")
-                      + f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
+                      + f"up to date {s.skipped - len(s.kept_bad)}, "
+                      + (f"done by another process {s.elsewhere}, " if s.elsewhere else "")
+                      + (f"image missing (row kept) {len(s.missing)}, " if s.missing else "")
+                      + f"bad {bad_rows}"
+                      + (f" (+{s.no_row} unreadable image(s) without a row)" if s.no_row else ""), markup=False)
         for key, rep in s.bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key})", markup=False)
         for key, rep in s.kept_bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key}; recorded earlier, file unchanged)",
                           markup=False)
+        print_missing(s)
     if res.encoded:
         console.print(f"{res.encoded} images in {res.wall_s:.1f}s = {res.images_per_s:.2f} img/s; "
                       f"encoder {res.encoder_s:.1f}s = {100 * res.encoder_share:.0f}% of wall time", markup=False)
     else:
         console.print(f"no encoder work ({res.wall_s:.1f}s)", markup=False)
+
+
+def print_missing(s: SplitSummary, shown: int = 5) -> None:
+    """The complete rows kept although their image file is missing (a few by name, then a count)."""
+    if not s.missing:
+        return
+    names = sorted(s.missing.values())
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    console.print(f"    image missing: {', '.join(names[:shown])}{more} — the complete row(s) are kept (train and "
+                  "evaluate need only the store); check the image folder if they should be there", style="yellow",
+                  markup=False)

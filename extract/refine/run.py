@@ -281,7 +281,7 @@ class RefineRun:
             rec = self.records[key]
             try:
                 img = read_rgb(resolve_image(self.split_cfg.images, rec.file_name), self.cfg.data.intensity.mapping())
-            except ImageError as e:
+            except (ImageError, DataError) as e:
                 console.print(f"--vis: {e}; skipped", style="yellow", markup=False)
                 continue
             t = line_width(img.shape[:2])

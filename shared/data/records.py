@@ -8,6 +8,7 @@ Malformed input raises :class:`DataError` with one line naming the file and the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -69,7 +70,9 @@ def image_key(file_name: str) -> int:
 
 
 def safe_relpath(file_name: str, source: str | Path = "") -> str:
-    """Normalise a COCO ``file_name``; refuse absolute paths and anything escaping the image root."""
+    """Normalise a COCO ``file_name`` (``a/./b``, ``a//b``, ``a\\b`` and ``a/../b`` are taken apart by name);
+    refuse absolute paths and anything whose name leads out of the image root. Where the file really
+    is (symlinks) is :func:`resolve_image`'s check."""
     prefix = f"{source}: " if source else ""
     if not isinstance(file_name, str) or not file_name.strip():
         raise DataError(f"{prefix}empty or non-string file_name {file_name!r}")
@@ -78,17 +81,32 @@ def safe_relpath(file_name: str, source: str | Path = "") -> str:
     win = PureWindowsPath(file_name)
     if file_name.startswith(("/", "\\")) or win.drive or PurePosixPath(file_name).is_absolute():
         raise DataError(f"{prefix}file_name {file_name!r} is absolute; it must be relative to the image root")
-    parts = [p for p in file_name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise DataError(f"{prefix}file_name {file_name!r} escapes the image root ('..')")
+    parts: list[str] = []
+    for p in file_name.replace("\\", "/").split("/"):
+        if p == "..":
+            if not parts:
+                raise DataError(f"{prefix}file_name {file_name!r} escapes the image root ('..')")
+            parts.pop()
+        elif p not in ("", "."):
+            parts.append(p)
     if not parts:
         raise DataError(f"{prefix}file_name {file_name!r} names no file")
     return "/".join(parts)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> Path:
+    return root.resolve()
+
+
 def resolve_image(root: Path, file_name: str) -> Path:
-    """Path of an image under ``root`` (``file_name`` must already be safe)."""
-    return root.joinpath(*safe_relpath(file_name).split("/"))
+    """Path of an image under ``root``. The file's real path (symlinks followed) must lie under the
+    root's real path too: a symlink leading outside it is a DataError naming both, and is never read."""
+    path = root.joinpath(*safe_relpath(file_name).split("/"))
+    real, real_root = path.resolve(), _real_root(root)
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{path}: a symlink leading outside the image root {root} (to {real}); not read")
+    return path
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
