@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from boxrefine.extract.claims import RowClaims
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
 from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
@@ -208,6 +209,7 @@ class Extractor:
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
                             prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
+        claims = RowClaims(split)
         lock = threading.Lock()
         failed = True  # until the loop ends: a failure of the index write must not hide the first error
         try:
@@ -228,6 +230,7 @@ class Extractor:
                             summary.reused += 1
                         else:
                             to_encode.append((job, it))
+                    to_encode = self._claim(claims, to_encode, summary)
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summary.encoded += len(to_encode)
@@ -245,9 +248,23 @@ class Extractor:
                 failed = True
                 raise
             finally:
+                claims.close(self.parts[split.name])
                 self._record_bad(split, summary)
                 if not (self.stop is not None and self.stop.forced):
                     self._flush_index(split, required=not failed)
+
+    def _claim(self, claims: RowClaims, batch: list[tuple[Job, dict[str, Any]]], summary: SplitSummary
+               ) -> list[tuple[Job, dict[str, Any]]]:
+        """The part of ``batch`` whose rows this process holds (``extract/claims.py``); rows another
+        extract process took since this one planned are skipped, and counted."""
+        if not batch:
+            return batch
+        held = claims.take([job for job, _ in batch])
+        if not all(held) and not summary.elsewhere:
+            console.print(f"{summary.split}: another extract process is filling this store: each takes the rows the "
+                          "other has not claimed", markup=False)
+        summary.elsewhere += held.count(False)
+        return [item for item, mine in zip(batch, held, strict=True) if mine]
 
     def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summary: SplitSummary, writer: RowWriter,
              lock: threading.Lock) -> None:
