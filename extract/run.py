@@ -93,6 +93,7 @@ class Extractor:
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
         self.parts: dict[str, IndexPart] = {}  # what this process knows of its rows' records, per split
+        self.told: set[tuple[Any, str]] = set()  # annotation files whose clipped GT boxes were reported
         return self.plan()
 
     def plan(self) -> Extractor:
@@ -106,6 +107,7 @@ class Extractor:
             split_cfg = cfg.data.splits[name]
             recs, unreadable = split_records(split_cfg)  # images-only splits: sizes from the image headers
             self.records[name] = recs
+            self._report_clipped(recs)
             ann = {"path": str(split_cfg.annotations) if split_cfg.annotations else None, "sha256": recs.sha256,
                    "ground_truth": recs.ground_truth}
             split = self.store.layout_split(name, recs.images, ann, str(split_cfg.images),
@@ -126,6 +128,18 @@ class Extractor:
                     raise ExtractError(self._strict_message(name, summary.kept_bad))
             self.plans.append((split, jobs, summary))
         return self
+
+    def _report_clipped(self, recs: SplitRecords) -> None:
+        """Say once per annotation file how many GT boxes reach outside their image (clipped to it, as
+        the masks are) and how many lie wholly outside (zero size once clipped: never a target)."""
+        if not recs.clipped or (recs.annotations, recs.sha256) in self.told:
+            return
+        self.told.add((recs.annotations, recs.sha256))
+        wholly = f", {len(recs.emptied)} of them wholly outside (zero size: never a training target)" \
+            if recs.emptied else ""
+        console.print(f"{recs.annotations}: {len(recs.clipped)} GT box(es) reach outside their image and are clipped "
+                      f"to it{wholly} (e.g. annotation id {(recs.emptied or recs.clipped)[0]})", style="yellow",
+                      markup=False)
 
     def _records(self, split: SplitStore) -> np.ndarray:
         """The split's records for planning: read from the rows themselves on the first plan; on later

@@ -438,5 +438,5 @@ def test_zero_size_gt_boxes_are_reported_once_per_split(data_copy: Path, referen
     run_train(_train_cfg(data_copy, store, tmp_path / "runs", epochs=2))
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "zero-size" in ln]
-    assert lines == [f"{store}: split 'train': 2 zero-size GT box(es) (e.g. annotation id {ids[0]}) are never "
-                     "training targets"], err
+    assert lines == [f"{store}: split 'train': 2 zero-size GT box(es) (e.g. annotation id {ids[0]}; a box wholly "
+                     "outside its image is clipped to zero size) are never training targets"], err

@@ -59,8 +59,8 @@ class TrainData:
         zero_size = gt_targets(self.dataset, new, self.image_ids, dets, train_cfg.match_iou, self.det_pairs)
         if zero_size:
             console.print(f"{cfg.store.path}: split {train_cfg.train_split!r}: {len(zero_size)} zero-size GT "
-                          f"box(es) (e.g. annotation id {min(zero_size)}) are never training targets", style="yellow",
-                          markup=False)
+                          f"box(es) (e.g. annotation id {min(zero_size)}; a box wholly outside its image is clipped "
+                          "to zero size) are never training targets", style="yellow", markup=False)
         position = {int(r): k for k, r in enumerate(rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [position[int(r)] for r in self.epoch_order(epoch)],
                                     train_cfg.batch_images, self.rank, self.world)
