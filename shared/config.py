@@ -201,6 +201,7 @@ class EvaluateConfig(_Section):
     batch_images: int = Field(2, ge=1)
     vis: bool = False
     vis_count: int = Field(6, ge=1)
+    missing_score: float | None = Field(None, ge=0.0, le=1.0)  # None: a detection without a score is an error
 
 
 class PipelineConfig(_Section):
