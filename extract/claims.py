@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from boxrefine.extract.plan import Job
-from boxrefine.shared.store.location import store_access
+from boxrefine.shared.store.location import StoreError, store_access
 from boxrefine.shared.store.row_index import IndexPart
 from boxrefine.shared.store.schema import FIELD
 from boxrefine.shared.store.split import SplitStore, StoreDamage
@@ -49,7 +49,7 @@ class RowClaims:
             with self.lock:
                 self.elsewhere.append(job.row)
             return False
-        with store_access(self.split.store_path, f"claim {self.split.name} row {job.row} ({job.path})"):
+        with store_access(self.split.store_path, f"write {self.split.name} row {job.row} ({job.path})"):
             self.split.clear_row(job.row, job.generation)
         job.had_record = False  # the claim was the clearing write
         return True
@@ -60,6 +60,9 @@ class RowClaims:
         self.pool.shutdown(wait=True)
         if self.elsewhere:
             rows = np.array(sorted(self.elsewhere), np.int64)
-            records = self.split.read_rows(rows)
+            try:
+                records = self.split.read_rows(rows)
+            except StoreError:  # the index part then lags for those rows until the next extract plans
+                return
             for i in rows.tolist():
                 part.set(i, records[i])
