@@ -85,16 +85,16 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         i = row_of[rec.key]
         if i % n_shard != i_shard:
             continue
-        refused = None
+        refused = why = None  # why: the image cannot be seen for another reason than being gone
         try:
             path = resolve_image(images_root, rec.file_name)
             fp: tuple[int, int] | None = source_fingerprint(path)
         except DataError as e:  # a symlink leading outside the image root: never read
-            path, fp, refused = images_root / rec.file_name, None, str(e)
+            path, fp, refused, why = images_root / rec.file_name, None, str(e), "leads outside the image root"
         except (FileNotFoundError, NotADirectoryError):
             fp = None  # missing
-        except OSError:
-            fp = (-1, -1)
+        except OSError as e:
+            fp, why = None, f"cannot read: {e.strerror or e}"
         r = rows[i]
         stored = (int(r[FIELD["src_size"]]), int(r[FIELD["src_mtime_ns"]]))
         same_src = stored == (fp or (-1, -1))
@@ -103,9 +103,8 @@ def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path,
         state = int(r[FIELD["state"]])
         write = {"generation": int(r[FIELD["generation"]]) + 1, "had_record": state != STATE_EMPTY}
         if state == STATE_COMPLETE and fp is None:
-            summary.missing[rec.key] = rec.file_name  # finished work is kept: the store is all train needs
-            if refused:
-                summary.missing[rec.key] += " (leads outside the image root)"
+            # finished work is kept: the store is all train needs
+            summary.missing[rec.key] = rec.file_name + (f" ({why})" if why else "")
             same_src = True  # for the GT: it needs the annotations only
             if same_ann or not same_size:
                 continue

@@ -6,7 +6,7 @@ Item: input or fault → tests
  1  refine -o naming its own detections file (also via symlink, ``..``, a hard link)
     → test_refine_never_overwrites_its_input
  2  image files missing after extraction (deleted, folder unmounted) → test_missing_image_never_demotes_a_complete_row,
-    test_missing_image_with_changed_annotations_rewrites_only_the_gt
+    test_unreadable_image_never_demotes_a_complete_row, test_missing_image_with_changed_annotations_rewrites_only_the_gt
  3  --overwrite --split val → test_overwrite_with_split_deletes_only_that_split
     (and tests/test_integrity.py::test_overwrite_deletes_only_the_store_content_and_says_what)
  4  a split's `rows` chunk of a complete row deleted → test_lost_row_record_is_damage_for_verify_and_train
@@ -128,6 +128,25 @@ def test_missing_image_never_demotes_a_complete_row(data_copy: Path, demo_root: 
     shutil.copy2(demo_root / "images" / "train" / gone.name, gone)  # the same file, the same mtime, back
     res = run_extract(make_config(data_copy, store), model=sam)
     assert (res.encoded, res.splits[0].skipped, res.splits[0].missing) == (0, 4, {})
+
+
+def test_unreadable_image_never_demotes_a_complete_row(data_copy: Path, reference_store: Path, tmp_path: Path,
+                                                       sam, monkeypatch) -> None:
+    """An image that cannot be looked at (a folder without permission) is no reason to drop its row."""
+    import boxrefine.extract.plan as plan
+
+    store = copy_store(reference_store, tmp_path)
+    hidden, real = _train_image(data_copy, store), plan.source_fingerprint
+
+    def fingerprint(path: Path) -> tuple[int, int]:
+        if path == hidden:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(plan, "source_fingerprint", fingerprint)
+    res = run_extract(make_config(data_copy, store), model=sam)
+    assert list(res.splits[0].missing.values()) == [f"{hidden.name} (cannot read: Permission denied)"]
+    assert (res.encoded, res.splits[0].bad, _states(store)) == (0, {}, [STATE_COMPLETE] * 4)
 
 
 def test_missing_image_with_changed_annotations_rewrites_only_the_gt(data_copy: Path, reference_store: Path,
