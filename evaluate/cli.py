@@ -20,10 +20,13 @@ def evaluate(
              "else best.pt of the latest run in train.runs_dir."),
     split: str = typer.Option(None, "--split", help="evaluate.split (default: train's validation split)"),
     vis: bool = typer.Option(None, "--vis/--no-vis", help="evaluate.vis: also draw overlays (reads images)."),
+    missing_score: float = typer.Option(None, "--missing-score", help="evaluate.missing_score: the score of a "
+                                        "detection that has none (default: such a detection is an error)."),
     set_: list[str] = set_option(),
 ) -> None:
     """Writes <run folder>/eval/: metrics.json/.csv, refined_<split>.json, iou_hist.png (and vis/)."""
-    cfg = load_cli_config(config, set_, {"evaluate.split": split, "evaluate.vis": vis})
+    cfg = load_cli_config(config, set_, {"evaluate.split": split, "evaluate.vis": vis,
+                                         "evaluate.missing_score": missing_score})
     from boxrefine.evaluate.run import run_evaluate
 
     run_evaluate(cfg, checkpoint=checkpoint, split=cfg.evaluate.split, vis=cfg.evaluate.vis)

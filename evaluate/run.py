@@ -46,7 +46,7 @@ from boxrefine.shared.model.sam import build_sam_heads
 from boxrefine.shared.runtime.console import console, progress
 from boxrefine.shared.runtime.device import inference_precision, resolve_device
 from boxrefine.shared.runtime.fileio import atomic_write_json
-from boxrefine.shared.scoring.coarse import CoarseBoxes, fixed_coarse_boxes
+from boxrefine.shared.scoring.coarse import CoarseBoxes, SavedBoxesError, fixed_coarse_boxes
 from boxrefine.shared.scoring.predict import ImagePrediction, predict, summarize
 from boxrefine.shared.store.feature_store import open_checked_store
 from boxrefine.shared.store.rows import StoreRows
@@ -66,13 +66,10 @@ def eval_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Path) -> tu
     existed = path.exists()
     try:
         boxes = fixed_coarse_boxes(cfg, split, ds, path)
-        meta = json.loads(path.read_text())
-        meta.pop("images", None)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if not existed:
-            raise
-        raise EvaluateError(f"{path}: cannot read the saved evaluation boxes ({e}); "
-                            "delete it to draw new ones") from None
+    except SavedBoxesError as e:  # the saved file is the problem (a bad detections file names itself)
+        raise EvaluateError(str(e)) from None
+    meta = json.loads(path.read_text())
+    meta.pop("images", None)
     missing = [k for k in (int(ds.keys[i]) for i in ds.rows) if k not in boxes]
     if missing:
         raise EvaluateError(f"{path}: the saved evaluation boxes cover {len(ds) - len(missing)} of the {len(ds)} "

@@ -46,10 +46,10 @@ def draw_overlays(images_root: Path, annotations: Path, preds: list[ImagePredict
         rec = records.get(p.key)
         if rec is None or len(p.coarse) == 0:
             continue
-        path = resolve_image(Path(images_root), rec.file_name)
         try:
+            path = resolve_image(Path(images_root), rec.file_name)
             img = read_rgb(path, intensity)
-        except ImageError as e:
+        except (ImageError, DataError) as e:
             console.print(f"--vis: {e}; skipped", style="yellow", soft_wrap=True, markup=False)
             continue
         if img.shape[:2] != (rec.height, rec.width):

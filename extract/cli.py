@@ -22,7 +22,8 @@ def extract(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="HQ-SAM checkpoint file (model.checkpoint)."),
     device: str = device_option(),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Make bad images fatal."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and rebuild it."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Delete the store and rebuild it (with --split: only those splits)."),
     reuse_features: str = typer.Option(
         None, "--reuse-features",
         help="Another store (e.g. an older schema): copy the features of unchanged images instead of encoding."),

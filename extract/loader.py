@@ -43,7 +43,9 @@ class ImageJobs(Dataset):
         rec = job.record
         out: dict[str, Any] = {"idx": idx}
         try:
-            out["fingerprint"] = source_fingerprint(job.path)
+            if job.refused:
+                raise ImageError(job.refused)
+            out["fingerprint"] = job.fingerprint if job.gt_only and job.fingerprint else source_fingerprint(job.path)
             if job.needs_image:
                 rgb = decode_rgb(job.path.read_bytes(), job.path, self.intensity)
                 levels = grey_levels(rgb)

@@ -1,4 +1,5 @@
 """Opening the store an extract process writes into, and ``--overwrite`` when several processes fill it.
+``--overwrite`` deletes the whole store's content, or with ``--split`` only the named splits.
 
 Every process of a launch opens (or creates) the store itself: creation is safe from several processes
 at once (``FeatureStore.open_or_create``). A reset is not: a process that deletes the store deletes the
@@ -28,7 +29,8 @@ from boxrefine.shared.store.location import StoreError
 def open_output_store(cfg: PipelineConfig, identity: StoreIdentity, checkpoint: dict[str, Any]) -> FeatureStore:
     """The store this process extracts into, reset once when ``extract.overwrite`` asks for it."""
     def open_it(reset: bool) -> FeatureStore:
-        return FeatureStore.open_or_create(cfg.store, identity, checkpoint, cfg.to_dict(), overwrite=reset)
+        return FeatureStore.open_or_create(cfg.store, identity, checkpoint, cfg.to_dict(), overwrite=reset,
+                                           splits=cfg.extract.splits)
 
     if not cfg.extract.overwrite:
         return open_it(False)

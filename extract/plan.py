@@ -3,6 +3,8 @@
 Incremental: a row is skipped when its record is COMPLETE and both the image file (size, mtime) and
 its annotations are unchanged; only the GT is rewritten (no decode, no encoder) when just the
 annotations changed. Any other row (empty, torn, DAMAGED, a record failing its checksum) is redone.
+A COMPLETE row whose image file is missing (deleted, or its folder not mounted) is never demoted: it
+is kept as it is (its GT still rewritten when only the annotations changed) and counted as missing.
 ``--shard i/n`` takes rows i, i+n, ... of each split; torchrun sets it from RANK/WORLD_SIZE.
 """
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from boxrefine.shared.config import PipelineConfig, parse_shard
 from boxrefine.shared.data.imageio import source_fingerprint
-from boxrefine.shared.data.records import ImageRecord, instance_mask, resolve_image
+from boxrefine.shared.data.records import DataError, ImageRecord, instance_mask, resolve_image
 from boxrefine.shared.geometry.frames import ImageGeometry
 from boxrefine.shared.store.schema import DIGEST, FEATURE_ARRAYS, FIELD, STATE_BAD, STATE_COMPLETE, STATE_EMPTY
 from boxrefine.shared.store.split import SplitStore
@@ -32,6 +34,8 @@ class Job:
     had_record: bool = False  # the row has a record to clear first (crash protocol)
     kept: dict[str, int] = field(default_factory=dict)  # gt_only: the record's feature digests, carried over
     reuse_row: int | None = None  # features copied from this row of --reuse-features (extract/reuse.py)
+    fingerprint: tuple[int, int] | None = None  # gt_only: the record's source (size, mtime); the file is not read
+    refused: str | None = None  # why the image file is never read (a symlink leading outside the image root)
 
     @property
     def needs_image(self) -> bool:
@@ -47,9 +51,12 @@ class SplitSummary:
     encoded: int = 0
     gt_only: int = 0
     reused: int = 0  # features copied from --reuse-features instead of encoded
-    skipped: int = 0
+    skipped: int = 0  # up to date (kept bad rows included)
     bad: dict[int, dict[str, str]] = field(default_factory=dict)  # found bad by this run, by key
     kept_bad: dict[int, dict[str, str]] = field(default_factory=dict)  # recorded bad earlier, file unchanged
+    missing: dict[int, str] = field(default_factory=dict)  # complete rows kept while their image is missing: file
+    no_row: int = 0  # of ``bad``: images-only files whose size is unknown (they get no row)
+    elsewhere: int = 0  # rows another extract process claimed after this one planned (extract/claims.py)
 
 
 def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
@@ -62,41 +69,56 @@ def shard_of(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def plan_split(split: SplitStore, records: list[ImageRecord], images_root: Path, shard: tuple[int, int],
-               rows: np.ndarray) -> tuple[list[Job], int, list[ImageRecord]]:
-    """Rows of this shard that need work; returns (jobs, rows skipped as up to date, the records of
-    those skipped rows that are bad: recorded bad by an earlier run, their file unchanged since).
+               rows: np.ndarray) -> tuple[list[Job], SplitSummary, list[ImageRecord]]:
+    """Rows of this shard that need work; returns (jobs, the split's summary so far: rows skipped as up
+    to date, complete rows kept while their image is missing, the records of the skipped rows that are
+    bad: recorded bad by an earlier run, their file unchanged since).
 
     A complete row whose image file is unchanged gets a GT-only job (no decode, no encoder) when just
     its annotations changed, but only while the annotated image size is the stored one: a new
     width/height re-encodes the image. ``rows``: the split's records (``SplitStore.read_rows``)."""
     row_of = {int(k): i for i, k in enumerate(split.keys().tolist())}
-    jobs, skipped, kept_bad = [], 0, []
+    jobs, kept_bad = [], []
+    summary = SplitSummary(split.name, split.n_rows)
     i_shard, n_shard = shard
     for rec in records:
         i = row_of[rec.key]
         if i % n_shard != i_shard:
             continue
-        path = resolve_image(images_root, rec.file_name)
+        refused = why = None  # why: the image cannot be seen for another reason than being gone
         try:
-            fp = source_fingerprint(path)
-        except OSError:
-            fp = (-1, -1)
+            path = resolve_image(images_root, rec.file_name)
+            fp: tuple[int, int] | None = source_fingerprint(path)
+        except DataError as e:  # a symlink leading outside the image root: never read
+            path, fp, refused, why = images_root / rec.file_name, None, str(e), "leads outside the image root"
+        except (FileNotFoundError, NotADirectoryError):
+            fp = None  # missing
+        except OSError as e:
+            fp, why = None, f"cannot read: {e.strerror or e}"
         r = rows[i]
-        same_src = (int(r[FIELD["src_size"]]), int(r[FIELD["src_mtime_ns"]])) == fp
+        stored = (int(r[FIELD["src_size"]]), int(r[FIELD["src_mtime_ns"]]))
+        same_src = stored == (fp or (-1, -1))
         same_size = (int(r[FIELD["orig_h"]]), int(r[FIELD["orig_w"]])) == (rec.height, rec.width)
         same_ann = int(r[FIELD["ann_hash"]]) == rec.ann_hash
         state = int(r[FIELD["state"]])
         write = {"generation": int(r[FIELD["generation"]]) + 1, "had_record": state != STATE_EMPTY}
+        if state == STATE_COMPLETE and fp is None:
+            # finished work is kept: the store is all train needs
+            summary.missing[rec.key] = rec.file_name + (f" ({why})" if why else "")
+            same_src = True  # for the GT: it needs the annotations only
+            if same_ann or not same_size:
+                continue
         if state in (STATE_COMPLETE, STATE_BAD) and same_src and same_ann:
-            skipped += 1  # up to date; a bad row keeps its report until the file changes
+            summary.skipped += 1  # up to date; a bad row keeps its report until the file changes
             if state == STATE_BAD:
                 kept_bad.append(rec)
         elif state == STATE_COMPLETE and same_src and same_size:
             kept = {DIGEST[a]: int(r[FIELD[DIGEST[a]]]) for a in FEATURE_ARRAYS}
-            jobs.append(Job(i, rec, path, gt_only=True, kept=kept, **write))
+            jobs.append(Job(i, rec, path, gt_only=True, kept=kept, fingerprint=stored, **write))
         else:
-            jobs.append(Job(i, rec, path, gt_only=False, **write))
-    return jobs, skipped, kept_bad
+            jobs.append(Job(i, rec, path, gt_only=False, refused=refused, **write))
+    summary.todo = len(jobs)
+    return jobs, summary, kept_bad
 
 
 def gt_arrays(rec: ImageRecord, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

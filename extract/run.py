@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from boxrefine.extract.claims import RowClaims
 from boxrefine.extract.loader import ImageJobs, RowWriter, collate_items, copy_row, write_bad, write_row
 from boxrefine.extract.overwrite import open_output_store
 from boxrefine.extract.plan import Job, SplitSummary, plan_split, row_record, shard_of
@@ -92,6 +93,7 @@ class Extractor:
                       f"dtype {cfg.store.dtype}" + (f", {self.shard_name}" if self.shard[1] > 1 else ""),
                       markup=False)
         self.parts: dict[str, IndexPart] = {}  # what this process knows of its rows' records, per split
+        self.told: set[tuple[Any, str]] = set()  # annotation files whose clipped GT boxes were reported
         return self.plan()
 
     def plan(self) -> Extractor:
@@ -105,16 +107,17 @@ class Extractor:
             split_cfg = cfg.data.splits[name]
             recs, unreadable = split_records(split_cfg)  # images-only splits: sizes from the image headers
             self.records[name] = recs
+            self._report_clipped(recs)
             ann = {"path": str(split_cfg.annotations) if split_cfg.annotations else None, "sha256": recs.sha256,
                    "ground_truth": recs.ground_truth}
             split = self.store.layout_split(name, recs.images, ann, str(split_cfg.images),
                                             INTERM_CHANNELS[cfg.model.type])
             rows = self._records(split)
-            jobs, skipped, kept_bad = plan_split(split, list(recs.images), split_cfg.images, self.shard, rows)
-            summary = SplitSummary(name, split.n_rows, todo=len(jobs), skipped=skipped)
+            jobs, summary, kept_bad = plan_split(split, list(recs.images), split_cfg.images, self.shard, rows)
             for rep in unreadable.values():
                 console.print(f"bad image: {rep['reason']}", markup=False, style="red")
             summary.bad.update(unreadable)
+            summary.no_row = len(unreadable)
             if self.source is not None:
                 mark_reusable(self.source, name, jobs)
             if kept_bad:
@@ -125,6 +128,18 @@ class Extractor:
                     raise ExtractError(self._strict_message(name, summary.kept_bad))
             self.plans.append((split, jobs, summary))
         return self
+
+    def _report_clipped(self, recs: SplitRecords) -> None:
+        """Say once per annotation file how many GT boxes reach outside their image (clipped to it, as
+        the masks are) and how many lie wholly outside (zero size once clipped: never a target)."""
+        if not recs.clipped or (recs.annotations, recs.sha256) in self.told:
+            return
+        self.told.add((recs.annotations, recs.sha256))
+        wholly = f", {len(recs.emptied)} of them wholly outside (zero size: never a training target)" \
+            if recs.emptied else ""
+        console.print(f"{recs.annotations}: {len(recs.clipped)} GT box(es) reach outside their image and are clipped "
+                      f"to it{wholly} (e.g. annotation id {(recs.emptied or recs.clipped)[0]})", style="yellow",
+                      markup=False)
 
     def _records(self, split: SplitStore) -> np.ndarray:
         """The split's records for planning: read from the rows themselves on the first plan; on later
@@ -160,6 +175,7 @@ class Extractor:
 
     def run(self) -> ExtractResult:
         cfg = self.cfg
+        encoder_s0, encoded0 = self.encoder_s, self.encoded  # this run's share (``--watch`` runs again and again)
         self.device = resolve_device(cfg.model.device)
         if self.model is None and any(j.needs_image for _, jobs, _ in self.plans for j in jobs):
             self.model = build_hq_sam(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, self.device,
@@ -179,7 +195,7 @@ class Extractor:
                 continue
             self.extract_split(split, jobs, summary)
         res = ExtractResult(cfg.store.path, [s for _, _, s in self.plans], time.perf_counter() - self.t_start,
-                            self.encoder_s, self.encoded, stopped=self.stopping)
+                            self.encoder_s - encoder_s0, self.encoded - encoded0, stopped=self.stopping)
         if not (self.quiet and not any(s.todo for s in res.splits)):
             print_summary(res)
         if self.stopping:
@@ -207,6 +223,7 @@ class Extractor:
                             shuffle=False, num_workers=ecfg.num_workers, collate_fn=collate_items,
                             prefetch_factor=4 if ecfg.num_workers else None, worker_init_fn=worker_init())
         writer = RowWriter(ecfg.write_threads, max_pending=max(4, 2 * ecfg.batch_size))
+        claims = RowClaims(split)
         lock = threading.Lock()
         failed = True  # until the loop ends: a failure of the index write must not hide the first error
         try:
@@ -227,6 +244,7 @@ class Extractor:
                             summary.reused += 1
                         else:
                             to_encode.append((job, it))
+                    to_encode = self._claim(claims, to_encode, summary)
                     if to_encode:
                         self._encode(split, to_encode, writer)
                         summary.encoded += len(to_encode)
@@ -244,9 +262,23 @@ class Extractor:
                 failed = True
                 raise
             finally:
+                claims.close(self.parts[split.name])
                 self._record_bad(split, summary)
                 if not (self.stop is not None and self.stop.forced):
                     self._flush_index(split, required=not failed)
+
+    def _claim(self, claims: RowClaims, batch: list[tuple[Job, dict[str, Any]]], summary: SplitSummary
+               ) -> list[tuple[Job, dict[str, Any]]]:
+        """The part of ``batch`` whose rows this process holds (``extract/claims.py``); rows another
+        extract process took since this one planned are skipped, and counted."""
+        if not batch:
+            return batch
+        held = claims.take([job for job, _ in batch])
+        if not all(held) and not summary.elsewhere:
+            console.print(f"{summary.split}: another extract process is filling this store: each takes the rows the "
+                          "other has not claimed", markup=False)
+        summary.elsewhere += held.count(False)
+        return [item for item, mine in zip(batch, held, strict=True) if mine]
 
     def _bad(self, split: SplitStore, job: Job, it: dict[str, Any], summary: SplitSummary, writer: RowWriter,
              lock: threading.Lock) -> None:
@@ -311,17 +343,35 @@ def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, an
 
 
 def print_summary(res: ExtractResult) -> None:
+    """Per split, what each row came to (each row counted once), then the encoder's throughput."""
     for s in res.splits:
+        bad_rows = len(s.bad) - s.no_row + len(s.kept_bad)
         console.print(f"{s.split}: rows {s.rows}: encoded {s.encoded}, gt-only {s.gt_only}, "
                       + (f"features reused {s.reused}, " if s.reused else "")
-                      + f"up to date {s.skipped}, bad {len(s.bad) + len(s.kept_bad)}", markup=False)
+                      + f"up to date {s.skipped - len(s.kept_bad)}, "
+                      + (f"done by another process {s.elsewhere}, " if s.elsewhere else "")
+                      + (f"image missing (row kept) {len(s.missing)}, " if s.missing else "")
+                      + f"bad {bad_rows}"
+                      + (f" (+{s.no_row} unreadable image(s) without a row)" if s.no_row else ""), markup=False)
         for key, rep in s.bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key})", markup=False)
         for key, rep in s.kept_bad.items():
             console.print(f"    bad: {rep['file']} — {rep['reason']} (key {key}; recorded earlier, file unchanged)",
                           markup=False)
+        print_missing(s)
     if res.encoded:
         console.print(f"{res.encoded} images in {res.wall_s:.1f}s = {res.images_per_s:.2f} img/s; "
                       f"encoder {res.encoder_s:.1f}s = {100 * res.encoder_share:.0f}% of wall time", markup=False)
     else:
         console.print(f"no encoder work ({res.wall_s:.1f}s)", markup=False)
+
+
+def print_missing(s: SplitSummary, shown: int = 5) -> None:
+    """The complete rows kept although their image file is missing (a few by name, then a count)."""
+    if not s.missing:
+        return
+    names = sorted(s.missing.values())
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    console.print(f"    image missing: {', '.join(names[:shown])}{more} — the complete row(s) are kept (train and "
+                  "evaluate need only the store); check the image folder if they should be there", style="yellow",
+                  markup=False)

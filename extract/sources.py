@@ -55,15 +55,15 @@ def sized(recs: SplitRecords, root: Path) -> tuple[SplitRecords, dict[int, dict[
     cannot read is decoded instead; one that cannot be decoded either is reported and left out)."""
     out, bad = [], {}
     for r in recs.images:
-        path = resolve_image(root, r.file_name)
         try:
+            path = resolve_image(root, r.file_name)
             try:
                 h, w = header_size(path)
             except ImageError:
                 if not path.is_file():
                     raise
                 h, w = read_rgb(path).shape[:2]  # formats PIL does not know, but the decoder does
-        except ImageError as e:
+        except (ImageError, DataError) as e:
             bad[r.key] = {"file": r.file_name, "reason": str(e), "image_id": r.image_id}
             continue
         out.append(images_only_record(r.image_id, r.file_name, h, w))

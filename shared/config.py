@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,6 +202,7 @@ class EvaluateConfig(_Section):
     batch_images: int = Field(2, ge=1)
     vis: bool = False
     vis_count: int = Field(6, ge=1)
+    missing_score: float | None = Field(None, ge=0.0, le=1.0)  # None: a detection without a score is an error
 
 
 class PipelineConfig(_Section):
@@ -321,6 +323,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def names_section(key: str) -> bool:
+    """Whether a dotted key names a whole section (``train``, ``data.splits.val``) rather than a value."""
+    node: Any = PipelineConfig
+    for part in key.split("."):
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return False
+    return (isinstance(node, type) and issubclass(node, BaseModel)) or typing.get_origin(node) is dict
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set one dotted override in ``raw``. A section is never replaced whole, which would silently drop
+    the keys the YAML gives it: a mapping is applied key by key, and null is refused."""
+    if not names_section(key):
+        set_dotted(raw, key, value)
+    elif isinstance(value, dict):
+        for sub, v in (_flatten(value, f"{key}.") if value else {}).items():
+            apply_override(raw, sub, v, source)
+    else:
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(source, [(key, f"is a section; it cannot be set to {shown}: set its keys one by one "
+                                         f"(e.g. --set {key}.KEY=VALUE)")])
+
+
 def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
                     overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Validate already-parsed YAML data; raise :class:`ConfigError` listing every problem.
@@ -348,7 +377,7 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
     if fast or overrides:
         final = merged if fast else raw
         for key, value in (overrides or {}).items():
-            set_dotted(final, key, value)
+            apply_override(final, key, value, source)
         cfg, errors = _validate(final)
         if errors:
             raise ConfigError(source, errors)

@@ -158,7 +158,7 @@ def test_strict_fails_on_bad_rows_already_in_the_store(data_copy: Path, referenc
                                                        sam) -> None:
     """`--strict` on a store that already held bad rows exited 0 reporting "bad 0"."""
     store = _store_copy(reference_store, tmp_path)
-    (data_copy / "images" / "train" / "train_0001.png").unlink()
+    (data_copy / "images" / "train" / "train_0001.png").write_bytes(b"not an image")
     res = run_extract(make_config(data_copy, store), model=sam)
     assert len(res.splits[0].bad) == 1
     cfg = write_config(tmp_path / "cfg.yaml", data_copy, store)
@@ -167,10 +167,10 @@ def test_strict_fails_on_bad_rows_already_in_the_store(data_copy: Path, referenc
     errors = _error_lines(out)
     assert len(errors) == 1, out
     assert "split 'train'" in errors[0] and "--strict" in errors[0]
-    assert "train_0001.png" in errors[0] and "file not found" in errors[0]
+    assert "train_0001.png" in errors[0] and "bad" in errors[0]
     res, out = invoke("extract", "--config", str(cfg))  # without --strict: reported, not fatal
     assert res.exit_code == 0, out
-    assert "train: rows 4: encoded 0, gt-only 0, up to date 4, bad 1" in out
+    assert "train: rows 4: encoded 0, gt-only 0, up to date 3, bad 1" in out
 
 
 # ------------------------------------------------------------------------------------ item 8
@@ -438,5 +438,5 @@ def test_zero_size_gt_boxes_are_reported_once_per_split(data_copy: Path, referen
     run_train(_train_cfg(data_copy, store, tmp_path / "runs", epochs=2))
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "zero-size" in ln]
-    assert lines == [f"{store}: split 'train': 2 zero-size GT box(es) (e.g. annotation id {ids[0]}) are never "
-                     "training targets"], err
+    assert lines == [f"{store}: split 'train': 2 zero-size GT box(es) (e.g. annotation id {ids[0]}; a box wholly "
+                     "outside its image is clipped to zero size) are never training targets"], err

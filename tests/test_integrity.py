@@ -67,17 +67,25 @@ def test_store_path_that_is_not_a_store_is_never_written_or_deleted(data_copy: P
 
 
 def test_overwrite_deletes_only_the_store_content_and_says_what(reference_store: Path, demo_root: Path,
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path, capsys) -> None:
+    """The whole store's content, and nothing else (with --split only the split named: see
+    tests/test_nothing_lost.py::test_overwrite_with_split_deletes_only_that_split)."""
+    from boxrefine.shared.config import StoreConfig
+    from boxrefine.shared.store.feature_store import FeatureStore
+
     store = copy_store(reference_store, tmp_path)
     (store / "notes.txt").write_text("keep me")
-    cfg = write_config(tmp_path / "cfg.yaml", demo_root, store)
-    res, out = invoke("extract", "--config", str(cfg), "--overwrite", "--split", "val")
-    assert res.exit_code == 0, out
+    identity = open_store(str(store)).identity
+    res, out = invoke("extract", "--config", str(write_config(tmp_path / "cfg.yaml", demo_root, store)), "--overwrite",
+                      "--store", str(store), "--set", "model.type=vit_b", "--split", "val")
+    assert "--overwrite --split val rebuilds only those splits" in one_line_error(res, out)
+    assert open_store(str(store)).splits == ["train", "val"]  # refused before anything was deleted
+    FeatureStore.open_or_create(StoreConfig(path=str(store)), identity, {}, {}, overwrite=True)
+    out = capsys.readouterr().err
     assert "deleting the store's own content: train/, val/, zarr.json" in out
     assert "keeping what is not part of the store: notes.txt" in out
     assert (store / "notes.txt").read_text() == "keep me"
-    st = open_store(str(store))
-    assert st.splits == ["val"] and st.split("val").complete_indices().tolist() == [0]
+    assert open_store(str(store)).splits == []
 
 
 # --------------------------------------------------------------------- 2. integrity: detect, report, repair

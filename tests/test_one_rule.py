@@ -55,12 +55,17 @@ def test_a_malformed_detections_file_gets_one_error_everywhere(tmp_path: Path, c
 
 def test_detections_read_the_same_way_by_evaluate_and_refine(tmp_path: Path) -> None:
     """String ids and file names are image references for refine; evaluate scores against COCO's
-    integer ids and says so for anything else. A missing score is 1.0 for AP, None for refine."""
+    integer ids and says so for anything else. A missing score is an error for AP unless
+    ``missing_score`` gives one, None for refine."""
     from boxrefine.extract.refine.inputs import load_detection_entries
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{**GOOD, "image_id": 3.0}, {"image_id": 4, "bbox": [0, 0, 1, 1]}]))
-    assert load_detections(path) == {3: [([10.0, 10.0, 30.0, 30.0], 0.5, 1)], 4: [([0.0, 0.0, 1.0, 1.0], 1.0, -1)]}
+    assert _error(load_detections, path).endswith(f"{path}: [1] (image_id 4): no score; AP ranks detections by "
+                                                 "score: add one to every entry, or set evaluate.missing_score (e.g. "
+                                                 "--missing-score 1.0)")
+    assert load_detections(path, missing_score=1.0) == {3: [([10.0, 10.0, 30.0, 30.0], 0.5, 1)],
+                                                        4: [([0.0, 0.0, 1.0, 1.0], 1.0, -1)]}
     entries = load_detection_entries(path)
     assert [(d.image_id, d.score, d.box) for d in entries] == [(3, 0.5, (10.0, 10.0, 30.0, 30.0)),
                                                                (4, None, (0.0, 0.0, 1.0, 1.0))]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import invoke, make_config, write_config
+from conftest import invoke, make_config, one_line_error, write_config
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -324,7 +324,8 @@ def test_checkpoint_of_another_model_or_mapping_is_refused(demo_root: Path, stor
 
 
 def test_output_written_atomically(demo_root: Path, store: Path, refiner: Path, tmp_path: Path, monkeypatch) -> None:
-    """A failure while the result is written leaves the previous file whole and no temp file behind."""
+    """A failure while the result is written leaves the previous file whole and no temp file behind, and is
+    one line naming the file."""
     import boxrefine.shared.runtime.fileio as fileio
 
     cfg = _cfg(tmp_path, demo_root, store)
@@ -336,8 +337,8 @@ def test_output_written_atomically(demo_root: Path, store: Path, refiner: Path, 
         raise OSError("disk full")
 
     monkeypatch.setattr(fileio.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        invoke("refine", "--config", str(cfg), "--checkpoint", str(refiner), "--split", "val",
-               "--detections", str(dets), "--out", str(out))
+    res, text = invoke("refine", "--config", str(cfg), "--checkpoint", str(refiner), "--split", "val",
+                       "--detections", str(dets), "--out", str(out))
+    assert one_line_error(res, text) == f"error: {out}: cannot write: disk full"
     assert out.read_text() == "previous"
     assert sorted(os.listdir(tmp_path)) == sorted(["cfg.yaml", "d.json", "features.zarr", "out.json"])

@@ -54,13 +54,14 @@ class TrainData:
                                  on_damage=cfg.store.on_damage)
         split_cfg = cfg.data.splits[train_cfg.train_split]
         new = [i for i in rows.tolist() if i not in self.det_pairs]
-        dets = (load_detections(split_cfg.detections, {int(self.image_ids[i]) for i in new} - {-1})
+        dets = (load_detections(split_cfg.detections, {int(self.image_ids[i]) for i in rows.tolist()} - {-1},
+                                set(self.image_ids.tolist()) - {-1}, missing_score=0.0)  # train reads no score
                 if (train_cfg.use_detections and split_cfg.detections and new) else None)
         zero_size = gt_targets(self.dataset, new, self.image_ids, dets, train_cfg.match_iou, self.det_pairs)
         if zero_size:
             console.print(f"{cfg.store.path}: split {train_cfg.train_split!r}: {len(zero_size)} zero-size GT "
-                          f"box(es) (e.g. annotation id {min(zero_size)}) are never training targets", style="yellow",
-                          markup=False)
+                          f"box(es) (e.g. annotation id {min(zero_size)}; a box wholly outside its image is clipped "
+                          "to zero size) are never training targets", style="yellow", markup=False)
         position = {int(r): k for k, r in enumerate(rows.tolist())}
         self.sampler = EpochSampler(lambda epoch: [position[int(r)] for r in self.epoch_order(epoch)],
                                     train_cfg.batch_images, self.rank, self.world)

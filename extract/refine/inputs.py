@@ -14,12 +14,14 @@ matches ``000042.jpg``, as Ultralytics writes the results of a folder).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from boxrefine.shared.data.detections import Detection, read_detections
 from boxrefine.shared.data.records import DataError, ImageRecord, safe_relpath
+from boxrefine.shared.scoring.predictor import RefineError
 
 # why a detection is passed through unrefined (RefineDetection.status)
 UNKNOWN, UNREADABLE, LOW_SCORE, ZERO_SIZE, OUTSIDE = ("unknown image", "image unreadable", "score below min_score",
@@ -107,3 +109,27 @@ def apply_min_score(dets: list[RefineDetection], min_score: float) -> None:
     for d in dets:
         if d.status is None and (d.score if d.score is not None else 1.0) < min_score:
             d.status, d.detail = LOW_SCORE, f"score {d.score} below min_score {min_score}"
+
+
+def check_output(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, an output path that names one of the run's ``inputs`` ({what: path}; the
+    same file also through a symlink, ``..`` or a hard link), a folder, or a file in a folder that does
+    not exist: refine never overwrites its input, and a bad path is not found out after the work."""
+    real = out.resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        same = real == path.resolve()
+        if not same and out.exists() and path.exists():
+            same = os.path.samefile(out, path)
+        if same:
+            raise RefineError(f"{out}: the output is the {what} ({path}); refine never overwrites its input: "
+                              "give --out another file")
+    if out.is_dir():
+        raise RefineError(f"{out}: the output is a folder; give --out a file name (e.g. {out / 'refined.json'})")
+    parent = real.parent
+    if not parent.is_dir():
+        why = "is not a folder" if parent.exists() else "does not exist"
+        raise RefineError(f"{out}: cannot write the output: the folder {parent} {why}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefineError(f"{out}: cannot write the output: the folder {parent} is not writable")

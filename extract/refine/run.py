@@ -37,6 +37,7 @@ from boxrefine.extract.refine.inputs import (
     RefineDetection,
     apply_min_score,
     assign_images,
+    check_output,
     load_detection_entries,
 )
 from boxrefine.extract.run import Extractor
@@ -133,6 +134,8 @@ class RefineRun:
         if self.detections_path is None:
             raise RefineError(f"no detections: pass --detections (split {self.name!r} configures none)")
         self.out = out or self.detections_path.with_name(f"{self.detections_path.stem}.refined.json")
+        check_output(self.out, {"detections file": self.detections_path, "refiner checkpoint": self.checkpoint,
+                                "COCO file": self.split_cfg.annotations})
         self.model, self.announce = model, announce
 
     def setup(self) -> RefineRun:
@@ -278,7 +281,7 @@ class RefineRun:
             rec = self.records[key]
             try:
                 img = read_rgb(resolve_image(self.split_cfg.images, rec.file_name), self.cfg.data.intensity.mapping())
-            except ImageError as e:
+            except (ImageError, DataError) as e:
                 console.print(f"--vis: {e}; skipped", style="yellow", markup=False)
                 continue
             t = line_width(img.shape[:2])

@@ -7,7 +7,10 @@ A malformed file or entry (not JSON, not a list, an entry that is not an object,
 a box that is not four finite numbers or has a negative width or height, a score or category that is
 not a number) is a one-line :class:`DataError` naming the file and the entry. An entry names its
 image by ``image_id`` (an integer, or a string such as a file stem) or by ``file_name``; a missing
-``score`` is None here, and each use says what that means.
+``score`` is None here, and each use says what that means: evaluate ranks boxes by score for AP, so
+there it is an error naming the entry unless ``evaluate.missing_score`` gives the value to use; train
+does not read scores; refine keeps the entry as it is (``refine.min_score`` counts it as 1.0). Scores
+outside [0, 1] are used as given, with one warning that counts them.
 """
 
 from __future__ import annotations
@@ -51,7 +54,12 @@ def read_detections(path: Path) -> list[Detection]:
         data = data["annotations"]
     if not isinstance(data, list):
         raise DataError(f"{path}: detections must be {SHAPE}")
-    return [_entry(path, i, d) for i, d in enumerate(data)]
+    dets = [_entry(path, i, d) for i, d in enumerate(data)]
+    outside = [d for d in dets if d.score is not None and not 0.0 <= d.score <= 1.0]
+    if outside:
+        console.print(f"{path}: {len(outside)} detection(s) have a score outside [0, 1] (e.g. [{outside[0].index}] "
+                      f"score {outside[0].score:g}); used as given", style="yellow", markup=False)
+    return dets
 
 
 def _entry(path: Path, i: int, d: Any) -> Detection:
@@ -83,23 +91,32 @@ def _entry(path: Path, i: int, d: Any) -> Detection:
                      file_name if isinstance(file_name, str) else None)
 
 
-def load_detections(path: Path, image_ids: Collection[int] | None = None
-                    ) -> dict[int, list[tuple[list[float], float, int]]]:
+def load_detections(path: Path, image_ids: Collection[int] | None = None, split_ids: Collection[int] | None = None,
+                    missing_score: float | None = None) -> dict[int, list[tuple[list[float], float, int]]]:
     """A detections file as evaluate and train use it: {image_id: [(xyxy, score, category_id), ...]}
-    keyed by the integer ids of the COCO annotations (a detection without a score counts as 1.0).
-    Given the split's ``image_ids``, detections of other images are dropped, with one warning that
-    counts them."""
+    keyed by the integer ids of the COCO annotations. A detection without a score is a DataError naming
+    the entry, unless ``missing_score`` gives the score to use. Given the ``image_ids`` in use,
+    detections of other images are dropped, with one warning that counts them: apart, those of images
+    of the split (``split_ids``) that have no usable row (bad, damaged or not extracted yet)."""
     out: dict[int, list[tuple[list[float], float, int]]] = {}
     for d in read_detections(path):
         if not isinstance(d.image_id, int):
             raise DataError(f"{path}: [{d.index}]: image_id must be an integer (the COCO image id) to score or "
                             f"train on detections, got {d.entry.get('image_id')!r:.60}")
-        out.setdefault(d.image_id, []).append((list(d.box), 1.0 if d.score is None else d.score, d.category_id))
+        score = d.score if d.score is not None else missing_score
+        if score is None:
+            raise DataError(f"{path}: [{d.index}] (image_id {d.image_id}): no score; AP ranks detections by score: "
+                            "add one to every entry, or set evaluate.missing_score (e.g. --missing-score 1.0)")
+        out.setdefault(d.image_id, []).append((list(d.box), score, d.category_id))
     if image_ids is not None:
-        known = set(image_ids)
+        known, in_split = set(image_ids), set(split_ids or ())
         unknown = sorted(k for k in out if k not in known)
-        if unknown:
-            n = sum(len(out.pop(k)) for k in unknown)
-            console.print(f"{path}: {n} detection(s) for {len(unknown)} image id(s) not in the split "
-                          f"(e.g. {unknown[0]}); ignored", style="yellow", markup=False)
+        no_row = [k for k in unknown if k in in_split]
+        elsewhere = [k for k in unknown if k not in in_split]
+        for ids, what in ((no_row, "image(s) of the split without a usable row (bad, damaged or not extracted)"),
+                          (elsewhere, "image id(s) not in the split")):
+            if ids:
+                n = sum(len(out.pop(k)) for k in ids)
+                console.print(f"{path}: {n} detection(s) for {len(ids)} {what} (e.g. {ids[0]}); ignored",
+                              style="yellow", markup=False)
     return out

@@ -8,6 +8,7 @@ Malformed input raises :class:`DataError` with one line naming the file and the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,8 @@ class DataError(BoxrefineError, ValueError):
 
 @dataclass(frozen=True)
 class Instance:
-    """One COCO annotation. ``box`` is xyxy in original image pixels."""
+    """One COCO annotation. ``box`` is xyxy in original image pixels, clipped to the image (as its mask
+    is): a box reaching outside the image is cut at its edges, one wholly outside has zero size."""
 
     ann_id: int
     category_id: int
@@ -57,6 +59,8 @@ class SplitRecords:
     images: tuple[ImageRecord, ...]
     categories: tuple[dict[str, Any], ...]
     ground_truth: bool = True  # False: images only (no annotations), nothing to train on or score
+    clipped: tuple[int, ...] = ()  # ids of the annotations whose box reached outside the image (clipped)
+    emptied: tuple[int, ...] = ()  # of those, the boxes wholly outside the image (zero size once clipped)
 
 
 def _int63(data: bytes) -> int:
@@ -69,7 +73,9 @@ def image_key(file_name: str) -> int:
 
 
 def safe_relpath(file_name: str, source: str | Path = "") -> str:
-    """Normalise a COCO ``file_name``; refuse absolute paths and anything escaping the image root."""
+    """Normalise a COCO ``file_name`` (``a/./b``, ``a//b``, ``a\\b`` and ``a/../b`` are taken apart by name);
+    refuse absolute paths and anything whose name leads out of the image root. Where the file really
+    is (symlinks) is :func:`resolve_image`'s check."""
     prefix = f"{source}: " if source else ""
     if not isinstance(file_name, str) or not file_name.strip():
         raise DataError(f"{prefix}empty or non-string file_name {file_name!r}")
@@ -78,17 +84,32 @@ def safe_relpath(file_name: str, source: str | Path = "") -> str:
     win = PureWindowsPath(file_name)
     if file_name.startswith(("/", "\\")) or win.drive or PurePosixPath(file_name).is_absolute():
         raise DataError(f"{prefix}file_name {file_name!r} is absolute; it must be relative to the image root")
-    parts = [p for p in file_name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise DataError(f"{prefix}file_name {file_name!r} escapes the image root ('..')")
+    parts: list[str] = []
+    for p in file_name.replace("\\", "/").split("/"):
+        if p == "..":
+            if not parts:
+                raise DataError(f"{prefix}file_name {file_name!r} escapes the image root ('..')")
+            parts.pop()
+        elif p not in ("", "."):
+            parts.append(p)
     if not parts:
         raise DataError(f"{prefix}file_name {file_name!r} names no file")
     return "/".join(parts)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> Path:
+    return root.resolve()
+
+
 def resolve_image(root: Path, file_name: str) -> Path:
-    """Path of an image under ``root`` (``file_name`` must already be safe)."""
-    return root.joinpath(*safe_relpath(file_name).split("/"))
+    """Path of an image under ``root``. The file's real path (symlinks followed) must lie under the
+    root's real path too: a symlink leading outside it is a DataError naming both, and is never read."""
+    path = root.joinpath(*safe_relpath(file_name).split("/"))
+    real, real_root = path.resolve(), _real_root(root)
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{path}: a symlink leading outside the image root {root} (to {real}); not read")
+    return path
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -150,8 +171,30 @@ def load_coco(path: Path, allow_images_only: bool = False) -> SplitRecords:
         records = [images_only_record(r.image_id, r.file_name, r.height, r.width) for r in records]
     keys = {r.key for r in records}
     _need(len(keys) == len(records), path, "images", "two file names hash to the same key (rename one)")
+    clipped, emptied = _clipped(data["annotations"], images)
     return SplitRecords(path, hashlib.sha256(data_bytes).hexdigest(), tuple(records),
-                        tuple(c for c in categories if isinstance(c, dict)), ground_truth=not images_only)
+                        tuple(c for c in categories if isinstance(c, dict)), ground_truth=not images_only,
+                        clipped=clipped, emptied=emptied)
+
+
+def clip_box(x: float, y: float, w: float, h: float, height: int, width: int) -> tuple[float, float, float, float]:
+    """A COCO ``[x, y, w, h]`` box as xyxy clipped to a ``height`` × ``width`` image."""
+    return (min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width),
+            min(max(y + h, 0.0), height))
+
+
+def _clipped(anns: list[dict[str, Any]], images: dict[int, dict[str, Any]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids of the annotations whose box reaches outside its image, ids of those wholly outside it)."""
+    clipped, emptied = [], []
+    for ann in anns:
+        im = images[ann["image_id"]]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        x0, y0, x1, y1 = clip_box(x, y, w, h, im["height"], im["width"])
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            clipped.append(int(ann["id"]))
+            if (x1 <= x0 or y1 <= y0) and w > 0 and h > 0:
+                emptied.append(int(ann["id"]))
+    return tuple(clipped), tuple(emptied)
 
 
 def _checked_images(path: Path, entries: list[Any], images_only: bool) -> dict[int, dict[str, Any]]:
@@ -196,9 +239,9 @@ def _record(im: dict[str, Any]) -> ImageRecord:
     annotations and the image size."""
     insts = []
     for ann in sorted(im["anns"], key=lambda a: a["id"]):
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        insts.append(Instance(int(ann["id"]), int(ann["category_id"]), (x, y, x + w, y + h),
-                              int(ann.get("iscrowd", 0)), ann.get("segmentation")))
+        box = clip_box(*(float(v) for v in ann["bbox"]), im["height"], im["width"])
+        insts.append(Instance(int(ann["id"]), int(ann["category_id"]), box, int(ann.get("iscrowd", 0)),
+                              ann.get("segmentation")))
     blob = json.dumps([[a.ann_id, a.category_id, a.box, a.iscrowd, a.segmentation] for a in insts],
                       sort_keys=True, separators=(",", ":")).encode()
     blob += f"|{im['height']}x{im['width']}".encode()

@@ -22,6 +22,7 @@ import torch
 from boxrefine.shared.errors import BoxrefineError, first_line
 from boxrefine.shared.model.heads import build_refiner
 from boxrefine.shared.model.refiner import BoxRefiner
+from boxrefine.shared.model.weights import load_failure
 from boxrefine.shared.runtime.fileio import read_bytes
 
 CKPT_FORMAT = 2  # 2: a content checksum in every checkpoint
@@ -69,7 +70,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointFileError(f"{path}: not a readable checkpoint ({first_line(e, 160)})") from None
+        raise CheckpointFileError(f"{path}: not a readable checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "refiner" not in ckpt or not isinstance(ckpt.get("format"), int):
         raise CheckpointFileError(f"{path}: not a boxrefine training checkpoint")
     if ckpt["format"] != CKPT_FORMAT:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def checkpoint_info(model_type: str, checkpoint: Path | None, seed: int) -> Chec
                           official_name=official[1] if official else None)
 
 
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words. torch's own message
+    opens with advice to retry with ``weights_only=False`` (which would run code from the file) and
+    names the real problem lines later; this names that problem."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if found is None:
+        return first_line(e, 160)
+    detail = found.group(1).strip()
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if unsafe:
+        return f"it holds a {unsafe.group(1)} object, which is never unpickled: only tensors and plain values load"
+    return f"not a torch checkpoint file: {detail[:120]}"
+
+
 def load_state_dict_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line errors. ``mmap``
     maps the file instead of reading it, so tensors that are never used are never loaded."""
@@ -102,7 +118,7 @@ def load_state_dict_file(path: Path, mmap: bool = False) -> dict[str, torch.Tens
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as e:  # torch raises many types for truncated/corrupt/unsafe files
-        raise CheckpointError(f"{path}: cannot load checkpoint ({first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint ({load_failure(e)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

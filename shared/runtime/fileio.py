@@ -4,7 +4,9 @@
 The content goes to a temp file in the destination folder with a name unique to this writer
 (``tempfile.mkstemp``: never shared by two processes or threads), is flushed and fsynced, then
 ``os.replace``\\ d over the destination, and the folder entry is fsynced. A reader sees the old file
-or the new one, never a torn one; a crash leaves at most a hidden ``.<name>.*.tmp`` file behind.
+or the new one, never a torn one; a crash leaves at most a hidden ``.<name>.*.tmp`` file behind. A write
+that fails (a full disk, a missing or read-only folder, a folder in the way) raises :class:`WriteError`,
+one line naming the path and the cause, and leaves the old file as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from boxrefine.shared.errors import BoxrefineError
+
+
+class WriteError(BoxrefineError, OSError):
+    """A file that could not be written; the message names it and the cause (one line)."""
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
+        return WriteError(f"{path}: cannot write: the folder {path.parent} does not exist")
+    if path.is_dir():
+        return WriteError(f"{path}: cannot write: a folder of that name is in the way")
+    return WriteError(f"{path}: cannot write: {e.strerror or e}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -33,7 +51,10 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a binary temp file beside ``path``, then atomically move it to ``path``."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -41,8 +62,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
     _fsync_dir(path.parent)
     return path

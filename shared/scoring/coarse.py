@@ -25,6 +25,11 @@ from boxrefine.shared.runtime.fileio import atomic_write_json
 from boxrefine.shared.store.rows import StoreRows, row_geometry
 
 
+class SavedBoxesError(DataError):
+    """Saved evaluation boxes that cannot be read back: the file itself is the problem (deleting it
+    draws new ones), not the annotations or detections they are drawn from."""
+
+
 @dataclass
 class CoarseBoxes:
     """Coarse boxes of one image. ``gt_index[i]`` is the GT instance (position in the store row)
@@ -126,7 +131,11 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
     written there, and a rebuilt file is announced."""
     provenance = boxes_provenance(cfg, split, ds)
     if path is not None and path.exists():
-        boxes, meta = load_coarse_boxes(path)
+        try:
+            boxes, meta = load_coarse_boxes(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SavedBoxesError(f"{path}: cannot read the saved evaluation boxes ({e}); delete it to draw new "
+                                  "ones") from None
         old = meta.get("provenance") or {}
         changed = [k.removesuffix("_sha256") for k in provenance if old.get(k) != provenance[k]]
         if not changed:
@@ -136,7 +145,8 @@ def fixed_coarse_boxes(cfg: PipelineConfig, split: str, ds: StoreRows, path: Pat
     split_cfg = cfg.data.splits[split]
     split_store = ds.split()
     ids = split_store.image_ids()
-    dets = load_detections(split_cfg.detections, set(ids.tolist()) - {-1}) if split_cfg.detections else None
+    dets = load_detections(split_cfg.detections, {int(ids[i]) for i in ds.rows} - {-1}, set(ids.tolist()) - {-1},
+                           cfg.evaluate.missing_score) if split_cfg.detections else None
     out, image_ids = {}, {}
     for i in ds.rows:
         rec = ds.records[i]

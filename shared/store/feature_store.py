@@ -104,13 +104,15 @@ class FeatureStore:
 
     @classmethod
     def open_or_create(cls, cfg: StoreConfig, identity: StoreIdentity, checkpoint: dict[str, Any],
-                       config: dict[str, Any], overwrite: bool = False) -> FeatureStore:
+                       config: dict[str, Any], overwrite: bool = False,
+                       splits: list[str] | None = None) -> FeatureStore:
         """Open the configured store for writing, creating it if the path is absent or an empty folder.
 
         Refuses (StoreError) any other non-empty path: extract never writes into, or deletes, what is
-        not a boxrefine store. ``overwrite`` deletes only a store's own content, and says what. A
-        store made with another identity is refused naming both, unless it holds no complete row
-        (e.g. a first extract that failed to load its checkpoint): then it is re-stamped."""
+        not a boxrefine store. ``overwrite`` deletes only a store's own content, and says what; with
+        ``splits`` only those splits (the store must have this identity). A store made with another
+        identity is refused naming both, unless it holds no complete row (e.g. a first extract that
+        failed to load its checkpoint): then it is re-stamped."""
         path = cfg.path
         where = inspect_store_path(path)
         if where.kind == "foreign":
@@ -118,6 +120,15 @@ class FeatureStore:
                              f"{', '.join(where.other[:5])}{', ...' if len(where.other) > 5 else ''}); extract "
                              "neither writes into nor deletes such a folder (with or without --overwrite): "
                              "choose a new or empty store path")
+        if where.kind == "store" and overwrite and splits:
+            store = cls.open(path, "a")
+            diffs = store.identity.differences(identity)
+            if diffs:
+                raise StoreError(f"{path}: --overwrite --split {' '.join(splits)} rebuilds only those splits, but the "
+                                 f"store was made otherwise ({'; '.join(diffs)}): --overwrite without --split "
+                                 "rebuilds the whole store")
+            store.delete_splits(splits)
+            return store
         if where.kind == "store" and overwrite:
             _delete(where, "--overwrite")
         elif where.kind == "store":
@@ -144,6 +155,19 @@ class FeatureStore:
             check_identity(path, store.identity, identity)
             return store
         return cls(path, group)
+
+    def delete_splits(self, names: list[str]) -> None:
+        """``--overwrite --split``: delete the named splits' groups (and only those), saying what."""
+        present = self.splits
+        gone = [n for n in names if n in present]
+        kept = [n for n in present if n not in names]
+        console.print(f"{self.path}: --overwrite --split {' '.join(names)}: deleting split(s) "
+                      f"{', '.join(f'{n}/' for n in gone) or '(none in the store yet)'}"
+                      + (f"; keeping {', '.join(f'{n}/' for n in kept)}" if kept else ""),
+                      markup=False, style="yellow")
+        with store_access(self.path, "delete splits"):
+            for name in gone:
+                del self.group[name]
 
     @property
     def splits(self) -> list[str]:

@@ -28,6 +28,9 @@ from boxrefine.shared.store.objstore import location_fs
 CLOUD_ERROR_MODULES = ("botocore", "aiobotocore", "boto3", "s3fs", "obstore", "gcsfs", "google.auth",
                        "google.api_core", "google.cloud", "adlfs", "azure")
 _S3_ERROR = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
+# A request that never reached the server (refused, unresolvable or timed-out connection): obstore's
+# "error sending request" / reqwest's Connect kind, botocore's EndpointConnectionError.
+_UNREACHABLE = re.compile(r"error sending request|kind: Connect|dns error|Could not connect to the endpoint", re.I)
 TEMP_SUFFIX = ".partial"  # zarr's LocalStore writes <key>.<uuid>.partial, then renames it
 OWN_FOLDERS = ("watchers",)  # a store's own folders that are not zarr nodes (shared/store/watchers.py)
 
@@ -55,8 +58,21 @@ def environment_problem(e: BaseException) -> str | None:
             what = "disk full (No space left on device)"
         return f"{what} ({e.filename})" if getattr(e, "filename", None) else what
     if type(e).__module__.startswith(CLOUD_ERROR_MODULES):
+        unreachable = _unreachable(str(e))
+        if unreachable:
+            return unreachable
         return f"{type(e).__name__}: {_cloud_line(e)} (check the cloud credentials)"
     return None
+
+
+def _unreachable(text: str) -> str | None:
+    """The line for a cloud request that never reached its endpoint, or None."""
+    if not _UNREACHABLE.search(text):
+        return None
+    url = re.search(r"(?:Error performing \w+ |endpoint URL: \W?)(\w+://[^/\s\"']+)", text)
+    why = re.search(r'message: "([^"]+)"', text)
+    return (f"cannot reach the storage endpoint{' ' + url.group(1) if url else ''} "
+            f"({why.group(1) if why else 'no connection'}): check the endpoint URL and the network")
 
 
 def raise_environment(path: str, action: str, e: BaseException) -> None:

@@ -36,6 +36,7 @@ from boxrefine.shared.store.schema import (
     STATE_COMPLETE,
     STATE_DAMAGED,
     STATE_EMPTY,
+    STATE_NAMES,
     STATE_STALE,
 )
 
@@ -272,11 +273,11 @@ class SplitStore:
         """The generation a new write of row ``i`` gets: its record's + 1 (the row index's when the record
         itself is unreadable, so that the new record supersedes the index's)."""
         try:
-            return int(self.read_record(i)[FIELD["generation"]]) + 1
+            own = int(self.read_record(i)[FIELD["generation"]])
         except StoreDamage:
-
-            index = read_index(self)
-            return 1 + (int(index[0][i, FIELD["generation"]]) if index is not None and i < len(index[0]) else 0)
+            own = 0
+        index = read_index(self)  # a record that is lost or unreadable: the index's generation counts too
+        return 1 + max(own, int(index[0][i, FIELD["generation"]]) if index is not None and i < len(index[0]) else 0)
 
     def mark_damaged(self, i: int) -> np.ndarray:
         """``store verify --repair``: readers stop trusting the row and extract recomputes it."""
@@ -360,10 +361,31 @@ class SplitStore:
                 if damage is not None:
                     raise damage
                 return record, parts
+            if int(now[FIELD["generation"]]) < int(record[FIELD["generation"]]):
+                raise self.lost_record(i, record)  # a rewrite never lowers the generation: the record is gone
             if int(now[FIELD["state"]]) != STATE_COMPLETE:
                 raise RowBusy(i, now)
             record = now
         raise RowBusy(i, record)
+
+    def lost_record(self, i: int, known: np.ndarray) -> StoreDamage:
+        """The damage of a row whose record reads as never written (its chunk is gone: a missing chunk
+        reads as the fill value) while ``known`` (the row index's copy) says it was written."""
+        state = STATE_NAMES.get(int(known[FIELD["state"]]), "?")
+        return self.damage(i, "rows", f"the row's record is missing (its chunk is gone; the row index says it was "
+                                      f"{state}, generation {int(known[FIELD['generation']])})")
+
+    def lost_records(self, records: np.ndarray) -> dict[int, StoreDamage]:
+        """Rows whose record (``records``: :meth:`read_rows`) reads as never written while the row index
+        holds a written one: their record chunk was lost, and the row with it."""
+        index = read_index(self)
+        if index is None:
+            return {}
+        merged, covered = index
+        n = min(len(records), len(merged))
+        never = (records[:n] == 0).all(axis=1)
+        lost = np.flatnonzero(never & covered[:n] & (merged[:n, FIELD["generation"]] > 0))
+        return {int(i): self.lost_record(int(i), merged[i]) for i in lost}
 
     def bad_images(self) -> dict[int, dict[str, str]]:
         """Bad-image reports from every extract shard, for rows still marked bad."""

@@ -30,10 +30,11 @@ class VerifyReport:
 
 
 def rows_to_check(split: SplitStore) -> tuple[list[int], list[StoreDamage]]:
-    """Complete rows, and the damage of records that fail their own checksum."""
+    """Complete rows, and the damage of records that fail their own checksum or are lost (read as
+    never written while the row index says they were written)."""
     rows = split.read_rows()
     complete = [int(i) for i in (rows[:, FIELD["state"]] == STATE_COMPLETE).nonzero()[0]]
-    return complete, list(split.damaged_records.values())
+    return complete, [*split.damaged_records.values(), *split.lost_records(rows).values()]
 
 
 def check_row(split: SplitStore, i: int) -> StoreDamage | None:
