@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from conftest import config_dict, invoke, write_config
+from conftest import config_dict, invoke, one_line_error, run_cli, write_config
 
 
 def test_help_lists_every_command() -> None:
@@ -88,6 +88,30 @@ def test_store_info(reference_store: Path) -> None:
     assert re.search(r"\btrain\b\W+4\W+4\W+0\W+0\b", out), out
     assert re.search(r"\bval\b\W+1\W+1\W+0\W+0\b", out), out
     assert re.search(r"on disk\s+[\d.]+ (KiB|MiB), [\d.]+ (KiB|MiB) per complete image", out), out
+
+
+def test_store_info_of_the_config_on_stdout(reference_store: Path, demo_root: Path, tmp_path: Path) -> None:
+    """`store info` without a path reads store.path of --config (what `make demo` runs), and prints it on
+    stdout: `boxrefine store info > info.txt` captures it."""
+    cfg = write_config(tmp_path / "c.yaml", demo_root, reference_store)
+    proc = run_cli("store", "info", "--config", str(cfg))
+    assert str(reference_store) in proc.stdout and re.search(r"^model\s+vit_tiny", proc.stdout, re.M)
+    assert proc.stderr.strip() == ""
+
+
+def test_demo_data_goes_where_the_config_reads_it(tmp_path: Path) -> None:
+    """`make demo CONFIG=other.yaml` writes the demo where other.yaml's splits read it, not data/demo;
+    a config whose splits are not in the demo layout is refused in one line."""
+    cfg = write_config(tmp_path / "other.yaml", tmp_path / "elsewhere", tmp_path / "f.zarr")
+    res, out = invoke("demo-data", "--config", str(cfg), "--num-train", "1", "--num-val", "1")
+    assert res.exit_code == 0, out
+    assert (tmp_path / "elsewhere" / "annotations" / "instances_train.json").is_file()
+    assert (tmp_path / "elsewhere" / "images" / "val").is_dir()
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["splits"]["val"]["images"] = str(tmp_path / "pics")
+    cfg.write_text(yaml.safe_dump(raw))
+    res, out = invoke("demo-data", "--config", str(cfg))
+    assert "not the demo layout" in one_line_error(res, out)
 
 
 def test_store_info_not_a_store(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ app = typer.Typer(help="Refine a detector's boxes with a trained refiner (featur
 def refine(
     config: Path = config_option(),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Refiner checkpoint file, or a run folder (its "
-                                    "best.pt). Default: refine.checkpoint."),
+                                    "best.pt). Default: refine.checkpoint, else best.pt of the latest run in "
+                                    "train.runs_dir (as evaluate)."),
     detections: Path = typer.Option(None, "--detections", "-d", help="COCO results JSON of the detector's boxes "
                                     "(image_id, bbox [x,y,w,h], score). Default: the split's detections."),
     split: str = typer.Option(None, "--split", help="Refine the images of this split of data.splits."),
