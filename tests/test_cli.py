@@ -30,14 +30,22 @@ def test_train_fast_via_cli_and_resume(reference_store: Path, demo_root: Path, t
     raw = config_dict(demo_root, reference_store)
     raw["train"] = {"runs_dir": str(tmp_path / "runs"), "epochs": 1, "num_workers": 0, "boxes_per_image": 2}
     raw["refiner"] = {"use_mask": False, "hidden": 16}
-    raw["fast"] = {"train": {"sample_ratio": 0.5, "eval_every": 3}}
+    raw["fast"] = {"train": {"sample_ratio": 0.5, "eval_every": 3, "amp": True}}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     res, out = invoke("train", "--config", str(cfg), "--fast", "--name", "f")
     assert res.exit_code == 0, out
     assert "FAST mode:" in out and "train.sample_ratio=0.5" in out and "train.eval_every=3" in out
+    # the fast block's amp=True says what ran where AMP cannot run (a float32 CPU), never just "amp=True"
+    import torch
+
+    from boxrefine.shared.runtime.device import amp_setting
+
+    ran = amp_setting(True, "auto", torch.device("cpu"))
+    assert ("train.amp=True (runs float32" in out) == (ran.dtype is None), out
+    assert "  validation (val): refined mean IoU" in out and "val val" not in out
     saved = yaml.safe_load((tmp_path / "runs" / "f" / "config.yaml").read_text())
-    assert saved["fast_applied"] == {"train.sample_ratio": 0.5, "train.eval_every": 3}
+    assert saved["fast_applied"] == {"train.sample_ratio": 0.5, "train.eval_every": 3, "train.amp": True}
     assert saved["train"]["sample_ratio"] == 0.5
     res, out = invoke("train", "--resume", str(tmp_path / "runs" / "f"), "--epochs", "2")
     assert res.exit_code == 0, out
