@@ -93,7 +93,7 @@ CROP_SIDE = 224  # px: the longest side of a gallery crop, however small the obj
 def crop_box(img: np.ndarray, box: GalleryBox) -> np.ndarray:
     """The region around a box's GT, coarse and refined boxes (padded by a quarter of their extent, at
     least 8 px), scaled so its longest side is CROP_SIDE (pixels kept sharp when enlarged), with the
-    three boxes drawn at that scale: GT green, coarse red, refined blue."""
+    three boxes drawn at that scale: GT green, coarse red (wider), refined blue."""
     h, w = img.shape[:2]
     every = np.stack([box.gt, box.coarse, box.refined])
     x0, y0 = every[:, :2].min(0)
@@ -107,8 +107,9 @@ def crop_box(img: np.ndarray, box: GalleryBox) -> np.ndarray:
     big = cv2.resize(crop, size, interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA)
     big = np.ascontiguousarray(big)
     shift = np.array([cx0, cy0, cx0, cy0], np.float64)
-    for b, colour in ((box.gt, GT_COLOUR), (box.coarse, COARSE_COLOUR), (box.refined, REFINED_COLOUR)):
-        draw_boxes(big, ((np.asarray(b, np.float64) - shift) * scale)[None], colour, 2)
+    # coarse wider, refined over it: a refined box that barely moved still shows the coarse one
+    for b, colour, width in ((box.gt, GT_COLOUR, 2), (box.coarse, COARSE_COLOUR, 4), (box.refined, REFINED_COLOUR, 2)):
+        draw_boxes(big, ((np.asarray(b, np.float64) - shift) * scale)[None], colour, width)
     return big
 
 

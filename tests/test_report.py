@@ -132,6 +132,26 @@ def test_split_by_size_and_band_and_robustness(reviewed: dict) -> None:
         assert sum(g["boxes"] for g in row["by_size"].values()) == m["boxes"]
         assert sum(g["boxes"] for g in row["by_coarse_iou"].values()) == m["boxes"]
         assert set(row["by_size"]) == {"small", "medium", "large"}
+    # AP by size: pycocotools' own APs / APm / APl of the refined results
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    best = next(r for r in m["checkpoints"] if r["checkpoint"] == m["best"])
+    results = json.loads((reviewed["run"] / "eval" / "refined_val.json").read_text())
+    ann = yaml.safe_load((reviewed["run"] / "config.yaml").read_text())["data"]["splits"]["val"]["annotations"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann)
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iouType="bbox")
+        ev.params.imgIds = sorted({r["image_id"] for r in results})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for size, stat in zip(("small", "medium", "large"), ev.stats[3:6], strict=True):
+        assert best["by_size"][size]["AP"] == (pytest.approx(stat) if stat >= 0 else None), size
     assert [lv["noise"] for lv in m["noise"]] == [0.1, 0.3]
     assert all(lv["boxes"] == m["boxes"] and 0 <= lv["coarse_mean_iou"] <= 1 for lv in m["noise"])
     # more noise, worse coarse boxes
@@ -163,3 +183,19 @@ def test_tensorboard_events_read_back(reviewed: dict) -> None:
     assert steps("val/refined_mean_iou") == [x["epoch"] for x in evals]
     assert values("val/refined_mean_iou") == pytest.approx([x["refined"]["mean_iou"] for x in evals], rel=1e-6)
     assert all(v > 0 for v in values("train/lr"))  # the last epoch's lr is its last step's, not 0.0
+
+
+def test_predictor_from_run(reviewed: dict, demo_root: Path) -> None:
+    """``RefinePredictor.from_run(run)``: the run's best.pt with the HQ-SAM weights its config names (here
+    none: the seeded random init); it refines boxes of an image as evaluate does."""
+    import numpy as np
+
+    from boxrefine import RefinePredictor
+    from boxrefine.shared.data.imageio import read_rgb
+
+    predictor = RefinePredictor.from_run(reviewed["run"], device="cpu", announce=False)
+    assert predictor.path == reviewed["run"] / "best.pt" and predictor.sam_checkpoint is None
+    image = next((demo_root / "images" / "val").iterdir())
+    predictor.set_image(read_rgb(image))
+    boxes, _ = predictor.refine([[10.0, 12.0, 60.0, 70.0]])
+    assert boxes.shape == (1, 4) and np.isfinite(np.asarray(boxes)).all()
