@@ -14,8 +14,27 @@ from conftest import config_dict, invoke, one_line_error, run_cli, write_config
 def test_help_lists_every_command() -> None:
     res, out = invoke("--help")
     assert res.exit_code == 0
-    for cmd in ("demo-data", "extract", "train", "evaluate", "refine", "store"):
+    for cmd in ("demo-data", "extract", "train", "evaluate", "refine", "store", "dev"):
         assert re.search(rf"^\W*{re.escape(cmd)}\b", out, re.M), f"{cmd} missing from --help:\n{out}"
+
+
+def test_cli_conventions() -> None:
+    """--version, -h everywhere, leaf commands take options (a stray argument is named, never "No such
+    command"), choices shown instead of a type."""
+    from boxrefine import __version__
+
+    res, out = invoke("--version")
+    assert res.exit_code == 0 and out.strip() == f"boxrefine {__version__}"
+    for args in ((), ("train",), ("evaluate",), ("refine",), ("store",), ("store", "info"), ("dev",)):
+        res, out = invoke(*args, "-h")
+        assert res.exit_code == 0 and "Usage: boxrefine" in out, (args, out)
+    for leaf in ("demo-data", "extract", "train", "evaluate", "refine"):
+        res, out = invoke(leaf, "-h")
+        assert f"Usage: boxrefine {leaf} [OPTIONS]" in out and "COMMAND" not in out, out
+    res, out = invoke("train", "--set", "train.lr", "3e-4")
+    assert res.exit_code == 2 and "No such command" not in out and "3e-4" in out, out
+    res, out = invoke("refine", "-h")
+    assert "<keep|drop>" in out and "<str>" not in out.split("--low-score")[1].split("\n")[0]
 
 
 def test_no_args_shows_help() -> None:

