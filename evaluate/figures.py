@@ -109,8 +109,11 @@ def training_curves(lines: list[dict[str, Any]]) -> bytes:
     ax[2].plot(e_tr, [x.get("lr") for x in tr], "o-")
     if tr and "head_active_units" in tr[0]:
         ax[3].plot(e_tr, [x.get("head_active_units") for x in tr], "o-", label="units active")
-        ax[3].plot(e_tr, [x.get("head_delta_abs") for x in tr], "s-", label="mean |delta|")
-        ax[3].legend(fontsize=8)
+        ax[3].set(ylim=(0, 1.05), ylabel="share of hidden units active")
+        delta = ax[3].twinx()  # the corrections are ~0.01 box sizes: their own axis
+        delta.plot(e_tr, [x.get("head_delta_abs") for x in tr], "s-", color="tab:orange", label="mean |delta|")
+        delta.set_ylabel("mean |correction| (box sizes)")
+        ax[3].legend(handles=ax[3].get_lines() + delta.get_lines(), fontsize=8, loc="lower right")
     for a, title in zip(ax, ("loss", "val mean IoU", "learning rate (last step)", "head health"), strict=True):
         a.set(xlabel="epoch", title=title)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -22,7 +22,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f5f5f5;t
 th.l,td.l{text-align:left} tr.best td{font-weight:bold} tr.base td{color:#666}
 .meta,.note{color:#555} .figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 .gallery{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;width:232px}
-figure img{border:1px solid #ccc;image-rendering:pixelated;max-width:100%} figcaption{font-size:12px}
+img{max-width:100%;height:auto} figure img{border:1px solid #ccc;image-rendering:pixelated} figcaption{font-size:12px}
 .gt{color:#00c800} .coarse{color:#e61e1e} .refined{color:#1e5aff} .up{color:#1a9641} .down{color:#d7191c}
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
 """
