@@ -5,12 +5,12 @@ PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= pipeline.yaml
-DEMO    ?= data/demo
 FAST    ?=
 ARGS    ?=
 SPLIT   ?= val
-# refine's checkpoint: the newest runs/*/best.pt unless CKPT is given (a file or a run folder)
-CKPT    ?= $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
+# refine's checkpoint: CKPT (a file or a run folder) when given, else boxrefine's own rule from CONFIG
+# (refine.checkpoint, else best.pt of the latest run in train.runs_dir: what evaluate scores)
+CKPT    ?=
 STAMP   := $(VENV)/.installed
 
 # gpu-check's Python: the venv's, or e.g. GPU_PYTHON=python3 where that Python already has the packages
@@ -23,13 +23,14 @@ BENCH_VIT_B   ?= $(if $(QUICK),1,10)
 BENCH_REPEATS ?= $(if $(QUICK),2,3)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-data extract train evaluate refine demo test test-fast bench gpu-check lint clean
+.PHONY: help venv demo-data extract train evaluate refine demo browser test test-fast bench gpu-check lint clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) FAST=1 (train fast mode) ARGS='extra CLI flags'"
 	@echo "             BENCH_QUICK=1 (make bench in small size: 4 images, vit_b on 1, 2 repeats, accuracy on 8, precision on 4)"
-	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; CKPT defaults to the newest runs/*/best.pt)"
+	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; default: refine.checkpoint, else best.pt of the"
+	@echo "             latest run in train.runs_dir of CONFIG, as evaluate)"
 	@echo "             GPU_PYTHON=python3 (gpu-check with a Python that has the packages, instead of .venv)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -41,12 +42,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP) ## Create .venv with the pinned dependencies (automatic for every other target)
 
-demo-data: $(STAMP) ## Generate the synthetic demo dataset in data/demo
-	$(BIN)/boxrefine demo-data --out $(DEMO) $(ARGS)
+demo-data: $(STAMP) ## Generate the synthetic demo dataset where CONFIG's splits read it (data/demo)
+	$(BIN)/boxrefine demo-data --config $(CONFIG) $(ARGS)
 
 extract: $(STAMP) ## Encode images once into the feature store (boxrefine extract)
-	@test -f $(DEMO)/annotations/instances_train.json || test "$(CONFIG)" != "pipeline.yaml" || \
-		$(BIN)/boxrefine demo-data --out $(DEMO)
+	@test "$(CONFIG)" != "pipeline.yaml" || test -f data/demo/annotations/instances_train.json || \
+		$(BIN)/boxrefine demo-data --config $(CONFIG)
 	$(BIN)/boxrefine extract --config $(CONFIG) $(ARGS)
 
 train: $(STAMP) ## Train the refiner from the store (FAST=1 applies the fast: block)
@@ -55,19 +56,25 @@ train: $(STAMP) ## Train the refiner from the store (FAST=1 applies the fast: bl
 evaluate: $(STAMP) ## Score checkpoints on the cached ground truth
 	$(BIN)/boxrefine evaluate --config $(CONFIG) $(ARGS)
 
-refine: $(STAMP) ## Refine the detections of a split with a trained refiner (CKPT, SPLIT; writes <detections>.refined.json)
+refine: $(STAMP) ## Refine the detections of a split with the latest (or CKPT) refiner (SPLIT; writes <detections>.refined.json)
 	$(BIN)/boxrefine refine --config $(CONFIG) --split $(SPLIT) $(if $(CKPT),--checkpoint $(CKPT),) $(ARGS)
 
-demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate → refine on the built-in demo data
-	$(BIN)/boxrefine demo-data --out $(DEMO)
+demo: $(STAMP) ## demo-data → extract → train (FAST) → evaluate → refine on the built-in demo data (where CONFIG reads it)
+	$(BIN)/boxrefine demo-data --config $(CONFIG)
 	$(BIN)/boxrefine extract --config $(CONFIG)
-	$(BIN)/boxrefine store info $(DEMO)/features.zarr
+	$(BIN)/boxrefine store info --config $(CONFIG)
 	$(BIN)/boxrefine train --config $(CONFIG) --fast
 	$(BIN)/boxrefine evaluate --config $(CONFIG)
-	$(MAKE) --no-print-directory refine CONFIG=$(CONFIG) SPLIT=val  # a sub-make: CKPT is the run just trained
+	$(BIN)/boxrefine refine --config $(CONFIG) --split val  # the run just trained: the latest in train.runs_dir
 
-test: $(STAMP) ## Run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q $(ARGS)
+# the report's browser test drives a real headless Chromium: Debian's package, never a browser download
+browser: ## Install Debian's chromium for the report's browser test when it is missing (needs root or sudo)
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
+test: $(STAMP) browser ## Run the whole test suite (what CI runs; installs chromium when missing)
+	BOXREFINE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

@@ -6,9 +6,9 @@ Reads ``peers.json`` (bench/peers.py), ``step_profile.json`` (bench/step_profile
 ``accuracy.json`` (bench/accuracy.py), ``precision.json`` (bench/precision.py), ``eval_gt_cache.json``
 (bench/eval_gt_cache.py) and ``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows
 out, with a line saying so.
-The summary table is also written alone to ``summary.md``; ``--readme README.md`` pastes it between
-the README's ``bench:summary`` markers (the README's performance section is that table, regenerated,
-never typed).
+The summary table is also written alone to ``summary.md``; ``--readme docs/performance.md`` pastes it
+between that page's ``bench:summary`` markers (its summary is that table, regenerated, never typed; the
+README's figures are quoted from it).
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ def report(out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
-    ap.add_argument("--readme", type=Path, help="paste the summary into this file, between its bench:summary markers")
+    ap.add_argument("--readme", type=Path,
+                    help="paste the summary into this file (docs/performance.md), between its bench:summary markers")
     args = ap.parse_args()
     summ = report(args.out)
     print(summ)

@@ -1,13 +1,13 @@
 """Which checkpoints evaluate scores, in which order, and loading a refiner from one.
 
-Default: ``best.pt`` of the latest run in ``train.runs_dir`` that holds a checkpoint; else a
-checkpoint file, or every ``*.pt`` of a folder in natural order (as timm's ``validate.py`` takes a
-folder of checkpoints).
+Default: the one "latest checkpoint" rule (``shared/model/runs.py``: ``evaluate.checkpoint``, else
+``best.pt`` of the latest run in ``train.runs_dir``); else a checkpoint file, or every ``*.pt`` of a
+folder in natural order (as timm's ``validate.py`` takes a folder of checkpoints).
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.model.checkpoint import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
 from boxrefine.shared.model.refiner import BoxRefiner
+from boxrefine.shared.model.runs import folder_checkpoints, latest_checkpoint, natural_key  # noqa: F401
 from boxrefine.shared.runtime.console import console
 from boxrefine.shared.store.feature_store import FeatureStore
 from boxrefine.shared.store.identity import feature_differences
@@ -26,50 +27,12 @@ class EvaluateError(BoxrefineError, RuntimeError):
     """A problem that stops evaluation with a one-line message."""
 
 
-def natural_key(name: str) -> tuple[int, list[Any]]:
-    """Numbered checkpoints first, numbers compared as numbers (epoch_2 < epoch_10 < epoch_010b),
-    then the named ones alphabetically: epoch_005.pt, epoch_010.pt, best.pt, last.pt."""
-    parts = [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-    return (0 if any(c.isdigit() for c in name) else 1, parts)
-
-
-def folder_checkpoints(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.suffix == ".pt" and not p.name.startswith(".") and p.is_file()]
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def _activity(run: Path) -> int:
-    """When a run folder last changed, from the files directly in it (so that writing its eval/
-    subfolder does not make an old run the latest)."""
-    stamps = [p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()]
-    return max(stamps) if stamps else run.stat().st_mtime_ns
-
-
-def latest_best(runs_dir: Path) -> Path:
-    if not runs_dir.is_dir():
-        raise EvaluateError(f"{runs_dir}: no runs folder (train.runs_dir); train first or pass --checkpoint")
-    runs = [d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if not runs:
-        raise EvaluateError(f"{runs_dir}: no run folders; train first or pass --checkpoint")
-    # a run without any checkpoint (a start killed before its first save) is not a candidate
-    runs = [d for d in runs if folder_checkpoints(d)]
-    if not runs:
-        raise EvaluateError(f"{runs_dir}: no run folder holds a checkpoint (*.pt); train first or pass --checkpoint")
-    latest = max(runs, key=_activity)
-    best = latest / "best.pt"
-    if not best.is_file():
-        raise EvaluateError(f"{latest}: the latest run has no best.pt (trained without a validation split?); "
-                            f"pass --checkpoint {latest}/last.pt or --checkpoint {latest}")
-    return best
-
-
 def resolve_checkpoints(cfg: PipelineConfig, checkpoint: Path | None) -> tuple[list[Path], Path]:
     """(checkpoint files in evaluation order, output folder)."""
-    target = checkpoint if checkpoint is not None else cfg.evaluate.checkpoint
-    if target is None:
-        target = latest_best(cfg.train.runs_dir)
-        console.print(f"checkpoint: {target} (best.pt of the latest run in {cfg.train.runs_dir})", markup=False)
-    target = Path(target)
+    target, how = latest_checkpoint(checkpoint if checkpoint is not None else cfg.evaluate.checkpoint,
+                                    cfg.train.runs_dir)
+    if how != "given":
+        console.print(f"checkpoint: {target} ({how})", markup=False)
     if target.is_dir():
         files = folder_checkpoints(target)
         if not files:
@@ -93,3 +56,25 @@ def load_refiner(path: Path, store: FeatureStore, device: torch.device) -> tuple
     state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
     info = {"epoch": state.get("epoch"), "best_iou": (state.get("saver") or {}).get("best")}
     return refiner.to(device).eval(), info
+
+
+def unique_checkpoints(files: list[Path]) -> list[tuple[Path, list[str]]]:
+    """Each distinct checkpoint once, in the given order, with the names of the files that hold the
+    same bytes (hard links, as training writes best.pt and epoch files, or copies), by stem as the
+    rows name checkpoints: ``[(epoch_002.pt, ["best", "last"]), ...]``. Files are compared by inode,
+    then by size and sha256."""
+    out: list[tuple[Path, list[str]]] = []
+    seen: dict[Any, int] = {}
+    for f in files:
+        st = f.stat()
+        same = seen.get(("inode", st.st_dev, st.st_ino))
+        if same is None:
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            same = seen.get(("bytes", st.st_size, digest))
+            seen[("bytes", st.st_size, digest)] = same if same is not None else len(out)
+        seen[("inode", st.st_dev, st.st_ino)] = same if same is not None else len(out)
+        if same is None:
+            out.append((f, []))
+        else:
+            out[same][1].append(f.stem)
+    return out

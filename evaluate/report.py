@@ -1,5 +1,5 @@
-"""What evaluate writes and prints: COCO results and AP, metric rows, the IoU histogram, the CSV and
-the comparison table."""
+"""What evaluate writes and prints: COCO results and AP, metric rows, the CSV and the comparison table
+(the plots are ``evaluate/figures.py``, the HTML report ``evaluate/page.py``)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from boxrefine.shared.config import PipelineConfig
-from boxrefine.shared.geometry.boxes import paired_iou, xyxy_to_xywh
-from boxrefine.shared.runtime.console import console
-from boxrefine.shared.runtime.fileio import atomic_savefig, atomic_write_text
+from boxrefine.shared.geometry.boxes import xyxy_to_xywh
+from boxrefine.shared.runtime.console import console, result_console
+from boxrefine.shared.runtime.fileio import atomic_write_text
 from boxrefine.shared.scoring.metrics import IOU_THRESHOLDS, coco_box_ap
 from boxrefine.shared.scoring.predict import ImagePrediction
 
@@ -83,54 +81,21 @@ class APScorer:
             self.coco = COCO(str(ann))
         self.cat_ids = set(self.coco.getCatIds())
 
-    def __call__(self, results: list[dict[str, Any]]) -> dict[str, float | None]:
+    def __call__(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """AP, AP50, AP75 and the same per COCO size (``"small": {...}``); None where not computed."""
         if self.coco is None:
             return dict.fromkeys(AP_KEYS)
         if any(r["category_id"] not in self.cat_ids for r in results):
             self.reason = "detections with category ids not in the annotations"
             return dict.fromkeys(AP_KEYS)
-        ap = coco_box_ap(self.coco, results, self.image_ids)
-        return {k: (v if v >= 0 else None) for k, v in ap.items()}  # -1: no GT to score against
+        ap = coco_box_ap(self.coco, results, self.image_ids, by_size=True)
+        return {k: ({kk: (vv if vv >= 0 else None) for kk, vv in v.items()} if isinstance(v, dict)
+                    else v if v >= 0 else None) for k, v in ap.items()}  # -1: no GT to score against
 
 
-def metric_row(metrics: dict[str, float] | None, ap: dict[str, float | None], mask: float | None) -> dict[str, Any]:
+def metric_row(metrics: dict[str, float] | None, ap: dict[str, Any], mask: float | None) -> dict[str, Any]:
     m = metrics or {}
-    return {**{k: json_num(m.get(k)) for k in BOX_KEYS}, **ap, "mask_iou": json_num(mask)}
-
-
-def plot_iou_hist(base: list[ImagePrediction], best: list[ImagePrediction] | None, best_name: str | None,
-                  out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gt = torch.cat([p.gt for p in base]) if base else torch.zeros((0, 4))
-    ok = ~torch.isnan(gt).any(1)
-
-    def ious(preds: list[ImagePrediction] | None, attr: str) -> np.ndarray | None:
-        if not preds or any(getattr(p, attr) is None for p in preds):
-            return None
-        return paired_iou(torch.cat([getattr(p, attr) for p in preds])[ok], gt[ok]).numpy()
-
-    bins = np.linspace(0, 1, 41)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for vals, label, style in ((ious(base, "coarse"), "coarse (before)", {"alpha": 0.45, "color": "tab:red"}),
-                               (ious(base, "zero_shot"), "HQ-SAM zero-shot",
-                                {"histtype": "step", "linewidth": 1.5, "color": "tab:gray"}),
-                               (ious(best, "refined"), f"refined: {best_name} (after)",
-                                {"alpha": 0.45, "color": "tab:blue"})):
-        if vals is not None and len(vals):
-            ax.hist(vals, bins=bins, label=f"{label}, mean {vals.mean():.3f}", **style)
-    for t in IOU_THRESHOLDS:
-        ax.axvline(t, color="k", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("IoU to ground truth")
-    ax.set_ylabel("boxes")
-    ax.set_xlim(0, 1)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, out)
-    plt.close(fig)
+    return {**{k: json_num(m.get(k)) for k in BOX_KEYS}, **{k: ap.get(k) for k in AP_KEYS}, "mask_iou": json_num(mask)}
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> None:
@@ -138,12 +103,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], baselines: dict[str, dict[
                  "zero_shot_mean_iou": baselines["zero_shot"]["mean_iou"],
                  "coarse_AP": baselines["coarse"]["AP"], "zero_shot_AP": baselines["zero_shot"]["AP"],
                  "mask_iou_coarse": baselines["coarse"]["mask_iou"]}
-    cols = ["checkpoint", "epoch", "boxes", *BOX_KEYS, *AP_KEYS, "mask_iou", *base_cols, "path"]
+    cols = ["checkpoint", "aliases", "epoch", "boxes", *BOX_KEYS, *AP_KEYS, "mask_iou", *base_cols, "path"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({**base_cols, **r})
+        w.writerow({**base_cols, **r, "aliases": " ".join(r.get("aliases", []))})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -154,7 +119,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def print_table(res: EvalResult) -> None:
-    """Coarse boxes, the HQ-SAM zero-shot baseline and every checkpoint, on the same boxes."""
+    """Coarse boxes, the HQ-SAM zero-shot baseline and every checkpoint, on the same boxes (stdout: the
+    command's result; skipped checkpoints are warnings, on stderr)."""
     s = res.summary
     table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, title_justify="left",
                   title=f"evaluate {res.split}: {s.get('images')} images, {s.get('boxes')} boxes matched to GT"
@@ -174,11 +140,12 @@ def print_table(res: EvalResult) -> None:
     add("zero-shot", res.baselines["zero_shot"], "dim")
     for r in res.rows:
         best = r["checkpoint"] == res.best and len(res.rows) > 1
-        add(Text(f"{r['checkpoint']}{' *' if best else ''}"), r, "bold" if best else None)  # a file name: verbatim
-    console.print(table)
-    console.print(legend, markup=False, style="dim")
+        aliases = f" (= {', '.join(r['aliases'])})" if r.get("aliases") else ""
+        add(Text(f"{r['checkpoint']}{aliases}{' *' if best else ''}"), r, "bold" if best else None)  # verbatim
+    result_console.print(table)
+    result_console.print(legend, markup=False, style="dim")
     if len(res.rows) > 1:
-        console.print(f"* best (refined mean IoU): {res.best}", markup=False)
+        result_console.print(f"* best (refined mean IoU): {res.best}", markup=False)
     for _, reason in res.skipped:
         console.print(Text.assemble(("skipped ", "yellow"), reason), soft_wrap=True)
-    console.print(f"results in {res.out_dir}", markup=False)
+    result_console.print(f"results in {res.out_dir}", markup=False)

@@ -203,6 +203,15 @@ class EvaluateConfig(_Section):
     vis: bool = False
     vis_count: int = Field(6, ge=1)
     missing_score: float | None = Field(None, ge=0.0, le=1.0)  # None: a detection without a score is an error
+    gallery: int = Field(8, ge=0)  # boxes per gallery of the report (0: none, no image opened)
+    noise: list[float] = []  # GT jitter levels of the robustness curve (--noise 0.1,0.2,...)
+
+    @field_validator("noise")
+    @classmethod
+    def _noise(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < x <= 1.0 for x in v):
+            raise ValueError("noise levels must be in (0, 1]")
+        return sorted(set(v))
 
 
 class PipelineConfig(_Section):

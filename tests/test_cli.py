@@ -8,14 +8,33 @@ import shutil
 from pathlib import Path
 
 import yaml
-from conftest import config_dict, invoke, write_config
+from conftest import config_dict, invoke, one_line_error, run_cli, write_config
 
 
 def test_help_lists_every_command() -> None:
     res, out = invoke("--help")
     assert res.exit_code == 0
-    for cmd in ("demo-data", "extract", "train", "evaluate", "refine", "store"):
+    for cmd in ("demo-data", "extract", "train", "evaluate", "refine", "store", "dev"):
         assert re.search(rf"^\W*{re.escape(cmd)}\b", out, re.M), f"{cmd} missing from --help:\n{out}"
+
+
+def test_cli_conventions() -> None:
+    """--version, -h everywhere, leaf commands take options (a stray argument is named, never "No such
+    command"), choices shown instead of a type."""
+    from boxrefine import __version__
+
+    res, out = invoke("--version")
+    assert res.exit_code == 0 and out.strip() == f"boxrefine {__version__}"
+    for args in ((), ("train",), ("evaluate",), ("refine",), ("store",), ("store", "info"), ("dev",)):
+        res, out = invoke(*args, "-h")
+        assert res.exit_code == 0 and "Usage: boxrefine" in out, (args, out)
+    for leaf in ("demo-data", "extract", "train", "evaluate", "refine"):
+        res, out = invoke(leaf, "-h")
+        assert f"Usage: boxrefine {leaf} [OPTIONS]" in out and "COMMAND" not in out, out
+    res, out = invoke("train", "--set", "train.lr", "3e-4")
+    assert res.exit_code == 2 and "No such command" not in out and "3e-4" in out, out
+    res, out = invoke("refine", "-h")
+    assert "<keep|drop>" in out and "<str>" not in out.split("--low-score")[1].split("\n")[0]
 
 
 def test_no_args_shows_help() -> None:
@@ -30,14 +49,22 @@ def test_train_fast_via_cli_and_resume(reference_store: Path, demo_root: Path, t
     raw = config_dict(demo_root, reference_store)
     raw["train"] = {"runs_dir": str(tmp_path / "runs"), "epochs": 1, "num_workers": 0, "boxes_per_image": 2}
     raw["refiner"] = {"use_mask": False, "hidden": 16}
-    raw["fast"] = {"train": {"sample_ratio": 0.5, "eval_every": 3}}
+    raw["fast"] = {"train": {"sample_ratio": 0.5, "eval_every": 3, "amp": True}}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     res, out = invoke("train", "--config", str(cfg), "--fast", "--name", "f")
     assert res.exit_code == 0, out
     assert "FAST mode:" in out and "train.sample_ratio=0.5" in out and "train.eval_every=3" in out
+    # the fast block's amp=True says what ran where AMP cannot run (a float32 CPU), never just "amp=True"
+    import torch
+
+    from boxrefine.shared.runtime.device import amp_setting
+
+    ran = amp_setting(True, "auto", torch.device("cpu"))
+    assert ("train.amp=True (runs float32" in out) == (ran.dtype is None), out
+    assert "  validation (val): refined mean IoU" in out and "val val" not in out
     saved = yaml.safe_load((tmp_path / "runs" / "f" / "config.yaml").read_text())
-    assert saved["fast_applied"] == {"train.sample_ratio": 0.5, "train.eval_every": 3}
+    assert saved["fast_applied"] == {"train.sample_ratio": 0.5, "train.eval_every": 3, "train.amp": True}
     assert saved["train"]["sample_ratio"] == 0.5
     res, out = invoke("train", "--resume", str(tmp_path / "runs" / "f"), "--epochs", "2")
     assert res.exit_code == 0, out
@@ -88,6 +115,30 @@ def test_store_info(reference_store: Path) -> None:
     assert re.search(r"\btrain\b\W+4\W+4\W+0\W+0\b", out), out
     assert re.search(r"\bval\b\W+1\W+1\W+0\W+0\b", out), out
     assert re.search(r"on disk\s+[\d.]+ (KiB|MiB), [\d.]+ (KiB|MiB) per complete image", out), out
+
+
+def test_store_info_of_the_config_on_stdout(reference_store: Path, demo_root: Path, tmp_path: Path) -> None:
+    """`store info` without a path reads store.path of --config (what `make demo` runs), and prints it on
+    stdout: `boxrefine store info > info.txt` captures it."""
+    cfg = write_config(tmp_path / "c.yaml", demo_root, reference_store)
+    proc = run_cli("store", "info", "--config", str(cfg))
+    assert str(reference_store) in proc.stdout and re.search(r"^model\s+vit_tiny", proc.stdout, re.M)
+    assert proc.stderr.strip() == ""
+
+
+def test_demo_data_goes_where_the_config_reads_it(tmp_path: Path) -> None:
+    """`make demo CONFIG=other.yaml` writes the demo where other.yaml's splits read it, not data/demo;
+    a config whose splits are not in the demo layout is refused in one line."""
+    cfg = write_config(tmp_path / "other.yaml", tmp_path / "elsewhere", tmp_path / "f.zarr")
+    res, out = invoke("demo-data", "--config", str(cfg), "--num-train", "1", "--num-val", "1")
+    assert res.exit_code == 0, out
+    assert (tmp_path / "elsewhere" / "annotations" / "instances_train.json").is_file()
+    assert (tmp_path / "elsewhere" / "images" / "val").is_dir()
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["splits"]["val"]["images"] = str(tmp_path / "pics")
+    cfg.write_text(yaml.safe_dump(raw))
+    res, out = invoke("demo-data", "--config", str(cfg))
+    assert "not the demo layout" in one_line_error(res, out)
 
 
 def test_store_info_not_a_store(tmp_path: Path) -> None:

@@ -169,13 +169,17 @@ def test_run_module_imports_images_only_lazily() -> None:
 
 def test_default_checkpoint_is_best_of_latest_run(demo_root: Path, reference_store: Path, trained: Path,
                                                   tmp_path: Path) -> None:
+    """The one "latest checkpoint" rule (shared/model/runs.py), which refine follows too."""
+    from boxrefine.extract.refine.run import refiner_checkpoint
+    from boxrefine.shared.model.runs import NoCheckpointError
+
     runs = tmp_path / "runs"
     cfg = _cfg(demo_root, reference_store, runs)
-    with pytest.raises(EvaluateError, match="no runs folder"):
+    with pytest.raises(NoCheckpointError, match="no runs folder"):
         resolve_checkpoints(cfg, None)
     runs.mkdir()
-    with pytest.raises(EvaluateError, match="no run folders"):
-        resolve_checkpoints(cfg, None)
+    with pytest.raises(NoCheckpointError, match="no run folder holds a checkpoint"):
+        refiner_checkpoint(cfg, None)
     old, new = runs / "old", runs / "new"
     for d in (old, new):
         d.mkdir()
@@ -186,13 +190,16 @@ def test_default_checkpoint_is_best_of_latest_run(demo_root: Path, reference_sto
         os.utime(f, (past, past))
     (old / "eval").mkdir()  # writing an old run's eval/ must not make it the latest
     assert resolve_checkpoints(cfg, None) == ([new / "best.pt"], new / "eval")
+    assert refiner_checkpoint(cfg, None) == new / "best.pt"  # refine: the same rule, the same file
     newest = runs / "newest"
     newest.mkdir()
     (newest / "last.pt").write_bytes(b"x")
-    with pytest.raises(EvaluateError, match=r"newest: the latest run has no best\.pt"):
+    with pytest.raises(NoCheckpointError, match=r"newest: the run has no best\.pt"):
         resolve_checkpoints(cfg, None)
     cfg.evaluate.checkpoint = old / "best.pt"  # evaluate.checkpoint wins over the latest run
     assert resolve_checkpoints(cfg, None) == ([old / "best.pt"], old / "eval")
+    cfg.refine.checkpoint = old  # a run folder: refine applies its best.pt
+    assert refiner_checkpoint(cfg, None) == old / "best.pt"
     assert resolve_checkpoints(cfg, new) == ([new / "best.pt"], new / "eval")  # a folder: its *.pt files
     with pytest.raises(EvaluateError, match="not found"):
         resolve_checkpoints(cfg, tmp_path / "nope.pt")
@@ -323,6 +330,8 @@ def test_runs_without_images_and_without_image_encoder(evaluated_with_images: di
     assert res.rows[0]["mask_iou"] is not None and res.rows[0]["AP"] is not None  # annotation JSON still there
     out = run / "eval"
     assert (out / "refined_val.json").is_file() and not (out / "refined_val_best.json").exists()
+    # the report is written from the store alone and says why it has no gallery
+    assert "No galleries: the image folder" in (out / "report.html").read_text()
 
 
 def test_eval_boxes_fixed_across_runs_and_checkpoints(demo_root: Path, reference_store: Path, trained: Path,
@@ -347,13 +356,16 @@ def test_eval_boxes_fixed_across_runs_and_checkpoints(demo_root: Path, reference
     second = run_evaluate(cfg, run)
     assert "reusing the saved evaluation boxes" in capsys.readouterr().err
     assert saved.read_bytes() == content and saved.stat().st_mtime_ns == mtime
-    assert len(second.rows) == 4 and len(calls) == 5
+    # epoch_001, epoch_002, best, last: best and last are hard links to epoch_002, scored once
+    assert [(r["checkpoint"], r["aliases"]) for r in second.rows] == [("epoch_001", []),
+                                                                      ("epoch_002", ["best", "last"])]
+    assert len(calls) == 3  # the baselines and two checkpoints
     for c in calls:
         assert c["coarse"].keys() == boxes.keys()
         for k in boxes:
             assert torch.equal(c["coarse"][k].boxes, boxes[k].boxes)
     assert second.baselines["coarse"] == first.baselines["coarse"]
-    same = next(r for r in second.rows if r["checkpoint"] == "best")
+    same = next(r for r in second.rows if "best" in r["aliases"])
     assert (same["mean_iou"], same["side_err_px"]) == (first.rows[0]["mean_iou"], first.rows[0]["side_err_px"])
 
     # a fresh folder with the other seed draws other boxes (the seed matters)

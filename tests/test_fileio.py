@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -114,3 +116,30 @@ def test_log_lines_are_not_wrapped_when_output_is_not_a_terminal(tmp_path: Path)
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert lines[0].startswith("error: ") and str(long) in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
+    """Checkpoints (and their hard-linked best/epoch names), JSON, logs and PNGs get 0666 less the umask,
+    as ``open(path, "w")`` gives: mkstemp's 0600 would hide a shared runs/ from colleagues."""
+    import numpy as np
+
+    from boxrefine.shared.data.overlay import write_png
+    from boxrefine.shared.runtime.fileio import atomic_append_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        atomic_append_text(tmp_path / "metrics.jsonl", "{}\n")
+        atomic_append_text(tmp_path / "metrics.jsonl", "{}\n")
+        write_png(tmp_path / "vis.png", np.zeros((4, 4, 3), np.uint8))
+        saver = CheckpointSaver(tmp_path, keep_top_k=1)
+        saver.save(lambda s: {"format": CKPT_FORMAT, "state": s}, epoch=1, metric=0.5)
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for name in ("plain.txt", "m.json", "metrics.jsonl", "vis.png", "last.pt", "best.pt", "epoch_001.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n{}\n"

@@ -40,7 +40,8 @@ FLOORS = (
 )
 IMAGE_MODULES = ("cv2", f"{NS}.shared.data.imageio")
 # docs/architecture.md (invariant 1) names one exception to "only extract opens images": `evaluate --vis`, which
-# draws boxes over the images. It lives in this one module, which evaluate imports only for --vis.
+# draws boxes over the images. It lives in this one module, which evaluate imports only when it draws (--vis,
+# and the report's gallery crops when the image folder is there: evaluate/outputs.py).
 IMAGE_EXCEPTIONS = ("evaluate/vis.py",)
 
 

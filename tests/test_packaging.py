@@ -1,4 +1,5 @@
-"""The four folders install as one ``boxrefine`` namespace, editable (this venv) and from a wheel."""
+"""The four folders install as one ``boxrefine`` package (its ``__init__`` in ``boxrefine/``: the Python
+API), editable (this venv) and from a wheel; importing the API is quiet."""
 
 from __future__ import annotations
 
@@ -13,14 +14,33 @@ import pytest
 from conftest import REPO
 
 FOLDERS = ("shared", "extract", "train", "evaluate")
+ROOT = "boxrefine"  # the package's own __init__: the Python API and __version__
 
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {"boxrefine." + ".".join(p.parent.relative_to(REPO).parts)
                for f in FOLDERS for p in (REPO / f).rglob("__init__.py")}
-    assert set(cfg["packages"]) == on_disk
-    assert cfg["package-dir"] == {f"boxrefine.{f}": f for f in FOLDERS}
+    assert set(cfg["packages"]) == on_disk | {"boxrefine"}
+    assert cfg["package-dir"] == {"boxrefine": ROOT, **{f"boxrefine.{f}": f for f in FOLDERS}}
+    assert [p.name for p in (REPO / ROOT).iterdir() if p.suffix == ".py"] == ["__init__.py"]
+
+
+def test_python_api_is_quiet_and_versioned(tmp_path: Path) -> None:
+    """``from boxrefine import RefinePredictor`` and ``boxrefine.__version__`` (pyproject's version), in a
+    fresh process with every warning shown: not one line on stderr, also once HQ-SAM's package loads."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    code = ("import sys, numpy as np, boxrefine\n"
+            "assert 'torch' not in sys.modules  # import boxrefine stays cheap\n"
+            "from boxrefine import RefinePredictor\n"
+            "from boxrefine.shared.model.sam import build_sam_heads, encoder_input\n"
+            "encoder_input(np.zeros((8, 8, 3), np.uint8))\n"
+            "build_sam_heads('vit_tiny', None, 0, 'cpu', announce=False)\n"
+            "print(boxrefine.__version__, RefinePredictor.__name__, hasattr(RefinePredictor, 'from_run'))\n")
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [version, "RefinePredictor", "True"]
+    assert out.stderr == ""
 
 
 def test_editable_install_imports_from_the_folders() -> None:
@@ -38,7 +58,7 @@ def test_wheel_installs_beside_a_module_named_evaluate(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for folder in FOLDERS:  # a copy: building writes build/ and *.egg-info beside the sources
+    for folder in (*FOLDERS, ROOT):  # a copy: building writes build/ and *.egg-info beside the sources
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(src)], check=True, capture_output=True)
@@ -58,6 +78,7 @@ def test_wheel_installs_beside_a_module_named_evaluate(tmp_path: Path) -> None:
     (work / "train.py").write_text("WHO = 'the other train'\n")
     code = ("import evaluate, train, boxrefine.evaluate.run as er, boxrefine.train.recipe as tr\n"
             "import boxrefine.shared.cli.main\n"
+            "from boxrefine import RefinePredictor, __version__\n"
             "assert evaluate.WHO == 'the other evaluate' and train.WHO == 'the other train'\n"
             "assert 'site-packages' in er.__file__ and 'site-packages' in tr.__file__, (er.__file__, tr.__file__)\n"
             "print('ok')\n")

@@ -336,3 +336,17 @@ def test_resume_refuses_a_changed_refiner_config(demo_root, reference_store, tmp
     cfg.refiner.hidden = 64
     with pytest.raises(TrainError, match=r"refiner\.hidden: checkpoint 32, now 64"):
         run_train(cfg, resume=res.run_dir)
+
+
+def test_fast_line_says_what_ran() -> None:
+    """A fast block's train.amp=True beside a float32 run says so (it read as if AMP ran)."""
+    import torch
+
+    from boxrefine.shared.runtime.device import Precision
+    from boxrefine.train.tensorboard import fast_summary
+
+    f32 = Precision(None, False, "bfloat16 is emulated on this CPU", requested=True)
+    bf16 = Precision(torch.bfloat16, False, "CPU bfloat16 autocast", requested=True)
+    applied = {"train.sample_ratio": 0.1, "train.amp": True}
+    assert fast_summary(applied, f32) == "train.sample_ratio=0.1, train.amp=True (runs float32 (no AMP on this CPU))"
+    assert fast_summary(applied, bf16) == "train.sample_ratio=0.1, train.amp=True"

@@ -71,6 +71,8 @@ def unsaved_start(run: Path) -> bool:
     start that failed or was killed (kill -9 leaves it; nothing in it can be resumed)."""
     for p in run.iterdir():
         n = p.name
+        if n == "tb" and p.is_dir():  # TensorBoard events (train/tensorboard.py)
+            continue
         if not p.is_file() or not (n in _START_FILES or (n.startswith(("eval_boxes_", "rows_epoch_"))
                                                          and n.endswith(".json"))
                                    or (n.startswith(".") and n.endswith(".tmp"))):
@@ -93,3 +95,4 @@ def sample_subset(n: int, ratio: float, seed: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+

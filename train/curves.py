@@ -13,6 +13,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
     tr = [x for x in lines if x["kind"] == "epoch"]
@@ -28,6 +29,8 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     ax[0].legend()
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("val mean IoU")
+    for a in ax:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()
     atomic_savefig(fig, out)
     plt.close(fig)

@@ -9,10 +9,11 @@ start that was killed before its first checkpoint is reused, so neither blocks t
 :class:`~boxrefine.train.state.TrainState`, saved in every checkpoint.
 
 Run folder ``runs/<name>/``: ``config.yaml`` (resolved, with what FAST changed), ``metrics.jsonl``
-(one line per epoch and per validation), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val
-mean IoU, :class:`~boxrefine.shared.checkpoints.CheckpointSaver`), ``eval_boxes_<split>.json`` (the
-fixed validation boxes), ``subset.json``, ``curves.png`` and with ``--follow`` ``rows_epoch_NNN.json``
-(the rows each epoch trained on, ``train/follow.py``).
+(one line per epoch and per validation) and ``tb/`` (its scalars for TensorBoard; both
+``train/tensorboard.py``), ``last.pt`` / ``best.pt`` / ``epoch_NNN.pt`` (top-k by val mean IoU,
+:class:`~boxrefine.train.checkpoints.CheckpointSaver`), ``eval_boxes_<split>.json`` (the fixed
+validation boxes), ``subset.json``, ``curves.png`` and with ``--follow`` ``rows_epoch_NNN.json`` (the
+rows each epoch trained on, ``train/follow.py``).
 
 Stopping: the first SIGINT (Ctrl-C) or SIGTERM finishes the step in flight, saves ``last.pt`` and
 exits; resuming continues exactly (every draw is seeded by (seed, epoch, row key), see
@@ -26,7 +27,6 @@ rank resumes from the same ``last.pt``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -58,6 +58,7 @@ from boxrefine.train.follow import FollowRows, wait_for_rows
 from boxrefine.train.health import HeadHealth, head_collapse
 from boxrefine.train.state import TrainError, TrainResult, TrainState, zero_partial
 from boxrefine.train.steps import batch_loss, lr_lambda, optimizer_step
+from boxrefine.train.tensorboard import RunLog, epoch_entry, fast_summary
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
@@ -74,6 +75,8 @@ class TrainRecipe:
         if resume is not None:
             self.resume_ck, self.run = self._read_resume(resume)
         self.state = TrainState()
+        self.runlog: RunLog | None = None
+        self.last_lr: float | None = None  # the learning rate of the last optimizer step
 
     # ------------------------------------------------------------------------------------ setup
     def _read_resume(self, resume: Path) -> tuple[dict[str, Any], Path]:
@@ -120,7 +123,7 @@ class TrainRecipe:
         console.print(f"precision: {self.precision.why}" + (f"; DDP over {pg.world} ranks ({pg.backend}), global batch "
                                                  f"{train_cfg.batch_images} images" if pg.active else ""), markup=False)
         if cfg.fast_applied:
-            console.print(f"FAST mode: {', '.join(f'{k}={v}' for k, v in cfg.fast_applied.items())}", markup=False)
+            console.print(f"FAST mode: {fast_summary(cfg.fast_applied, self.precision)}", markup=False)
         self.data = TrainData(cfg, self.store, pg.rank, pg.world, pin_memory=self.device.type == "cuda")
         self._setup_model(use_scaler)
         if self.resume_ck is not None:
@@ -185,6 +188,7 @@ class TrainRecipe:
         pg, data, run = self.pg, self.data, self.run
         self.saver = CheckpointSaver(run, self.train_cfg.keep_top_k, self.state.saver)
         self.metrics_path = run / "metrics.jsonl"
+        self.runlog = RunLog(run) if pg.is_main else None
 
         def write() -> Any:
             if self.resume_ck is None:
@@ -204,9 +208,13 @@ class TrainRecipe:
         try:
             return self._train()
         except BaseException:
+            if self.runlog is not None:
+                self.runlog.close()  # before a run folder without a checkpoint is removed
             self._discard_if_unsaved()
             raise
         finally:
+            if self.runlog is not None:
+                self.runlog.close()
             self.pg.close()
 
     def _stopping(self) -> bool:
@@ -261,7 +269,7 @@ class TrainRecipe:
         order_len = len(self.data.epoch_order(st.epoch))
         self.data.sampler.set_epoch(st.epoch, st.step)
         self.refiner.train()
-        t0, images_before = time.perf_counter(), st.partial["n"]
+        t0, images_before, steps_before = time.perf_counter(), st.partial["n"], st.step
         assert self.data.loader is not None
         # head health counts this rank's boxes (under DDP rank 0's share of every step is what is logged)
         health = HeadHealth(self.refiner, st.health)
@@ -288,21 +296,19 @@ class TrainRecipe:
                 bar.advance(step.images, postfix=f"loss {st.partial['loss'] / max(st.partial['n'], 1):.4f}")
                 if self._stopping():
                     return
-        self._log_epoch(health.summary(), time.perf_counter() - t0, images_before)
+        self._log_epoch(health.summary(), time.perf_counter() - t0, images_before, st.step - steps_before)
         last = st.epoch + 1 == train_cfg.epochs
         st.epoch, st.step, st.partial, st.health = st.epoch + 1, 0, zero_partial(), {}
         st.pending_eval = self.data.val_ds is not None and (st.epoch % train_cfg.eval_every == 0 or last)
         if st.pending_eval:
             self.save()  # a stop during validation resumes at the validation, not the epoch
 
-    def _log_epoch(self, head: dict[str, float], seconds: float, images_before: float) -> None:
-        """The epoch's line in metrics.jsonl (losses, lr, speed, precision, head health) and its summary."""
+    def _log_epoch(self, head: dict[str, float], seconds: float, images_before: float, steps: int) -> None:
+        """The epoch's line in metrics.jsonl (losses, the lr of its last step, speed, precision, head
+        health) and its summary."""
         st, p = self.state, self.state.partial
-        n = max(p["n"], 1)
-        entry = {"kind": "epoch", "epoch": st.epoch + 1, "loss": p["loss"] / n, "l1": p["l1"] / n,
-                 "giou": p["giou"] / n, "lr": self.opt.param_groups[0]["lr"], "images": p["n"],
-                 "boxes": p["boxes"], "seconds": seconds, "images_per_s": (p["n"] - images_before) / max(seconds, 1e-9),
-                 "ranks": self.pg.world, "precision": self.precision.label}
+        lr = self.last_lr if self.last_lr is not None else self.opt.param_groups[0]["lr"]
+        entry = epoch_entry(st.epoch + 1, p, lr, seconds, images_before, steps, self.pg.world, self.precision.label)
         if self.scaler.is_enabled():
             entry.update(skipped_steps=int(p.get("skipped", 0)), grad_scale=self.scaler.get_scale())
         why = head_collapse(head)
@@ -332,6 +338,7 @@ class TrainRecipe:
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         # under DDP the gradients are averaged over the ranks in backward, so every rank skips alike
+        self.last_lr = self.opt.param_groups[0]["lr"]  # what this step uses (the scheduler moves it after)
         if optimizer_step(loss, self.opt, self.scaler, self.sched, self.refiner.parameters(), self.train_cfg.grad_clip):
             self.state.partial["skipped"] = self.state.partial.get("skipped", 0) + 1
 
@@ -345,7 +352,7 @@ class TrainRecipe:
                 return
             self.log({"kind": "eval", "epoch": st.epoch, "split": self.data.val_name, **ev})
             metric = ev["refined"]["mean_iou"]
-            self._say(f"  val {self.data.val_name}: refined mean IoU {metric:.4f} (coarse "
+            self._say(f"  validation ({self.data.val_name}): refined mean IoU {metric:.4f} (coarse "
                       f"{ev['coarse']['mean_iou']:.4f}), val loss {ev['val_loss']:.4f}")
             st.pending_eval = False
             if self.pg.is_main:
@@ -378,9 +385,8 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------ saving
     def log(self, entry: dict[str, Any]) -> None:
-        if self.pg.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        if self.runlog is not None:  # rank 0
+            self.runlog.log(entry)
 
     def save(self, metric: float | None = None) -> None:
         if self.pg.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -16,7 +17,8 @@ app = typer.Typer(help="Refine a detector's boxes with a trained refiner (featur
 def refine(
     config: Path = config_option(),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Refiner checkpoint file, or a run folder (its "
-                                    "best.pt). Default: refine.checkpoint."),
+                                    "best.pt). Default: refine.checkpoint, else best.pt of the latest run in "
+                                    "train.runs_dir (as evaluate)."),
     detections: Path = typer.Option(None, "--detections", "-d", help="COCO results JSON of the detector's boxes "
                                     "(image_id, bbox [x,y,w,h], score). Default: the split's detections."),
     split: str = typer.Option(None, "--split", help="Refine the images of this split of data.splits."),
@@ -27,8 +29,9 @@ def refine(
     out: Path = typer.Option(None, "--out", "-o", help="Output COCO results. Default: <detections>.refined.json "
                              "beside the detections."),
     min_score: float = typer.Option(None, "--min-score", help="refine.min_score: boxes scoring less are not refined."),
-    low_score: str = typer.Option(None, "--low-score", help="refine.low_score: keep (default: boxes below "
-                                  "--min-score are passed through unrefined) or drop (left out of the output)."),
+    low_score: Literal["keep", "drop"] = typer.Option(
+        None, "--low-score", help="refine.low_score: keep (default: boxes below --min-score are passed through "
+        "unrefined) or drop (left out of the output)."),
     masks: bool = typer.Option(None, "--masks/--no-masks", help="refine.masks: add HQ-SAM's mask of each refined box "
                                "(COCO RLE, original size) as its segmentation."),
     vis: bool = typer.Option(None, "--vis/--no-vis", help="refine.vis: draw detector (red) and refined (blue) boxes "

@@ -47,6 +47,7 @@ from boxrefine.shared.data.intensity import ImageError
 from boxrefine.shared.data.overlay import COARSE_COLOUR, REFINED_COLOUR, draw_boxes, line_width, with_legend, write_png
 from boxrefine.shared.data.records import DataError, ImageRecord, resolve_image
 from boxrefine.shared.geometry.boxes import xyxy_to_xywh
+from boxrefine.shared.model.runs import latest_checkpoint, run_best
 from boxrefine.shared.model.weights import checkpoint_info
 from boxrefine.shared.runtime.console import console, progress
 from boxrefine.shared.runtime.device import inference_precision, resolve_device
@@ -85,15 +86,15 @@ class RefineResult:
         return self.images / self.refine_s if self.refine_s > 0 else 0.0
 
 
-def refiner_checkpoint(path: Path | None) -> Path:
-    """A checkpoint file, or a run folder's best.pt."""
-    if path is None:
-        raise RefineError("no refiner checkpoint: pass --checkpoint (a checkpoint file or a run folder), or set "
-                          "refine.checkpoint")
+def refiner_checkpoint(cfg: PipelineConfig, path: Path | None) -> Path:
+    """The checkpoint refine applies: ``path`` (``--checkpoint``, else ``refine.checkpoint``; a file or
+    a run folder, its best.pt), else best.pt of the latest run in ``train.runs_dir`` — the rule
+    evaluate follows (``shared/model/runs.py``)."""
+    path, how = latest_checkpoint(path if path is not None else cfg.refine.checkpoint, cfg.train.runs_dir)
+    if how != "given":
+        console.print(f"checkpoint: {path} ({how})", markup=False)
     if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise RefineError(f"{path}: no best.pt in this run folder; pass a checkpoint file")
-        return path / "best.pt"
+        return run_best(path)
     if not path.exists():
         raise RefineError(f"{path}: checkpoint not found")
     return path
@@ -128,7 +129,7 @@ class RefineRun:
                  out: Path | None = None, split: str | None = None, images: Path | None = None,
                  coco: Path | None = None, model: torch.nn.Module | None = None, announce: bool = True):
         self.cfg, self.refine_cfg = cfg, cfg.refine
-        self.checkpoint = refiner_checkpoint(checkpoint if checkpoint is not None else cfg.refine.checkpoint)
+        self.checkpoint = refiner_checkpoint(cfg, checkpoint)
         self.name, self.split_cfg = split_for(cfg, split, images, coco)
         self.detections_path = detections if detections is not None else self.split_cfg.detections
         if self.detections_path is None:

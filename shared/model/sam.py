@@ -10,7 +10,8 @@ Nothing here ever downloads weights.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +25,17 @@ from boxrefine.shared.runtime.console import console, warn_loud
 from boxrefine.shared.runtime.device import autocast_context
 
 EMBED_SIZE = 64  # image_embeddings are 256×64×64 for every model type
+
+
+@contextmanager
+def quiet_package_import() -> Iterator[None]:
+    """Around every import of ``segment_anything_hq``: importing it warns ~10 lines through timm
+    (deprecated ``timm.models.layers`` paths, its TinyViT names registered again), none of them about
+    boxrefine's use; those warnings, and only those, are silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+        yield
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 M = TypeVar("M", bound=torch.nn.Module)
@@ -36,9 +48,7 @@ def build_hq_sam(model_type: str, checkpoint: Path | None, seed: int, device: to
 
     Missing/unexpected keys are reported (a plain SAM checkpoint lacks the HQ parts).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet_package_import():
         from segment_anything_hq import sam_model_registry
 
     if checkpoint is None:
@@ -78,7 +88,8 @@ def encoder_input(rgb: np.ndarray) -> torch.Tensor:
     """THE image → encoder input path: H×W×3 uint8 RGB → 3×H'×W' uint8 (long side 1024), exactly as
     ``SamPredictor.set_image`` builds it (``ResizeLongestSide``; :func:`encode` normalises and pads).
     Extract, refine's predictor and the benches all call it."""
-    from segment_anything_hq.utils.transforms import ResizeLongestSide  # the package, imported on first use
+    with quiet_package_import():  # the package, imported on first use
+        from segment_anything_hq.utils.transforms import ResizeLongestSide
 
     return torch.from_numpy(ResizeLongestSide(IMG_SIZE).apply_image(rgb)).permute(2, 0, 1).contiguous()
 
@@ -134,8 +145,7 @@ class SamHeads(torch.nn.Module):
 
 def _new_heads(model_type: str) -> SamHeads:
     """The package's PromptEncoder and MaskDecoderHQ with the hyper-parameters its build_sam uses."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_package_import():
         from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder, TwoWayTransformer
     prompt = PromptEncoder(embed_dim=256, image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
                            input_image_size=(IMG_SIZE, IMG_SIZE), mask_in_chans=16)

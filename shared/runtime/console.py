@@ -1,5 +1,7 @@
-"""Terminal output: one rich console, progress bars with rate and ETA on a terminal, and plain
-periodic log lines when output is not a terminal (CI, log files).
+"""Terminal output: results on stdout (``result_console``: tables, ``store info``, what a command
+answers), everything else on stderr (``console``: logs, notes, warnings, progress), so that
+``boxrefine evaluate > results.txt`` captures the results and nothing else; progress bars with rate
+and ETA on a terminal, and plain periodic log lines when output is not a terminal (CI, log files).
 
 Messages carry user data (paths, values such as ``[x, y, w, h]`` or ``[inf, ...]``), so nothing is
 read as rich markup: print strings with ``markup=False`` (colour through ``style=``) and build other
@@ -19,15 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 
-def _make_console() -> Console:
-    c = Console(stderr=True, highlight=False)
+def _make_console(stderr: bool) -> Console:
+    c = Console(stderr=stderr, highlight=False)
     if not c.is_terminal:
         # CI logs and files: one line per message at any length, never rich's 80-column wrapping
-        c = Console(stderr=True, highlight=False, soft_wrap=True, width=1000)
+        c = Console(stderr=stderr, highlight=False, soft_wrap=True, width=1000)
     return c
 
 
-console = _make_console()
+console = _make_console(stderr=True)
+result_console = _make_console(stderr=False)
 
 
 def is_interactive() -> bool:

@@ -7,6 +7,9 @@ The content goes to a temp file in the destination folder with a name unique to 
 or the new one, never a torn one; a crash leaves at most a hidden ``.<name>.*.tmp`` file behind. A write
 that fails (a full disk, a missing or read-only folder, a folder in the way) raises :class:`WriteError`,
 one line naming the path and the cause, and leaves the old file as it was.
+
+The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the process's umask):
+``mkstemp`` creates its temp file 0600, which would leave a shared ``runs/`` unreadable to colleagues.
 """
 
 from __future__ import annotations
@@ -48,8 +51,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux's
+    /proc/self/status); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode of a file created now by ``open(path, "w")``: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a binary temp file beside ``path``, then atomically move it to ``path``."""
+    """Call ``write(f)`` on a binary temp file beside ``path``, then atomically move it to ``path``
+    (with the mode of a new file: the umask is honoured)."""
     path = Path(path)
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -57,6 +81,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         raise _write_error(path, e) from None
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -98,6 +123,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
     """JSON with ``allow_nan=False``: a NaN is a bug to report here, not a file no parser reads."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
+
+
+def atomic_append_text(path: str | Path, text: str) -> Path:
+    """``path`` with ``text`` added at its end, written as a whole new file (a log such as
+    metrics.jsonl: small, and never left half-written)."""
+    path = Path(path)
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    return atomic_write_bytes(path, old + text.encode("utf-8"))
 
 
 def atomic_savefig(fig: Any, path: str | Path, dpi: int = 90) -> Path:

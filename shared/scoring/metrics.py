@@ -14,6 +14,8 @@ import torch
 from boxrefine.shared.geometry.boxes import paired_iou
 
 IOU_THRESHOLDS = (0.5, 0.75, 0.9)
+# COCO's object sizes (pycocotools' areaRng): area < 32², 32²–96², ≥ 96² pixels
+SIZES = ("small", "medium", "large")
 
 
 def box_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -38,13 +40,22 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def _ap(precision: Any, iou_index: int | None, area_index: int) -> float:
+    """AP from COCOeval's accumulated precision (T×R×K×A×M) as ``COCOeval.summarize`` computes it:
+    all IoU thresholds (or one), one area range, maxDets 100; -1 when nothing is there to score."""
+    p = precision[:, :, :, area_index, -1] if iou_index is None else precision[iou_index, :, :, area_index, -1]
+    p = p[p > -1]
+    return float(p.mean()) if p.size else -1.0
+
+
 def coco_box_ap(annotations: str | Path | Any, results: list[dict[str, Any]],
-                image_ids: Iterable[int] | None = None) -> dict[str, float]:
+                image_ids: Iterable[int] | None = None, by_size: bool = False) -> dict[str, Any]:
     """COCO box AP / AP50 / AP75 of ``results`` (COCO results format: image_id, category_id,
     bbox [x, y, w, h], score) against ``annotations`` (a COCO instances JSON path, or a loaded
     ``pycocotools.coco.COCO``), by pycocotools' own ``loadRes`` + ``COCOeval(iouType="bbox")``,
     restricted to ``image_ids`` (default: every image of the annotations). pycocotools' printing
-    is silenced; ``results`` is not modified. No results at all gives 0.0 everywhere."""
+    is silenced; ``results`` is not modified. No results at all gives 0.0 everywhere. ``by_size``:
+    also ``{"small": {"AP", "AP50", "AP75"}, "medium": ..., "large": ...}`` (COCO's area ranges)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -55,11 +66,18 @@ def coco_box_ap(annotations: str | Path | Any, results: list[dict[str, Any]],
         wanted = set(ids)
         res = [copy.deepcopy(r) for r in results if int(r["image_id"]) in wanted]
         if not res or not ids:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+            zero = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+            return {**zero, **({s: dict(zero) for s in SIZES} if by_size else {})}
         dt = gt.loadRes(res)  # loadRes adds area/id/segmentation to the dicts it is given: copies
         ev = COCOeval(gt, dt, iouType="bbox")
         ev.params.imgIds = ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+    out: dict[str, Any] = {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+    if by_size:
+        prec, thresholds = ev.eval["precision"], list(ev.params.iouThrs)
+        i50, i75 = thresholds.index(0.5), int(min(range(len(thresholds)), key=lambda i: abs(thresholds[i] - 0.75)))
+        for a, name in enumerate(SIZES, start=1):  # area range 0 is "all"
+            out[name] = {"AP": _ap(prec, None, a), "AP50": _ap(prec, i50, a), "AP75": _ap(prec, i75, a)}
+    return out

@@ -1,8 +1,9 @@
 """Apply a trained refiner to new images: a predictor in the spirit of HQ-SAM's ``SamPredictor``.
 
-    from boxrefine.shared.scoring.predictor import RefinePredictor
+    from boxrefine import RefinePredictor
 
-    predictor = RefinePredictor("runs/demo/best.pt", sam_checkpoint=None)  # None: the seeded random init
+    predictor = RefinePredictor.from_run("runs/demo")          # best.pt, the HQ-SAM weights it was trained with
+    # or RefinePredictor("runs/demo/best.pt", sam_checkpoint=None)  # None: the seeded random init
     predictor.set_image(rgb)                                  # H×W×3 uint8 RGB (or a store row)
     boxes, deltas = predictor.refine([[x0, y0, x1, y1], ...])  # original pixels, xyxy
 
@@ -31,6 +32,7 @@ from boxrefine.shared.data.records import image_key, safe_relpath
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.geometry.frames import ImageGeometry
 from boxrefine.shared.model.checkpoint import CheckpointFileError, load_checkpoint, refiner_from_checkpoint
+from boxrefine.shared.model.runs import run_best
 from boxrefine.shared.model.sam import SamHeads, build_hq_sam, build_sam_heads, encode, encoder_input
 from boxrefine.shared.model.weights import checkpoint_info
 from boxrefine.shared.runtime.device import resolve_device
@@ -135,6 +137,19 @@ class RefinePredictor:
         self._sam: torch.nn.Module | None = None
         self._heads: SamHeads | None = None
         self.features: ImageFeatures | None = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str | torch.device = "auto", **kwargs: Any) -> RefinePredictor:
+        """The refiner of a run folder (its best.pt) or a checkpoint file, with the HQ-SAM weights its
+        training config names (``model.checkpoint``; none: the seeded random init) unless
+        ``sam_checkpoint`` is given. Other keyword arguments go to the constructor."""
+        path = Path(run)
+        ckpt_path = run_best(path) if path.is_dir() else path
+        if "sam_checkpoint" not in kwargs:
+            config = load_checkpoint(ckpt_path).get("config")
+            model = config.get("model") if isinstance(config, dict) else None
+            kwargs["sam_checkpoint"] = model.get("checkpoint") if isinstance(model, dict) else None
+        return cls(ckpt_path, device=device, **kwargs)
 
     # ---- HQ-SAM, built on first use ------------------------------------------------------------
     def use_sam(self, sam: torch.nn.Module) -> None:
