@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from boxrefine.shared.config import PipelineConfig, parse_shard
+from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.runtime.console import console
 from boxrefine.shared.runtime.distributed import ProcessGroup, Ranks
+from boxrefine.shared.runtime.shards import parse_shard
 from boxrefine.shared.store.feature_store import FeatureStore
 from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.location import StoreError

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from boxrefine.shared.config import PipelineConfig, parse_shard
+from boxrefine.shared.config import PipelineConfig
 from boxrefine.shared.data.imageio import source_fingerprint
 from boxrefine.shared.data.records import DataError, ImageRecord, instance_mask, resolve_image
 from boxrefine.shared.geometry.frames import ImageGeometry
+from boxrefine.shared.runtime.shards import parse_shard
 from boxrefine.shared.store.schema import DIGEST, FEATURE_ARRAYS, FIELD, STATE_BAD, STATE_COMPLETE, STATE_EMPTY
 from boxrefine.shared.store.split import SplitStore
 

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from boxrefine.shared.data.intensity import Intensity
 from boxrefine.shared.errors import BoxrefineError
+from boxrefine.shared.runtime.shards import parse_shard
 from boxrefine.shared.runtime.urls import is_url
-from boxrefine.shared.yamlkeys import DuplicateKeyError, UniqueKeyLoader, set_dotted
+from boxrefine.shared.yamlkeys import DuplicateKeyError, UniqueKeyLoader, flatten, set_dotted
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -258,17 +259,6 @@ class PipelineConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
-    m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", text)
-    if not m:
-        raise ValueError(f"shard must look like 'i/n', got {text!r}")
-    i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {text!r}: need 0 <= i < n")
-    return i, n
-
-
 def parse_set_option(item: str) -> tuple[str, Any]:
     """``"extract.batch_size=4"`` → ``("extract.batch_size", 4)`` (value parsed as YAML; ``KEY=null``
     sets the key to null)."""
@@ -322,16 +312,6 @@ def _validate(raw: dict[str, Any]) -> tuple[PipelineConfig | None, list[tuple[st
     return cfg, cfg.cross_errors()
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def names_section(key: str) -> bool:
     """Whether a dotted key names a whole section (``train``, ``data.splits.val``) rather than a value."""
     node: Any = PipelineConfig
@@ -351,7 +331,7 @@ def apply_override(raw: dict[str, Any], key: str, value: Any, source: str) -> No
     if not names_section(key):
         set_dotted(raw, key, value)
     elif isinstance(value, dict):
-        for sub, v in (_flatten(value, f"{key}.") if value else {}).items():
+        for sub, v in (flatten(value, f"{key}.") if value else {}).items():
             apply_override(raw, sub, v, source)
     else:
         shown = "null" if value is None else repr(value)
@@ -372,7 +352,7 @@ def validate_config(raw: Any, source: str, base: Path, fast: bool = False,
     raw = copy.deepcopy(raw)
     cfg, errors = _validate(raw)
     block = raw.get("fast") if isinstance(raw.get("fast"), dict) else {}
-    fast_keys = _flatten(block)
+    fast_keys = flatten(block)
     merged = copy.deepcopy(raw)
     merged.pop("fast", None)
     for key, value in fast_keys.items():

@@ -76,3 +76,14 @@ def dict_differences(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str
         if x != y:
             out.append(f"{prefix}{k}: {names[0]} {x!r}, {names[1]} {y!r}")
     return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings → dotted keys (``{"train": {"lr": 1}}`` → ``{"train.lr": 1}``); an empty mapping is a value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -58,7 +58,7 @@ from boxrefine.train.follow import FollowRows, wait_for_rows
 from boxrefine.train.health import HeadHealth, head_collapse
 from boxrefine.train.state import TrainError, TrainResult, TrainState, zero_partial
 from boxrefine.train.steps import batch_loss, lr_lambda, optimizer_step
-from boxrefine.train.tensorboard import RunLog, epoch_entry, fast_summary
+from boxrefine.train.tensorboard import RunLog, epoch_entry, epoch_summary, fast_summary
 
 # Config sections a resumed run must share with its checkpoint: they decide the weights' shapes (the
 # store's identity, checked separately, decides the features). Other differences (epochs, lr, ...)
@@ -314,15 +314,8 @@ class TrainRecipe:
         why = head_collapse(head)
         entry.update({f"head_{k}": v for k, v in head.items()}, head_collapsed=why)
         self.log(entry)
-        self._say(f"epoch {st.epoch + 1}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou "
-                  f"{entry['giou']:.4f}), {entry['images_per_s']:.2f} img/s"
-                  + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}"
-                     if head else ""))
-        if entry.get("skipped_steps"):
-            self._say(f"  float16: {entry['skipped_steps']} step(s) skipped on inf/NaN gradients (GradScaler; "
-                      f"scale now {entry['grad_scale']:g})")
-        if why:
-            self._say(f"warning: the refiner head has collapsed in epoch {st.epoch + 1}: {why}", style="yellow")
+        for line, style in epoch_summary(entry, head, why):
+            self._say(line, **({"style": style} if style else {}))
 
     def _follow_rows(self) -> None:
         """``--follow``: train this epoch on the rows complete when it starts, recorded by rank 0 (or read

@@ -78,3 +78,18 @@ def fast_summary(applied: dict[str, Any], precision: Precision) -> str:
         note = f" (runs {precision.label})" if k.startswith("train.amp") and precision.dtype is None else ""
         items.append(f"{k}={v}{note}")
     return ", ".join(items)
+
+
+def epoch_summary(entry: dict[str, Any], head: dict[str, float], collapsed: str | None) -> list[tuple[str, str | None]]:
+    """The lines (text, style) that say an epoch's metrics.jsonl ``entry`` on the console."""
+    out: list[tuple[str, str | None]] = [(
+        f"epoch {entry['epoch']}: loss {entry['loss']:.4f} (l1 {entry['l1']:.4f}, giou {entry['giou']:.4f}), "
+        f"{entry['images_per_s']:.2f} img/s"
+        + (f", head: {head['active_units']:.0%} units active, mean |delta| {head['delta_abs']:.3f}" if head else ""),
+        None)]
+    if entry.get("skipped_steps"):
+        out.append((f"  float16: {entry['skipped_steps']} step(s) skipped on inf/NaN gradients (GradScaler; "
+                    f"scale now {entry['grad_scale']:g})", None))
+    if collapsed:
+        out.append((f"warning: the refiner head has collapsed in epoch {entry['epoch']}: {collapsed}", "yellow"))
+    return out

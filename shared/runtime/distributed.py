@@ -149,3 +149,5 @@ class ProcessGroup:
         out: list[Any] | None = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+
