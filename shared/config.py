@@ -112,7 +112,7 @@ class ModelConfig(_Section):
 class StoreConfig(_Section):
     path: str
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    codec: Literal["none", "zstd", "lz4"] = "none"  # of the features; GT masks are always compressed
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
     on_damage: Literal["error", "skip"] = "error"

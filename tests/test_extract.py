@@ -54,7 +54,7 @@ def test_store_describes_itself(reference_store):
     assert (ident.model_type, ident.checkpoint, ident.dtype, ident.img_size) == (
         "vit_tiny", "random-init:seed=0", "float16", 1024)
     assert store.attrs["checkpoint"]["kind"] == "random-init"
-    assert store.attrs["storage"]["codec"] == "zstd"
+    assert store.attrs["storage"]["codec"] == "none"
     assert store.attrs["config"]["model"]["type"] == "vit_tiny"
     for name in ("train", "val"):
         sp = store.split(name)
