@@ -172,6 +172,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     keep_top_k: int = Field(3, ge=0)
     num_workers: int = Field(2, ge=0)
+    prefetch_batches: int = Field(2, ge=1)  # batches each DataLoader worker reads ahead (prefetch_factor)
     seed: int = 0
     follow: bool = False  # each epoch trains on the rows complete when it starts (an extractor is running)
 
