@@ -223,3 +223,25 @@ def test_object_store_reads_a_row_in_one_round_trip(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(direct, "ENABLED", True)
     split.read_row(0, records[0])  # features, masks, boxes, info, record
     assert split.direct.requests == 5 + 6
+
+
+@pytest.mark.parametrize("damage", ["none", "interm flipped", "boxes missing", "emb missing"])
+def test_cold_rows_read_in_threads_are_checked_alike(store: Path, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row whose files are not in the page cache (``RWF_NOWAIT`` reads nothing: forced here) has its
+    other chunk files read in threads: the same values and the same damage as zarr's reads."""
+    if damage == "interm flipped":
+        _flip(chunk(store, "interm_embeddings", 2))
+    elif damage != "none":
+        chunk(store, "gt_boxes" if damage == "boxes missing" else "image_embeddings", 2).unlink()
+    threaded = []
+    real_cold = direct.DirectReader._cold
+
+    def cold(self: direct.DirectReader, current: str) -> None:
+        real_cold(self, current)
+        threaded.extend(self._reading)
+
+    monkeypatch.setattr(direct, "_cached", lambda fd, view: 0)
+    monkeypatch.setattr(direct.DirectReader, "_cold", cold)
+    for row in (0, 2):
+        same(read(store, row, True, monkeypatch), read(store, row, False, monkeypatch))
+    assert any("interm_embeddings" in k for k in threaded) and not any("/rows/" in k for k in threaded)

@@ -6,9 +6,12 @@ chains the store writes (``bytes`` little-endian, optionally ``blosc``, then ``c
 row along axis 0, the other axes whole, or chunked along axis 1 only for the GT arrays) a
 :class:`DirectReader` reads a row's chunk objects itself:
 
-* a **local store** (``zarr.storage.LocalStore``): each chunk file is read with ``os.readv`` into a
-  preallocated buffer (one system call for the whole file; zarr writes every key as a temp file
-  renamed into place, so an open file is always one whole write);
+* a **local store** (``zarr.storage.LocalStore``): each chunk file is read with one ``os.preadv``
+  into a new buffer (zarr writes every key as a temp file renamed into place, so an open file is
+  always one whole write). The first read asks the page cache only (``RWF_NOWAIT``); a row whose
+  file is not cached has its other chunk files read in threads meanwhile, so that the disk serves
+  them together (a cold row ~1.5-2x sooner than one file after the other). The record is never read
+  ahead: it is opened after the chunks are read (``SplitStore.read_row``'s generation check);
 * **any other store** (S3 through obstore, fsspec URLs): the chunks a row read needs are fetched
   together with the store's own async ``get`` in one event-loop round trip (:meth:`DirectReader.prefetch`).
 
@@ -30,6 +33,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import google_crc32c
 import numpy as np
@@ -125,28 +129,56 @@ class ArrayChunks:
         return body.view(self.dtype).reshape(shape), (crc if whole else None)
 
 
-def read_file(path: str, size: int | None) -> np.ndarray | None:
-    """A chunk file's bytes (None when it is missing, as zarr's LocalStore reads it): one ``readv`` into
-    a buffer of ``size`` + 1 bytes (``size`` None: the file's size), more reads only if it is longer."""
+def _cached(fd: int, view: memoryview) -> int:
+    """Bytes read from the start of ``fd`` into ``view`` without waiting for the disk: what the page cache
+    holds (``RWF_NOWAIT``); 0 where that cannot be asked."""
+    try:
+        return os.preadv(fd, [view], 0, os.RWF_NOWAIT)
+    except (BlockingIOError, OSError, AttributeError):  # nothing cached, or no RWF_NOWAIT (filesystem, OS)
+        return 0
+
+
+def read_file(path: str, size: int | None, on_cold: Callable[[], None] | None = None) -> np.ndarray | None:
+    """A chunk file's bytes (None when it is missing, as zarr's LocalStore reads it): one ``preadv`` into
+    a buffer of ``size`` + 1 bytes (``size`` None: the file's size), more reads only if it is longer.
+    ``on_cold``: called when the file is not all in the page cache, before waiting for the disk."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except MISSING:
         return None
     try:
-        want = (os.fstat(fd).st_size if size is None else size) + 1
-        buf = np.empty(want, np.uint8)
-        view, got = memoryview(buf), 0
-        while got < want:
-            n = os.readv(fd, [view[got:]])
+        size = os.fstat(fd).st_size if size is None else size
+        buf = np.empty(size + 1, np.uint8)  # one byte more: a longer file shows
+        view = memoryview(buf)
+        got = _cached(fd, view) if on_cold is not None else 0
+        if on_cold is not None and got < size:
+            on_cold()
+        while got <= size:
+            n = os.preadv(fd, [view[got:]], got)
             if n == 0:
                 return buf[:got]
             got += n
-        rest = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))  # longer than expected: damage, read whole
-        return np.concatenate([buf, np.frombuffer(rest, np.uint8)])
+        parts = [buf]  # longer than expected (damage): read it whole, the checks say what is wrong
+        while more := os.pread(fd, 1 << 20, got):
+            parts.append(np.frombuffer(more, np.uint8))
+            got += len(more)
+        return np.concatenate(parts)
     except MISSING:
         return None
     finally:
         os.close(fd)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads reading a cold row's other files while the first one is read (per process: a forked
+    DataLoader worker starts its own)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="boxrefine-read"))
+    return _POOL[1]
 
 
 class DirectReader:
@@ -158,7 +190,9 @@ class DirectReader:
         self.store, self.array = store, array
         self.root = str(store.root) if isinstance(store, LocalStore) else None
         self._layout: dict[str, ArrayChunks | None] = {}
-        self._fetched: dict[str, np.ndarray | BaseException | None] = {}
+        self._fetched: dict[str, np.ndarray | BaseException | None] = {}  # chunks fetched by prefetch
+        self._ahead: dict[str, int | None] = {}  # a local row's chunk files (and sizes) to read together when cold
+        self._reading: dict[str, Future] = {}  # those being read in threads
         self.requests = 0  # chunk objects read (files or GET requests), for the bench
 
     def layout(self, name: str) -> ArrayChunks | None:
@@ -174,16 +208,20 @@ class DirectReader:
         return f"{chunks.path}/{key}" if chunks.path else key
 
     def prefetch(self, row: int, n: int, features: bool = True, masks: bool = True) -> None:
-        """Fetch the chunks a read of ``row`` needs (its features unless not ``features``, its first ``n``
-        instances of GT, masks unless not ``masks``) in one event-loop round trip; not for a local
-        store (its files are read when asked for). A failed request is raised by the read that needs it."""
-        self._fetched = {}
-        if self.root is not None:
-            return
+        """Prepare a read of ``row`` (its features unless not ``features``, its first ``n`` instances of
+        GT, masks unless not ``masks``). Any store but a local one: the chunks are fetched now, in one
+        event-loop round trip (a failed request is raised by the read that needs it). A local store: the
+        first of the row's files found outside the page cache has the disk read all of them at once
+        (nothing is opened ahead: the record in particular is opened after the chunks are read)."""
+        self.release()
         wanted = [(a, None) for a in FEATURE_ARRAYS if features]
         wanted += [(a, n) for a in GT_ARRAYS if masks or a != "gt_masks"]
-        keys = [self._full_key(c, k) for name, count in wanted if (c := self.layout(name)) for k in c.keys(row, count)]
-        if keys:
+        chunks = [(self._full_key(c, k), c) for name, count in wanted if (c := self.layout(name))
+                  for k in c.keys(row, count)]
+        keys = [key for key, _ in chunks]
+        if self.root is not None:
+            self._ahead = {key: None if c.blosc else c.nbytes + 4 for key, c in chunks}
+        elif keys:
             self.requests += len(keys)
             self._fetched = dict(zip(keys, sync(self._get_all(keys)), strict=True))
 
@@ -193,19 +231,32 @@ class DirectReader:
         return [b if b is None or isinstance(b, BaseException) else b.as_numpy_array() for b in got]
 
     def release(self) -> None:
-        """Forget the prefetched chunks (the next read of a row fetches its chunks anew)."""
-        self._fetched = {}
+        """Forget the prefetched chunks (the next read of a row fetches its chunks anew; reads still
+        running in threads finish unseen)."""
+        self._fetched, self._ahead, self._reading = {}, {}, {}
+
+    def _cold(self, current: str) -> None:
+        """The row's file ``current`` is not in the page cache: read its other chunk files in threads
+        meanwhile (so the disk serves them together). Never the record: it is read after the chunks."""
+        ahead, self._ahead = self._ahead, {}
+        for key, size in ahead.items():
+            if key != current:
+                self._reading[key] = _pool().submit(read_file, os.path.join(self.root or "", key), size)
 
     def _stored(self, chunks: ArrayChunks, key: str) -> np.ndarray | None:
         full = self._full_key(chunks, key)
+        self.requests += full not in self._fetched
+        if self.root is not None:
+            if full in self._reading:
+                return self._reading.pop(full).result()
+            size = None if chunks.blosc else chunks.nbytes + 4
+            cold = (lambda: self._cold(full)) if full in self._ahead else None
+            return read_file(os.path.join(self.root, full), size, cold)
         if full in self._fetched:
             got = self._fetched.pop(full)
             if isinstance(got, BaseException):
                 raise got
             return got
-        self.requests += 1
-        if self.root is not None:
-            return read_file(os.path.join(self.root, full), None if chunks.blosc else chunks.nbytes + 4)
         buf = sync(self.store.get(full, prototype=default_buffer_prototype()))
         return None if buf is None else buf.as_numpy_array()
 
