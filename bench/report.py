@@ -4,8 +4,8 @@
 
 Reads ``peers.json`` (bench/peers.py), ``step_profile.json`` (bench/step_profile.py),
 ``accuracy.json`` (bench/accuracy.py), ``precision.json`` (bench/precision.py), ``eval_gt_cache.json``
-(bench/eval_gt_cache.py) and ``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows
-out, with a line saying so.
+(bench/eval_gt_cache.py), ``eval_every.json`` (bench/eval_every.py) and ``loader.json`` (bench/loader.py);
+a missing one leaves its rows out, with a line saying so.
 The summary table is also written alone to ``summary.md``; ``--readme README.md`` pastes it between
 the README's ``bench:summary`` markers (the README's performance section is that table, regenerated,
 never typed).
@@ -32,7 +32,7 @@ START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
 MIB = 2 ** 20
 EXTRA = {"accuracy": "accuracy", "eval_gt": "eval_gt_cache", "eval_every": "eval_every",
-         "precision": "precision"}  # key: <out>/<name>.json
+         "precision": "precision", "loader": "loader"}  # key: <out>/<name>.json
 
 
 def _load(path: Path) -> dict | None:
@@ -232,8 +232,8 @@ def report(out: Path) -> str:
                f"{pp['encoder_s_per_image']:.2f} s per image. npy: two `.npy` files per image (embedding and "
                "early-layer feature). zarr float32: one chunk per image and array, zarr's default codecs "
                f"(zarr {peers.get('zarr', '')}: {pp.get('zarr_default_codecs', '?')}). "
-               "boxrefine: the store `extract` wrote (float16, Blosc "
-               "zstd level 3, byte shuffle, crc32c), read through `StoreRows` (every read checksum-verified); "
+               "boxrefine: the store `extract` wrote (float16, `store.codec` "
+               "none: no compressor, crc32c), read through `StoreRows` (every read checksum-verified); "
                "its write time is the same arrays written with the store's codecs. Cold reads drop every "
                "file of the cache with `posix_fadvise(DONTNEED)` first; reads are medians of "
                f"{pp.get('read_repeats', '?')} shuffled epochs per cache, round robin over the caches. "
@@ -253,8 +253,8 @@ def report(out: Path) -> str:
             "repeats is larger than the differences between caches: the epoch row compares the caches only "
             "where they differ by more than that spread."]
         md += ["", "*boxrefine, zarr read*: the same arrays with the store's codecs read as plain zarr arrays "
-               "(no GT, no row checksums): the codec's share of the store read. *boxrefine, lz4*: the same with "
-               "`store.codec: lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
+               "(no GT, no row checksums): the codec's share of the store read. *boxrefine, zstd* / *lz4*: the "
+               "same with `store.codec: zstd` / `lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
     if step:
         from bench.step_profile import table
 
@@ -264,6 +264,14 @@ def report(out: Path) -> str:
                "(per-image work once, one mask token, only the logits the refiner reads, all boxes of the step in one "
                "call; `tests/test_hq_decoder.py` checks the logits against the package).", "",
                table(step), "", "![step profile](step_profile.png)", ""]
+    if extra["loader"]:
+        from bench.loader import table as loader_table
+
+        md += ["## Reading the training item (bench/loader.py)", "", "`StoreRows[k]` (features + GT boxes and "
+               "info, every chunk's crc32c, the row's value digests, the generation re-check) beside peers that "
+               "read the two feature arrays and check nothing; medians of "
+               f"{extra['loader']['repeats']} interleaved repeats; cold = the peer's files dropped from the page "
+               "cache first; GB/s = decoded feature bytes per second.", "", *loader_table(extra["loader"])]
     if peers:
         md += ["## Streamed from the store vs in memory", "",
                "Same epoch: batches already in memory, or read from the store by a DataLoader with no "
