@@ -1,6 +1,6 @@
 """Direct row reads (``shared/store/direct.py``) against zarr's own reads of the same store: the same
-values, and for every damage (a flipped byte, a missing, truncated, swapped or undecodable chunk, a
-damaged record) the same outcome and message; a row rewritten while it is read is served whole or
+values, and for every damage (a flipped byte, a missing, truncated, longer, swapped or undecodable
+chunk, a damaged record) the same outcome and message; a row rewritten while it is read is served whole or
 left out on both paths; GT arrays whose chunks were split by a growing layout; an object store
 (``memory://``; S3 in ``tests/test_s3.py``) fetching a row's chunks in one round trip."""
 
@@ -130,7 +130,11 @@ def _valid_crc_wrong_size(p: Path) -> None:
     p.write_bytes(body + np.uint32(google_crc32c.value(body)).tobytes())
 
 
-DAMAGE = {"flipped byte": _flip, "missing": Path.unlink, "truncated": _truncate,
+def _appended(p: Path) -> None:
+    p.write_bytes(p.read_bytes() + bytes(5000))  # longer than any first read
+
+
+DAMAGE = {"flipped byte": _flip, "missing": Path.unlink, "truncated": _truncate, "appended": _appended,
           "undecodable": _valid_crc_wrong_size}
 
 

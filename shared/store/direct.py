@@ -51,6 +51,7 @@ from boxrefine.shared.store.schema import FEATURE_ARRAYS, GT_ARRAYS
 
 ENABLED = True  # False: every read goes through zarr's array indexing (the path before this module)
 CRC_FAILED = "the chunk fails its crc32c checksum (its stored bytes changed)"
+FIRST_READ = 4096  # bytes of a file's first read from the disk (see read_file)
 MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)  # zarr's LocalStore: the fill value
 
 
@@ -150,11 +151,15 @@ def read_file(path: str, size: int | None, on_cold: Callable[[], None] | None = 
         size = os.fstat(fd).st_size if size is None else size
         buf = np.empty(size + 1, np.uint8)  # one byte more: a longer file shows
         view = memoryview(buf)
-        got = _cached(fd, view) if on_cold is not None else 0
+        got = _cached(fd, view)  # a cached file: read here whole, one copy
         if on_cold is not None and got < size:
             on_cold()
         while got <= size:
-            n = os.preadv(fd, [view[got:]], got)
+            # From the disk, a small first read: the kernel then reads the rest ahead in large folios. One
+            # read of the whole file filled the page cache with 4 KiB pages here (Linux 6.18, ext4): 1.7x
+            # slower cold and 2.7x slower to read again warm (np.load reads the header first, so it gets
+            # large folios too)
+            n = os.preadv(fd, [view[got:FIRST_READ] if got == 0 else view[got:]], got)
             if n == 0:
                 return buf[:got]
             got += n
