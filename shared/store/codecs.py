@@ -31,7 +31,7 @@ def compressors(codec: str, clevel: int, typesize: int) -> list[Any]:
 def mask_codec(codec: str) -> str:
     """The Blosc codec of the GT masks (and the index arrays): the store's, or zstd when the features
     are stored without a compressor (``store.codec: none``, the default: masks shrink 100x and more,
-    float16 features 1.1-1.4x at ~5x the read cost)."""
+    float16 features 1.1-1.4x at 5-9x the read cost)."""
     return "zstd" if codec == "none" else codec
 
 
