@@ -20,7 +20,7 @@ row). Every repeat runs every peer (order rotated), medians reported. **S3** (mo
 127.0.0.1, as the suite runs it): images/s and requests per row of the default and zstd stores,
 direct and through zarr. **Epoch**: train's real DataLoader (``train/data.py``) over the extracted
 store with the step replaced by a no-op, beside the CPU training step of the same epoch. **Profile**:
-cProfile of ``StoreRows[k]``, zarr reads vs direct reads.
+cProfile of ``StoreRows[k]``, zarr reads vs direct reads. ``bench/report.py`` makes the tables.
 
     python bench/loader.py [--rows 32] [--vit-b-rows 16] [--repeats 7] [--no-s3] [--epoch-repeats 3] [--json out.json]
 """
@@ -64,7 +64,6 @@ from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE  # noqa: E402
 from boxrefine.train.data import TrainData  # noqa: E402
 
 FEATURES = ("image_embeddings", "interm_embeddings")
-MIB = 2 ** 20
 CODECS = ("none", "zstd", "lz4")
 DEFAULT = "boxrefine (default: codec none)"
 ZARR_READS = "boxrefine default, zarr reads"
@@ -381,52 +380,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-def _cells(e: dict[str, Any], ref: dict[str, Any], mode: str, gbs: bool = False) -> list[str]:
-    s = e["s_per_image"][mode]
-    out = [f"{1 / s:,.0f}", f"{ref['s_per_image'][mode] / s:.2f}×"]
-    return out + [f"{e['decoded_feature_bytes'] / s / 1e9:.2f}"] if gbs else out
-
-
-def table(res: dict[str, Any]) -> list[str]:
-    """The report's loader section (bench/report.py): one process, DataLoader workers, S3, epoch, profile."""
-    md = [f"Machine: {res['machine_start']['summary']}; load at the end {res['machine_end']['load']}.", ""]
-    for model, m in res.get("models", {}).items():
-        peers = m["peers"]
-        ref = peers["npy float32"]
-        md += [f"**{model}** rows (interm 64×64×{m['interm_channels']}), {m['rows']} rows per peer; load "
-               f"{m['machine']['load']}. One process (the item read in a loop):", "",
-               "| reader | warm img/s | × npy fp32 | GB/s | cold img/s | × npy fp32 | GB/s | MiB/image (features) "
-               "| × npy fp32 | MiB/row (all arrays) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, e in peers.items():
-            row = e.get("row_bytes_per_image")
-            md.append(f"| {name} | " + " | ".join(
-                _cells(e, ref, "process warm", True) + _cells(e, ref, "process cold", True)
-                + [f"{e['bytes_per_image'] / MIB:.2f}", f"{e['bytes_per_image'] / ref['bytes_per_image']:.3f}",
-                   f"{row / MIB:.2f}" if row else "–"]) + " |")
-        md += ["", "DataLoader, persistent workers, batch 2 (img/s, × npy fp32, and 2 workers ÷ 1 worker):", "",
-               "| reader | 1 worker warm | × | 2 workers warm | × | 2w ÷ 1w | 1 worker cold | × | 2 workers cold | × "
-               "| 2w ÷ 1w |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, e in peers.items():
-            s = e["s_per_image"]
-            cells = []
-            for temp in ("warm", "cold"):
-                cells += _cells(e, ref, f"1 workers {temp}") + _cells(e, ref, f"2 workers {temp}")
-                cells.append(f"{s[f'1 workers {temp}'] / s[f'2 workers {temp}']:.2f}")
-            md.append(f"| {name} | " + " | ".join(cells) + " |")
-        md.append("")
-    if "s3" in res:
-        md += [f"**S3** (moto on 127.0.0.1, loopback), vit_tiny, {res['s3']['rows']} rows, the training item:", "",
-               "| store | img/s | requests per row |", "|---|---:|---:|"]
-        md += [f"| {k} | {1 / v['s_per_image']:.1f} | {v['requests_per_row']:.1f} |"
-               for k, v in res["s3"].items() if isinstance(v, dict)] + [""]
-    if "epoch" in res:
-        e = res["epoch"]
-        md += [f"**An epoch** of {e['images']} vit_tiny images (store codec {e['codec']}): train's DataLoader alone "
-               f"({e['workers']} workers, the step a no-op) {e['loader_only_epoch_s']:.3f} s; the CPU training "
-               f"steps of the same batches {e['step_epoch_s']:.1f} s: the "
-               f"{'step' if e['step_epoch_s'] > e['loader_only_epoch_s'] else 'loader'} bounds the epoch.", ""]
-    for name, p in res.get("profile", {}).items():
-        md.append(f"Profile of `StoreRows[k]`, {name}: {p['ms_per_item_profiled']:.2f} ms per item under cProfile; "
-                  + "; ".join(f"{t['function']} {100 * t['share']:.0f} %" for t in p["top"]) + ".")
-    return md + [""]
