@@ -87,6 +87,8 @@ bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG cha
 	$(BIN)/python bench/precision.py $(if $(QUICK),--quick) --json bench/out/precision.json
 	$(BIN)/python bench/eval_gt_cache.py --repeats $(if $(QUICK),1,3) --json bench/out/eval_gt_cache.json
 	$(BIN)/python bench/eval_every.py $(if $(QUICK),--images 4 --val-images 2 --epochs 5) --json bench/out/eval_every.json
+	$(BIN)/python bench/loader.py --images $(BENCH_IMAGES) $(if $(QUICK),--rows 8 --vit-b-rows 4 --repeats 2 --epoch-repeats 1) \
+		--json bench/out/loader.json
 	$(BIN)/python bench/report.py --out bench/out
 	$(if $(QUICK),,$(BIN)/python bench/extract_overhead.py $(ARGS))
 	$(if $(QUICK),,$(BIN)/python bench/refine_throughput.py)

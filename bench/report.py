@@ -4,8 +4,8 @@
 
 Reads ``peers.json`` (bench/peers.py), ``step_profile.json`` (bench/step_profile.py),
 ``accuracy.json`` (bench/accuracy.py), ``precision.json`` (bench/precision.py), ``eval_gt_cache.json``
-(bench/eval_gt_cache.py) and ``eval_every.json`` (bench/eval_every.py); a missing one leaves its rows
-out, with a line saying so.
+(bench/eval_gt_cache.py), ``eval_every.json`` (bench/eval_every.py) and ``loader.json`` (bench/loader.py);
+a missing one leaves its rows out, with a line saying so.
 The summary table is also written alone to ``summary.md``; ``--readme docs/performance.md`` pastes it
 between that page's ``bench:summary`` markers (its summary is that table, regenerated, never typed; the
 README's figures are quoted from it).
@@ -32,7 +32,7 @@ START, END = "<!-- bench:summary start -->", "<!-- bench:summary end -->"
 PEERS = ("npy float32", "zarr float32", "boxrefine", "no cache")
 MIB = 2 ** 20
 EXTRA = {"accuracy": "accuracy", "eval_gt": "eval_gt_cache", "eval_every": "eval_every",
-         "precision": "precision"}  # key: <out>/<name>.json
+         "precision": "precision", "loader": "loader"}  # key: <out>/<name>.json
 
 
 def _load(path: Path) -> dict | None:
@@ -206,6 +206,56 @@ def streaming(peers: dict | None) -> list[str]:
     return lines
 
 
+def _cells(e: dict, ref: dict, mode: str, gbs: bool = False) -> list[str]:
+    s = e["s_per_image"][mode]
+    out = [f"{1 / s:,.0f}", f"{ref['s_per_image'][mode] / s:.2f}×"]
+    return out + [f"{e['decoded_feature_bytes'] / s / 1e9:.2f}"] if gbs else out
+
+
+def loader_rows(res: dict) -> list[str]:
+    """The loader section (bench/loader.py's figures): one process, DataLoader workers, S3, epoch, profile."""
+    md = [f"Machine: {res['machine_start']['summary']}; load at the end {res['machine_end']['load']}.", ""]
+    for model, m in res.get("models", {}).items():
+        peers = m["peers"]
+        ref = peers["npy float32"]
+        md += [f"**{model}** rows (interm 64×64×{m['interm_channels']}), {m['rows']} rows per peer; load "
+               f"{m['machine']['load']}. One process (the item read in a loop):", "",
+               "| reader | warm img/s | × npy fp32 | GB/s | cold img/s | × npy fp32 | GB/s | MiB/image (features) "
+               "| × npy fp32 | MiB/row (all arrays) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in peers.items():
+            row = e.get("row_bytes_per_image")
+            md.append(f"| {name} | " + " | ".join(
+                _cells(e, ref, "process warm", True) + _cells(e, ref, "process cold", True)
+                + [f"{e['bytes_per_image'] / MIB:.2f}", f"{e['bytes_per_image'] / ref['bytes_per_image']:.3f}",
+                   f"{row / MIB:.2f}" if row else "–"]) + " |")
+        md += ["", "DataLoader, persistent workers, batch 2 (img/s, × npy fp32, and 2 workers ÷ 1 worker):", "",
+               "| reader | 1 worker warm | × | 2 workers warm | × | 2w ÷ 1w | 1 worker cold | × | 2 workers cold | × "
+               "| 2w ÷ 1w |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in peers.items():
+            s = e["s_per_image"]
+            cells = []
+            for temp in ("warm", "cold"):
+                cells += _cells(e, ref, f"1 workers {temp}") + _cells(e, ref, f"2 workers {temp}")
+                cells.append(f"{s[f'1 workers {temp}'] / s[f'2 workers {temp}']:.2f}")
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+        md.append("")
+    if "s3" in res:
+        md += [f"**S3** (moto on 127.0.0.1, loopback), vit_tiny, {res['s3']['rows']} rows, the training item:", "",
+               "| store | img/s | requests per row |", "|---|---:|---:|"]
+        md += [f"| {k} | {1 / v['s_per_image']:.1f} | {v['requests_per_row']:.1f} |"
+               for k, v in res["s3"].items() if isinstance(v, dict)] + [""]
+    if "epoch" in res:
+        e = res["epoch"]
+        md += [f"**An epoch** of {e['images']} vit_tiny images (store codec {e['codec']}): train's DataLoader alone "
+               f"({e['workers']} workers, the step a no-op) {e['loader_only_epoch_s']:.3f} s; the CPU training "
+               f"steps of the same batches {e['step_epoch_s']:.1f} s: the "
+               f"{'step' if e['step_epoch_s'] > e['loader_only_epoch_s'] else 'loader'} bounds the epoch.", ""]
+    for name, p in res.get("profile", {}).items():
+        md.append(f"Profile of `StoreRows[k]`, {name}: {p['ms_per_item_profiled']:.2f} ms per item under cProfile; "
+                  + "; ".join(f"{t['function']} {100 * t['share']:.0f} %" for t in p["top"]) + ".")
+    return md + [""]
+
+
 def report(out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     peers, step = _load(out / "peers.json"), _load(out / "step_profile.json")
@@ -232,8 +282,8 @@ def report(out: Path) -> str:
                f"{pp['encoder_s_per_image']:.2f} s per image. npy: two `.npy` files per image (embedding and "
                "early-layer feature). zarr float32: one chunk per image and array, zarr's default codecs "
                f"(zarr {peers.get('zarr', '')}: {pp.get('zarr_default_codecs', '?')}). "
-               "boxrefine: the store `extract` wrote (float16, Blosc "
-               "zstd level 3, byte shuffle, crc32c), read through `StoreRows` (every read checksum-verified); "
+               "boxrefine: the store `extract` wrote (float16, `store.codec` "
+               "none: no compressor, crc32c), read through `StoreRows` (every read checksum-verified); "
                "its write time is the same arrays written with the store's codecs. Cold reads drop every "
                "file of the cache with `posix_fadvise(DONTNEED)` first; reads are medians of "
                f"{pp.get('read_repeats', '?')} shuffled epochs per cache, round robin over the caches. "
@@ -253,8 +303,8 @@ def report(out: Path) -> str:
             "repeats is larger than the differences between caches: the epoch row compares the caches only "
             "where they differ by more than that spread."]
         md += ["", "*boxrefine, zarr read*: the same arrays with the store's codecs read as plain zarr arrays "
-               "(no GT, no row checksums): the codec's share of the store read. *boxrefine, lz4*: the same with "
-               "`store.codec: lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
+               "(no GT, no row checksums): the codec's share of the store read. *boxrefine, zstd* / *lz4*: the "
+               "same with `store.codec: zstd` / `lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
     if step:
         from bench.step_profile import table
 
@@ -264,6 +314,12 @@ def report(out: Path) -> str:
                "(per-image work once, one mask token, only the logits the refiner reads, all boxes of the step in one "
                "call; `tests/test_hq_decoder.py` checks the logits against the package).", "",
                table(step), "", "![step profile](step_profile.png)", ""]
+    if extra["loader"]:
+        md += ["## Reading the training item (bench/loader.py)", "", "`StoreRows[k]` (features + GT boxes and "
+               "info, every chunk's crc32c, the row's value digests, the generation re-check) beside peers that "
+               "read the two feature arrays and check nothing; medians of "
+               f"{extra['loader']['repeats']} interleaved repeats; cold = the peer's files dropped from the page "
+               "cache first; GB/s = decoded feature bytes per second.", "", *loader_rows(extra["loader"])]
     if peers:
         md += ["## Streamed from the store vs in memory", "",
                "Same epoch: batches already in memory, or read from the store by a DataLoader with no "

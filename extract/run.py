@@ -32,6 +32,7 @@ from boxrefine.shared.runtime.console import console, progress
 from boxrefine.shared.runtime.device import encoder_precision_note, resolve_device
 from boxrefine.shared.runtime.signals import StopSignals
 from boxrefine.shared.runtime.workers import worker_init
+from boxrefine.shared.store.bad_images import bad_images, record_bad_images
 from boxrefine.shared.store.codecs import to_storage
 from boxrefine.shared.store.identity import identity_for
 from boxrefine.shared.store.location import StoreError, store_access
@@ -121,7 +122,7 @@ class Extractor:
             if self.source is not None:
                 mark_reusable(self.source, name, jobs)
             if kept_bad:
-                reports = split.bad_images()
+                reports = bad_images(split)
                 summary.kept_bad = {r.key: reports.get(r.key, {"file": r.file_name, "reason": f"{r.file_name}: bad"})
                                  for r in kept_bad}
                 if self.ecfg.strict:
@@ -212,7 +213,7 @@ class Extractor:
         states = states[states != STATE_STALE]
         if len(states) == 0 or not (states == STATE_BAD).all():
             return None  # some row is complete, or still to do (e.g. by another shard)
-        example = next(iter({**summary.kept_bad, **summary.bad, **split.bad_images()}.values()), {}).get("reason", "?")
+        example = next(iter({**summary.kept_bad, **summary.bad, **bad_images(split)}.values()), {}).get("reason", "?")
         return (f"{self.cfg.store.path}: split {split.name!r}: all {len(states)} images are bad (e.g. {example}); "
                 f"check data.splits.{split.name}.images ({self.cfg.data.splits[split.name].images})")
 
@@ -332,7 +333,7 @@ class Extractor:
         merged = {int(k): v for k, v in previous.items()}
         merged.update(summary.bad)
         with store_access(split.store_path, f"record the bad images of {split.name}"):
-            split.record_bad_images(self.shard_name, merged)
+            record_bad_images(split, self.shard_name, merged)
 
 
 def run_extract(cfg: PipelineConfig, *, model: torch.nn.Module | None = None, announce: bool = True

@@ -114,7 +114,7 @@ class ModelConfig(_Section):
 class StoreConfig(_Section):
     path: str
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    codec: Literal["none", "zstd", "lz4"] = "none"  # of the features; GT masks are always compressed
     clevel: int = Field(3, ge=0, le=9)
     gt_mask_size: int = Field(256, ge=16, le=1024)
     on_damage: Literal["error", "skip"] = "error"
@@ -174,6 +174,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     keep_top_k: int = Field(3, ge=0)
     num_workers: int = Field(2, ge=0)
+    prefetch_batches: int = Field(2, ge=1)  # batches each DataLoader worker reads ahead (prefetch_factor)
     seed: int = 0
     follow: bool = False  # each epoch trains on the rows complete when it starts (an extractor is running)
 

@@ -110,7 +110,7 @@ def test_store_info(reference_store: Path) -> None:
     assert str(reference_store) in out
     assert re.search(r"^model\s+vit_tiny, input 1024px", out, re.M)
     assert "random-init:seed=0" in out and "random init" in out
-    assert re.search(r"^storage\s+float16 \(numpy float16\), codec zstd", out, re.M)
+    assert re.search(r"^storage\s+float16 \(numpy float16\), codec none", out, re.M)
     # split table: name, complete, total, bad, stale
     assert re.search(r"\btrain\b\W+4\W+4\W+0\W+0\b", out), out
     assert re.search(r"\bval\b\W+1\W+1\W+0\W+0\b", out), out

@@ -133,6 +133,8 @@ def test_top_level_not_a_mapping(tmp_path: Path) -> None:
     ("store", "clevel", 12, "less than or equal to 9"),
     ("store", "gt_mask_size", 8, "greater than or equal to 16"),
     ("extract", "num_workers", -1, "greater than or equal to 0"),
+    ("train", "prefetch_batches", 0, "greater than or equal to 1"),
+    ("store", "codec", "gzip", "none"),
 ])
 def test_bad_value_names_its_key(tmp_path: Path, section: str, key: str, value: Any, fragment: str) -> None:
     err = _errors(tmp_path, _raw(tmp_path, **{section: {key: value}}))

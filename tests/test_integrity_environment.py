@@ -81,21 +81,33 @@ def test_read_only_store_with_nothing_to_do(reference_store: Path, demo_root: Pa
     assert f"{todo}: cannot write val row 0" in line and "Read-only file system" in line
 
 
-def test_unreadable_chunk_in_a_loader_worker_is_one_line(reference_store: Path,
+@pytest.mark.parametrize("use_direct", [True, False])
+def test_unreadable_chunk_in_a_loader_worker_is_one_line(reference_store: Path, use_direct: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through zarr's reads and the direct ones (shared/store/direct.py) alike."""
     import zarr.storage._local as local
     from torch.utils.data import DataLoader
 
+    import boxrefine.shared.store.direct as direct
     from boxrefine.shared.store.rows import collate_rows
 
-    real_get = local._get
+    real_get, real_read = local._get, direct.read_file
 
-    def get(path, *a, **k):
+    def unreadable(path: object) -> None:
         if "interm_embeddings" in str(path) and f"{os.sep}c{os.sep}" in str(path):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def get(path, *a, **k):
+        unreadable(path)
         return real_get(path, *a, **k)
 
-    monkeypatch.setattr(local, "_get", get)  # the forked worker inherits it
+    def read_file(path, *a, **k):
+        unreadable(path)
+        return real_read(path, *a, **k)
+
+    monkeypatch.setattr(direct, "ENABLED", use_direct)  # the forked worker inherits these
+    monkeypatch.setattr(local, "_get", get)
+    monkeypatch.setattr(direct, "read_file", read_file)
     ds = StoreRows.from_store(str(reference_store), "train")
     with pytest.raises(StoreError) as ei:
         for batch in DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_rows):

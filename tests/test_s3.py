@@ -171,3 +171,31 @@ def test_opening_a_split_costs_a_bounded_number_of_requests(s3, s3_server, tmp_p
         assert len(ds) == n
     print(f"requests to open a split: {counts}")
     assert counts[10] == counts[120] < 40, counts
+
+
+def test_a_training_item_costs_five_requests_and_damage_is_found(s3, s3_server, tmp_path, monkeypatch):
+    """A row read from S3 (``shared/store/direct.py``): its four chunks fetched together, then its record
+    (the generation check): 5 requests (3 without instances), the same values as zarr's reads; a flipped
+    byte is damage."""
+    import obstore
+    from test_direct_reads import INSTANCES, make_store, read, same
+
+    from boxrefine.shared.store.objstore import s3_store
+
+    url = make_store(f"{s3}/direct.zarr", "none")
+    ds = StoreRows.from_store(url, "train")
+    ds[0]  # opens the split and its arrays' metadata
+    s3_server.reset()
+    for k in range(len(ds)):
+        assert "damage" not in ds[k]
+    assert s3_server.total() == sum(5 if k else 3 for k in INSTANCES), s3_server.counts  # no GT chunk for k=0
+    for row in range(len(INSTANCES)):
+        same(read(url, row, True, monkeypatch), read(url, row, False, monkeypatch))
+    store = s3_store(url.removeprefix("s3://").split("/")[0])
+    key = "direct.zarr/train/interm_embeddings/c/2/0/0/0"
+    data = bytearray(obstore.get(store, key).bytes())
+    data[len(data) // 2] ^= 0x10
+    obstore.put(store, key, bytes(data))
+    got = read(url, 2, True, monkeypatch)
+    assert got == read(url, 2, False, monkeypatch)
+    assert got[0] == "StoreDamage" and "array interm_embeddings: the chunk fails its crc32c checksum" in got[1]

@@ -68,7 +68,7 @@ class TrainData:
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=train_cfg.num_workers, collate_fn=collate_rows,
             pin_memory=self.pin_memory, persistent_workers=train_cfg.num_workers > 0,
-            prefetch_factor=2 if train_cfg.num_workers else None, worker_init_fn=worker_init(),
+            prefetch_factor=train_cfg.prefetch_batches if train_cfg.num_workers else None, worker_init_fn=worker_init(),
             multiprocessing_context=worker_context(cfg.store.path, train_cfg.num_workers))
 
     def subset(self, epoch: int) -> np.ndarray:

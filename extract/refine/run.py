@@ -53,6 +53,7 @@ from boxrefine.shared.runtime.console import console, progress
 from boxrefine.shared.runtime.device import inference_precision, resolve_device
 from boxrefine.shared.runtime.fileio import atomic_write_json
 from boxrefine.shared.scoring.predictor import ImageFeatures, RefineError, RefinePredictor
+from boxrefine.shared.store.bad_images import bad_images
 from boxrefine.shared.store.feature_store import open_store
 from boxrefine.shared.store.identity import identity_for
 from boxrefine.shared.store.rows import row_geometry
@@ -216,7 +217,7 @@ class RefineRun:
         by_key: dict[int, list[RefineDetection]] = {}
         for d in todo:
             by_key.setdefault(int(d.key), []).append(d)
-        reports = split_store.bad_images()
+        reports = bad_images(split_store)
         for key in list(by_key):
             state = int(rows[row_of[key], FIELD["state"]])
             if state != STATE_COMPLETE:

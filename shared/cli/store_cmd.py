@@ -13,6 +13,7 @@ from rich.text import Text
 from boxrefine.shared.cli.common import config_option, fail, one_line_errors
 from boxrefine.shared.config import load_config
 from boxrefine.shared.runtime.console import console, progress, result_console
+from boxrefine.shared.store.bad_images import bad_images
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
 from boxrefine.shared.store.schema import STATE_BAD, STATE_COMPLETE, STATE_DAMAGED, STATE_STALE
 from boxrefine.shared.store.verify import count_rows, verify_store
@@ -72,7 +73,7 @@ def info(path: str = typer.Argument(None, help="Store path or fsspec URL. Defaul
         table.add_row(name, str(n_done), str(split_store.n_rows), str(int((states == STATE_BAD).sum())),
                       str(int((states == STATE_STALE).sum())), str(int((states == STATE_DAMAGED).sum())),
                       str(ann.get("sha256", ""))[:12])
-        bad_all.update({(name, k): v for k, v in split_store.bad_images().items()})
+        bad_all.update({(name, k): v for k, v in bad_images(split_store).items()})
     console_out.print(table)
     size = store.bytes_on_disk()
     per = (size / total_complete) if (size and total_complete) else None

@@ -5,10 +5,11 @@ ground truth (docs/architecture.md, "The store"). Its public names, for the stag
 
 The modules: ``schema`` (version, arrays, row fields and states), ``identity`` (what decides the
 values; the feature-compatibility rule), ``feature_store`` (open / create / check a store),
-``layout`` (a split's arrays), ``split`` (one split: the row protocol, checked reads), ``row_index``
-(the consolidated records), ``rows`` (the torch Dataset over a split), ``codecs`` (storage dtype,
-compression, digests), ``location`` (paths and URLs, one-line errors), ``objstore`` (S3 through
-obstore), ``verify`` (``store verify``), ``watchers`` (``extract --watch`` heartbeats).
+``layout`` (a split's arrays), ``split`` (one split: the row protocol, checked reads), ``direct`` (a
+row's chunks read without zarr's per-call cost), ``row_index`` (the consolidated records), ``rows``
+(the torch Dataset over a split), ``codecs`` (storage dtype, compression, digests), ``location``
+(paths and URLs, one-line errors), ``objstore`` (S3 through obstore), ``bad_images`` (what extract
+could not read), ``verify`` (``store verify``), ``watchers`` (``extract --watch`` heartbeats).
 """
 
 from boxrefine.shared.store.feature_store import FeatureStore, open_checked_store, open_store

@@ -28,6 +28,13 @@ def compressors(codec: str, clevel: int, typesize: int) -> list[Any]:
     return [BloscCodec(cname=codec, clevel=clevel, shuffle=shuffle, typesize=typesize), Crc32cCodec()]
 
 
+def mask_codec(codec: str) -> str:
+    """The Blosc codec of the GT masks (and the index arrays): the store's, or zstd when the features
+    are stored without a compressor (``store.codec: none``, the default: masks shrink 100x and more,
+    float16 features 1.1-1.4x at 5-9x the read cost)."""
+    return "zstd" if codec == "none" else codec
+
+
 def digest(a: np.ndarray) -> int:
     """crc32c of an array's values (C order, as stored), as a non-negative int for a row record."""
     return int(google_crc32c.value(np.ascontiguousarray(a).view(np.uint8)))

@@ -16,7 +16,7 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from boxrefine.shared.data.records import ImageRecord
-from boxrefine.shared.store.codecs import compressors, require_group, storage_numpy_dtype
+from boxrefine.shared.store.codecs import compressors, mask_codec, require_group, storage_numpy_dtype
 from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.location import StoreError, store_access
 from boxrefine.shared.store.schema import FIELD, INDEX_CHUNK, ROW_FIELDS, STATE_STALE
@@ -93,14 +93,16 @@ def _size_arrays(target: Target, grp: zarr.Group, n: int, k_max: int, interm_cha
         return compressors(storage["codec"], storage["clevel"], itemsize)
 
     plain = compressors("none", 0, 8)  # small arrays: only the crc32c checksum
+    # GT masks and the index arrays: Blosc always (zstd when the features are stored without one)
+    masks, index = (compressors(mask_codec(storage["codec"]), storage["clevel"], size) for size in (1, 8))
     s, c = target.identity.gt_mask_size, interm_channels
     specs = {
-        "keys": ((n,), (INDEX_CHUNK,), np.int64, 0, codecs(8)),
-        "image_ids": ((n,), (INDEX_CHUNK,), np.int64, -1, codecs(8)),
+        "keys": ((n,), (INDEX_CHUNK,), np.int64, 0, index),
+        "image_ids": ((n,), (INDEX_CHUNK,), np.int64, -1, index),
         "rows": ((n, len(ROW_FIELDS)), (1, len(ROW_FIELDS)), np.int64, 0, plain),
         "image_embeddings": ((n, 256, 64, 64), (1, 256, 64, 64), dt, 0, codecs(dt.itemsize)),
         "interm_embeddings": ((n, 64, 64, c), (1, 64, 64, c), dt, 0, codecs(dt.itemsize)),
-        "gt_masks": ((n, k_max, s, s), (1, k_max, s, s), np.uint8, 0, codecs(1)),
+        "gt_masks": ((n, k_max, s, s), (1, k_max, s, s), np.uint8, 0, masks),
         "gt_boxes": ((n, k_max, 4), (1, k_max, 4), np.float32, np.nan, plain),
         "gt_info": ((n, k_max, 3), (1, k_max, 3), np.int64, -1, plain),
     }

@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from boxrefine.shared.store.codecs import compressors
+from boxrefine.shared.store.codecs import compressors, require_group
 from boxrefine.shared.store.location import store_access
 from boxrefine.shared.store.schema import FIELD, INDEX_CHUNK, ROW_FIELDS
 
@@ -152,7 +152,7 @@ class IndexPart:
 def write_part(split: SplitStore, name: str, shard: tuple[int, int], records: np.ndarray) -> None:
 
     n, width = records.shape
-    grp = split.group.require_group(INDEX)
+    grp = require_group(split.group, INDEX)  # safe when another shard creates it at the same moment
     try:
         arr = grp.create_array(name, shape=(n, width), chunks=(INDEX_CHUNK, width), dtype=np.int64, fill_value=0,
                                compressors=compressors("zstd", 3, 8), overwrite=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from boxrefine.shared.errors import BoxrefineError
 from boxrefine.shared.geometry.frames import ImageGeometry
@@ -141,6 +141,17 @@ def row_geometry(record: np.ndarray) -> ImageGeometry:
                          (int(record[FIELD["input_h"]]), int(record[FIELD["input_w"]])))
 
 
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a DataLoader worker straight into shared memory (as torch's ``default_collate``),
+    so that handing the batch to the main process copies nothing more."""
+    out = None
+    if get_worker_info() is not None:
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(first.numel() * len(tensors), device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the per-image features (same shape for every row); keep the rest as lists. Damaged or
     unreadable rows go to ``damaged`` as (row, message, fatal), rows being rewritten to ``busy``, for
@@ -151,8 +162,8 @@ def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
     if not items:
         return {"row": [], "key": [], "damaged": damaged, "busy": busy}
     out: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
-    out["image_embeddings"] = torch.stack(out["image_embeddings"])
-    out["interm_embeddings"] = torch.stack(out["interm_embeddings"])
+    out["image_embeddings"] = stack(out["image_embeddings"])
+    out["interm_embeddings"] = stack(out["interm_embeddings"])
     if damaged:
         out["damaged"] = damaged
     if busy:

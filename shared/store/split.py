@@ -24,7 +24,8 @@ import zarr
 from boxrefine.shared.data.records import file_sha256, load_coco
 from boxrefine.shared.errors import first_line
 from boxrefine.shared.runtime.console import console
-from boxrefine.shared.store.codecs import digest, from_storage, require_group
+from boxrefine.shared.store.codecs import digest, from_storage
+from boxrefine.shared.store.direct import ChunkDamage, DirectReader
 from boxrefine.shared.store.location import StoreError, raise_environment, store_access
 from boxrefine.shared.store.row_index import read_index
 from boxrefine.shared.store.schema import (
@@ -76,6 +77,7 @@ class SplitStore:
         self._files: dict[int, str] | None = None
         self.on_record: Callable[[int, np.ndarray], None] | None = None
         self.marked_stale: dict[int, np.ndarray] = marked_stale or {}
+        self.direct = DirectReader(group, self.array)  # a row's chunks without zarr's per-call cost
 
     def watch_records(self, callback: Callable[[int, np.ndarray], None]) -> None:
         """Call ``callback(row, record)`` with every record this split writes (the row index's part)."""
@@ -94,6 +96,19 @@ class SplitStore:
             return arr[sel]
         except (ValueError, RuntimeError) as e:  # crc32c mismatch (ValueError), codec failure
             raise self.damage(row, name, _reason(e)) from None
+        except Exception as e:
+            raise_environment(self.store_path, f"read {self.name}/{name}", e)
+            raise
+
+    def _row(self, name: str, i: int, n: int | None = None) -> tuple[np.ndarray, int | None]:
+        """Row ``i`` of ``name`` (``n``: its first n along axis 1) and the crc32c of its values when the
+        read already has it; straight from the chunk objects where ``shared/store/direct.py`` can."""
+        if not self.direct.handles(name):
+            return np.asarray(self._get(name, i if n is None else (i, slice(0, n)), i)), None
+        try:
+            return self.direct.read(name, i, n)
+        except ChunkDamage as e:
+            raise self.damage(i, name, e.reason) from None
         except Exception as e:
             raise_environment(self.store_path, f"read {self.name}/{name}", e)
             raise
@@ -184,7 +199,7 @@ class SplitStore:
         return merged
 
     def read_record(self, i: int) -> np.ndarray:
-        return self._get("rows", i, i)
+        return self._row("rows", i)[0]
 
     def complete_indices(self) -> np.ndarray:
         return np.flatnonzero(self.read_rows()[:, FIELD["state"]] == STATE_COMPLETE)
@@ -316,9 +331,9 @@ class SplitStore:
         return self._put_record(i, row)
 
     # ---- reading ----------------------------------------------------------------------------
-    def _checked(self, i: int, name: str, sel: Any, record: np.ndarray) -> np.ndarray:
-        a = np.asarray(self._get(name, sel, i))
-        if digest(a) != int(record[FIELD[DIGEST[name]]]):
+    def _checked(self, i: int, name: str, record: np.ndarray, n: int | None = None) -> np.ndarray:
+        a, crc = self._row(name, i, n)
+        if (digest(a) if crc is None else crc) != int(record[FIELD[DIGEST[name]]]):
             raise self.damage(i, name, "its values differ from the row's record (a missing, truncated or "
                                        "replaced chunk)")
         return a
@@ -327,8 +342,8 @@ class SplitStore:
         """image_embeddings 256×64×64 and interm_embeddings 64×64×C in the storage dtype, checked
         against the row's record (read here unless given)."""
         record = self.read_record(i) if record is None else record
-        emb = from_storage(self._checked(i, "image_embeddings", i, record), self.dtype)
-        interm = from_storage(self._checked(i, "interm_embeddings", i, record), self.dtype)
+        emb = from_storage(self._checked(i, "image_embeddings", record), self.dtype)
+        interm = from_storage(self._checked(i, "interm_embeddings", record), self.dtype)
         return emb, interm
 
     def read_gt(self, i: int, masks: bool = True, record: np.ndarray | None = None
@@ -338,9 +353,9 @@ class SplitStore:
         ([annotation id, category id, iscrowd]), checked against the record."""
         record = self.read_record(i) if record is None else record
         n = int(record[FIELD["n_instances"]])
-        boxes = self._checked(i, "gt_boxes", (i, slice(0, n)), record).astype(np.float32).reshape(-1, 4)
-        info = self._checked(i, "gt_info", (i, slice(0, n)), record).astype(np.int64).reshape(-1, 3)
-        return (self._checked(i, "gt_masks", (i, slice(0, n)), record) if masks else None), boxes, info
+        boxes = self._checked(i, "gt_boxes", record, n).astype(np.float32, copy=False).reshape(-1, 4)
+        info = self._checked(i, "gt_info", record, n).astype(np.int64, copy=False).reshape(-1, 3)
+        return (self._checked(i, "gt_masks", record, n) if masks else None), boxes, info
 
     def read_row(self, i: int, record: np.ndarray, features: bool = True, masks: bool = True,
                  retries: int = 2) -> tuple[np.ndarray, tuple[Any, ...]]:
@@ -352,11 +367,14 @@ class SplitStore:
         chunks of one write are never combined with the record of another, nor reported as damage."""
         for _ in range(retries + 1):
             try:
+                self.direct.prefetch(i, int(record[FIELD["n_instances"]]), features, masks)
                 emb, interm = self.read_features(i, record=record) if features else (None, None)
                 parts, damage = (emb, interm, *self.read_gt(i, masks=masks, record=record)), None
             except StoreDamage as e:
                 parts, damage = (), e
-            now = self.read_record(i)
+            finally:
+                self.direct.release()
+            now = self.read_record(i)  # after every chunk: the generation check
             if np.array_equal(now, record):
                 if damage is not None:
                     raise damage
@@ -374,35 +392,3 @@ class SplitStore:
         state = STATE_NAMES.get(int(known[FIELD["state"]]), "?")
         return self.damage(i, "rows", f"the row's record is missing (its chunk is gone; the row index says it was "
                                       f"{state}, generation {int(known[FIELD['generation']])})")
-
-    def lost_records(self, records: np.ndarray) -> dict[int, StoreDamage]:
-        """Rows whose record (``records``: :meth:`read_rows`) reads as never written while the row index
-        holds a written one: their record chunk was lost, and the row with it."""
-        index = read_index(self)
-        if index is None:
-            return {}
-        merged, covered = index
-        n = min(len(records), len(merged))
-        never = (records[:n] == 0).all(axis=1)
-        lost = np.flatnonzero(never & covered[:n] & (merged[:n, FIELD["generation"]] > 0))
-        return {int(i): self.lost_record(int(i), merged[i]) for i in lost}
-
-    def bad_images(self) -> dict[int, dict[str, str]]:
-        """Bad-image reports from every extract shard, for rows still marked bad."""
-        try:
-            grp = self.group["bad_images"]
-        except KeyError:
-            return {}
-        reports: dict[int, dict[str, str]] = {}
-        for _, sub in sorted(grp.groups()):
-            for k, v in sub.attrs.asdict().items():
-                reports[int(k)] = v
-        if not reports:
-            return {}
-        rows, keys = self.records(), self.keys()
-        bad_keys = set(keys[rows[:, FIELD["state"]] == STATE_BAD].tolist())
-        return {k: v for k, v in reports.items() if k in bad_keys}
-
-    def record_bad_images(self, shard: str, reports: dict[int, dict[str, str]]) -> None:
-        sub = require_group(require_group(self.group, "bad_images"), shard)
-        sub.attrs.put({str(k): v for k, v in sorted(reports.items())})

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from boxrefine.shared.store.feature_store import FeatureStore
 from boxrefine.shared.store.location import StoreError, store_access
-from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.row_index import IndexPart, read_index
 from boxrefine.shared.store.schema import FIELD, STATE_COMPLETE, STATE_DAMAGED
 from boxrefine.shared.store.split import SplitStore, StoreDamage
 
@@ -29,12 +31,25 @@ class VerifyReport:
         return not self.damaged and not self.split_problems
 
 
+def lost_records(split: SplitStore, records: np.ndarray) -> dict[int, StoreDamage]:
+    """Rows whose record (``records``: ``split.read_rows()``) reads as never written while the row
+    index holds a written one: their record chunk was lost, and the row with it."""
+    index = read_index(split)
+    if index is None:
+        return {}
+    merged, covered = index
+    n = min(len(records), len(merged))
+    never = (records[:n] == 0).all(axis=1)
+    lost = np.flatnonzero(never & covered[:n] & (merged[:n, FIELD["generation"]] > 0))
+    return {int(i): split.lost_record(int(i), merged[i]) for i in lost}
+
+
 def rows_to_check(split: SplitStore) -> tuple[list[int], list[StoreDamage]]:
     """Complete rows, and the damage of records that fail their own checksum or are lost (read as
     never written while the row index says they were written)."""
     rows = split.read_rows()
     complete = [int(i) for i in (rows[:, FIELD["state"]] == STATE_COMPLETE).nonzero()[0]]
-    return complete, [*split.damaged_records.values(), *split.lost_records(rows).values()]
+    return complete, [*split.damaged_records.values(), *lost_records(split, rows).values()]
 
 
 def check_row(split: SplitStore, i: int) -> StoreDamage | None:
