@@ -12,6 +12,7 @@ the server kills the child's process group.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import select
@@ -47,6 +48,7 @@ def _run_child(req: dict, log_path: str) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.environ.update(req.get("env", {}))
+        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # no scan of every installed package for plugins
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the -p mutate_fast plugin
         import pytest
 
@@ -95,6 +97,10 @@ def serve(path: str) -> None:
         except Exception:  # noqa: BLE001 - an optional package: the child imports it if it can
             pass
     assert not [m for m in sys.modules if m.startswith("boxrefine")], "the server must not import boxrefine"
+    # pytest's unraisableexception plugin runs gc.collect() at exit: over torch's heap that took ~1 s per
+    # child and copied every page of it; frozen objects are never traversed (the use gc.freeze is for)
+    gc.collect()
+    gc.freeze()
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
