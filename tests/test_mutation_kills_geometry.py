@@ -192,3 +192,16 @@ def test_lowres_boxes_use_the_fallback_only_for_empty_masks() -> None:
     assert abs(out[0, 3] - 80) <= 2
     none = geo.lowres_to_boxes(torch.zeros((0, 256, 256)), torch.zeros((0, 4), dtype=torch.float64))
     assert none.shape == (0, 4) and none.dtype == torch.float32
+    # logit 0 is not the mask (SAM thresholds > 0): a zero background leaves the box tight
+    logits[0][logits[0] < 0] = 0.0
+    zero_bg = geo.lowres_to_boxes(logits[:1], fallback[:1])
+    assert (zero_bg - torch.tensor([[120.0, 40.0, 160.0, 80.0]])).abs().max() <= 3
+
+
+def test_an_image_geometry_is_an_immutable_value() -> None:
+    import dataclasses
+
+    geo = ImageGeometry.of(333, 500)
+    assert geo == ImageGeometry((333, 500), (682, 1024)) and hash(geo) == hash(ImageGeometry.of(333, 500))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        geo.orig_hw = (1, 1)  # type: ignore[misc]
