@@ -246,3 +246,68 @@ def test_refine_loss_is_size_normalised_l1_plus_giou() -> None:
     tiny = torch.tensor([[0.0, 0.0, 0.5, 0.5]])  # sizes below 1 px count as 1
     _, t = refine_loss(tiny + 1, tiny, tiny)
     assert t["l1"] == pytest.approx(1.0)
+
+
+def test_heads_default_to_the_documented_sizes_and_name_their_health_modules() -> None:
+    """``roi_size`` 7, ``hidden`` 64, ``context`` 1.5, mask logits read (docs/architecture.md); head health
+    watches each head's hidden ReLU and its N×4 corrections."""
+    from boxrefine.shared.model.side_head import SideRefiner
+
+    for cls in (SideRefiner, BoxHeadRefiner):
+        r = cls(8)
+        assert (r.roi_size, r.hidden_units, r.context, r.use_mask) == (7, 64, 1.5, True), cls
+        assert r.in_channels == 128 + 64 + 1
+    side = SideRefiner(8)
+    relu, out = side.health_modules()
+    assert isinstance(relu, nn.ReLU) and relu is side.sides.score[2] and out is side.side_deltas
+    assert side.sides.positions == 15 and side.sides.score[0].out_channels == 64
+    for norm in ("layer", "none"):
+        box = BoxHeadRefiner(8, norm=norm)
+        relu, last = box.health_modules()
+        assert isinstance(relu, nn.ReLU) and isinstance(last, nn.Linear) and last.out_features == 4
+    with pytest.raises(ValueError):
+        dropout_keep([1, 2], 4, [torch.Generator()])  # one generator per image, no fewer
+
+
+def test_the_three_inputs_are_sampled_at_the_same_place() -> None:
+    """The embedding and the HQ feature (16 px a cell) and the mask logits (4 px a pixel, through
+    tanh(x / 4)) are read at the same input-frame points."""
+    refiner = BoxHeadRefiner(1, roi_size=3, hidden=8, context=1.0, use_mask=True).eval()
+    with torch.no_grad():
+        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
+            p.zero_()
+        refiner.proj_emb.weight[0, 0] = 1.0
+        refiner.proj_interm.weight[0, 0] = 1.0
+    seen = {}
+    refiner.convs.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+    box = torch.tensor([[96.0, 160.0, 288.0, 352.0]])  # 192 px square: bins 64 px, centres 128, 192, 256 (x)
+    emb = _ramps()[:, :1].expand(1, 256, 64, 64).contiguous()  # column ramp, 16 px a cell
+    interm = _ramps()[:, 1:].permute(0, 2, 3, 1).contiguous()  # row ramp, B×H×W×C
+    logits = (torch.arange(256, dtype=torch.float32).expand(256, 256) * 0.01)[None, None]  # column ramp, 4 px
+    refiner(emb, interm, [box], logits)
+    x = seen["x"][0]  # 193 channels: 128 projected embedding, 64 projected interm, the mask
+    centres_x, centres_y = torch.tensor([128.0, 192.0, 256.0]), torch.tensor([192.0, 256.0, 320.0])
+    torch.testing.assert_close(x[0].mean(0), centres_x / 16 - 0.5, atol=1e-4, rtol=0)
+    torch.testing.assert_close(x[128].mean(1), centres_y / 16 - 0.5, atol=1e-4, rtol=0)
+    torch.testing.assert_close(x[192].mean(0), torch.tanh((centres_x / 4 - 0.5) * 0.01 / 4), atol=1e-5, rtol=0)
+    assert x.shape[0] == 193
+
+
+def test_strips_and_moves_of_boxes_under_one_pixel_use_one_pixel() -> None:
+    tiny = torch.tensor([[100.0, 200.0, 100.5, 200.25]])
+    xs, ys, step = side_strips(tiny, 0.25, 3, 7)
+    half = 0.25 + step / 2
+    torch.testing.assert_close(xs[0], torch.tensor([100.0 - half, 200.0, 100.0 + half, 200.25]))
+    torch.testing.assert_close(ys[1], torch.tensor([100.0, 200.25 - half, 100.5, 200.25 + half]))
+    refiner = BoxHeadRefiner(8, roi_size=3, hidden=8, use_mask=False).eval()
+    with torch.no_grad():
+        refiner.mlp[-1].bias.copy_(torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    out = refiner(torch.zeros(1, 256, 64, 64), torch.zeros(1, 64, 64, 8), [tiny])
+    torch.testing.assert_close(out, torch.tensor([[100.5, 200.5, 101.5, 201.25]]))
+
+
+def test_refine_loss_normalises_by_the_coarse_size_wherever_the_box_is() -> None:
+    coarse = torch.tensor([[100.0, 200.0, 200.0, 250.0]])  # 100 × 50, away from the origin
+    target = coarse + torch.tensor([0.0, 10.0, 0.0, 0.0])
+    _, terms = refine_loss(coarse, target, coarse)
+    assert terms["l1"] == pytest.approx(10 / 50 / 4)

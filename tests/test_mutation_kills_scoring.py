@@ -57,6 +57,15 @@ def test_mask_iou_counts_pixels_and_empty_pairs() -> None:
     g[0, :, 0] = 1  # 1 shared of 5
     g[1, 1, 1] = 1  # prediction empty, GT not: 0
     assert mask_iou(p, g).tolist() == pytest.approx([0.2, 0.0])
+    one = torch.zeros(1, 3, 3, dtype=torch.bool)
+    one[0, 1, 1] = True  # a single pixel on both sides: union 1, IoU 1
+    assert mask_iou(one, one).tolist() == [1.0]
+
+
+def test_one_pair_is_scored() -> None:
+    m = box_metrics(torch.tensor([[0.0, 0.0, 10.0, 5.0]]), torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
+    assert m["n"] == 1 and m["mean_iou"] == pytest.approx(0.5) and m["acc@0.5"] == 1.0 and m["acc@0.75"] == 0.0
+    assert m["side_err_px"] == pytest.approx(5 / 4)
 
 
 def test_coco_ap_of_no_results_is_zero_and_results_are_not_modified(tmp_path: Path) -> None:
