@@ -311,3 +311,47 @@ def test_refine_loss_normalises_by_the_coarse_size_wherever_the_box_is() -> None
     target = coarse + torch.tensor([0.0, 10.0, 0.0, 0.0])
     _, terms = refine_loss(coarse, target, coarse)
     assert terms["l1"] == pytest.approx(10 / 50 / 4)
+
+
+def test_rois_are_read_with_two_aligned_samples_per_bin() -> None:
+    """RoIAlign as ``mask_regions`` assumes it (aligned, 2×2 samples per bin): on a random map the strips
+    and the box head's RoIs equal torchvision's ``roi_align`` with exactly those settings."""
+    from torchvision.ops import roi_align
+
+    from boxrefine.shared.geometry.boxes import expand_boxes
+
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 3, 64, 64, generator=g)
+    box = torch.tensor([[301.0, 207.0, 517.0, 389.0]])
+    xs, ys, _ = side_strips(box, 0.25, 5, 9)
+    f = strip_features(fmap, torch.tensor([0]), xs, ys, 1 / 16, 5, 9)
+    idx = torch.zeros(2, 1)
+    want_x = roi_align(fmap, torch.cat([idx, xs], 1), (5, 9), 1 / 16, 2, True)
+    want_y = roi_align(fmap, torch.cat([idx, ys], 1), (9, 5), 1 / 16, 2, True).transpose(2, 3)
+    torch.testing.assert_close(f, torch.cat([want_x[:1].flip(-1), want_x[1:], want_y[:1].flip(-1), want_y[1:]]))
+
+    refiner = BoxHeadRefiner(3, roi_size=3, hidden=8, context=1.5, use_mask=True).eval()
+    with torch.no_grad():
+        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
+            p.zero_()
+        refiner.proj_emb.weight[0, 0] = 1.0
+        refiner.proj_interm.weight[0, 0] = 1.0
+    seen = {}
+    refiner.convs.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    interm = torch.randn(1, 64, 64, 3, generator=g)
+    logits = torch.randn(1, 1, 256, 256, generator=g) * 8
+    refiner(emb, interm, [box], logits)
+    roi = torch.cat([torch.zeros(1, 1), expand_boxes(box, 1.5)], 1)
+    x = seen["x"][0]
+    torch.testing.assert_close(x[0], roi_align(emb[:, :1], roi, 3, 1 / 16, 2, True)[0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[128], roi_align(interm.permute(0, 3, 1, 2)[:, :1], roi, 3, 1 / 16, 2, True)[0, 0],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[192], torch.tanh(roi_align(logits, roi, 3, 1 / 4, 2, True)[0, 0] / 4),
+                               atol=1e-5, rtol=0)
+
+
+def test_mask_regions_of_a_box_outside_the_frame_are_empty() -> None:
+    refiner = build_refiner(8, roi_size=7, hidden=8, context=2.0, use_mask=True, head="box")
+    assert refiner.mask_regions(torch.tensor([[-100.0, -100.0, -60.0, -60.0]])) == [(0, 0, 0, 0)]
+    assert refiner.mask_regions(torch.tensor([[2000.0, 2000.0, 2100.0, 2100.0]])) == [(256, 256, 256, 256)]
