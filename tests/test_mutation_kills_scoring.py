@@ -360,13 +360,14 @@ class _Split:
 class _Ds:
     """What ``fixed_coarse_boxes`` reads of a split: its rows, records, keys and GT."""
 
-    def __init__(self, sha: str = "s1", layout: str = "l1"):
+    def __init__(self, sha: str = "s1", layout: str = "l1", ids: tuple[int, ...] = (70, 71, 72),
+                 rows: tuple[int, ...] = (0, 1, 2)):
         import numpy as np
 
         from boxrefine.shared.store.schema import FIELD, ROW_FIELDS
 
-        self._split = _Split(sha, layout, [70, 71, 72])
-        self.rows = [0, 1, 2]
+        self._split = _Split(sha, layout, list(ids))
+        self.rows = list(rows)
         rec = np.zeros((3, len(ROW_FIELDS)), np.int64)
         rec[:, FIELD["orig_h"]], rec[:, FIELD["orig_w"]] = 480, 640
         rec[:, FIELD["input_h"]], rec[:, FIELD["input_w"]] = 768, 1024
@@ -428,3 +429,44 @@ def test_fixed_boxes_from_detections(tmp_path: Path) -> None:
     assert boxes[9].gt_index.tolist() == [-1] and boxes[9].scores.tolist() == pytest.approx([0.3])
     meta = json.loads(path.read_text())
     assert meta["source"] == f"detections:{dets}" and meta["provenance"]["detections_sha256"] is not None
+
+
+def test_fixed_boxes_use_detections_of_every_usable_row_and_count_the_others(tmp_path: Path, capsys) -> None:
+    """Image id 1 is an image like any other (-1 marks a row whose image left the annotations)."""
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [10, 20, 50, 60], "score": 0.9},
+                                {"image_id": 2, "category_id": 1, "bbox": [10, 20, 50, 60], "score": 0.9},
+                                {"image_id": -1, "category_id": 1, "bbox": [10, 20, 50, 60], "score": 0.9}]))
+    cfg = _cfg(tmp_path, dets)
+    boxes = fixed_coarse_boxes(cfg, "val", _Ds(ids=(1, 2, 3), rows=(0, 2)), None)
+    assert len(boxes[7]) == 1 and boxes[7].gt_index.tolist() == [0] and len(boxes[9]) == 0
+    said = " ".join("".join(capsys.readouterr()).split())
+    assert "1 detection(s) for 1 image(s) of the split without a usable row" in said and "(e.g. 2)" in said
+    assert "1 detection(s) for 1 image id(s) not in the split (e.g. -1)" in said
+    fixed_coarse_boxes(cfg, "val", _Ds(ids=(2, 1, -1), rows=(0,)), None)
+    said = " ".join("".join(capsys.readouterr()).split())
+    assert "without a usable row (bad, damaged or not extracted) (e.g. 1)" in said
+    assert "image id(s) not in the split (e.g. -1)" in said
+
+
+def test_jitter_seeds_differ_for_every_image() -> None:
+    geo = ImageGeometry.of(480, 640)
+    gt = torch.tensor([[100.0, 100.0, 300.0, 300.0]])
+    info = torch.tensor([[1, 1, 0]])
+    drawn = {tuple(make_coarse_boxes(gt, info, geo, key, None, 1234, 0.25).boxes[0].tolist()) for key in range(300)}
+    assert len(drawn) == 300
+    big = make_coarse_boxes(gt, info, geo, 2**62 + 5, None, 2**40, 0.25)  # any int64 key and seed
+    assert big.boxes.shape == (1, 4)
+
+
+def test_edge_cases_of_matching() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    none = match_to_gt(boxes, torch.zeros((0, 4)), torch.zeros(0, dtype=torch.bool), 0.5)
+    assert none.tolist() == [-1] and none.dtype == torch.int64
+    geo = ImageGeometry.of(480, 640)
+    empty = make_coarse_boxes(torch.zeros((0, 4)), torch.zeros((0, 3), dtype=torch.int64), geo, 1, [], 1, 0.25)
+    assert empty.boxes.shape == (0, 4) and empty.gt_index.shape == (0,) and empty.scores.shape == (0,)
+    assert empty.category_id.shape == (0,) and empty.gt_index.dtype == torch.int64
+    one_gt = detection_pairs([([0.0, 0.0, 10.0, 10.0], 0.9, 1)], torch.tensor([[0.0, 0.0, 10.0, 11.0]]),
+                             torch.tensor([[1, 1, 0]]), 0.5)
+    assert one_gt[1].tolist() == [0]
