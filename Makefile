@@ -23,7 +23,7 @@ BENCH_VIT_B   ?= $(if $(QUICK),1,10)
 BENCH_REPEATS ?= $(if $(QUICK),2,3)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-data extract train evaluate refine demo browser test test-fast bench gpu-check lint clean
+.PHONY: help venv demo-data extract train evaluate refine demo browser test test-fast mutate bench gpu-check lint clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,7 @@ help: ## List the targets
 	@echo "             CKPT=runs/<name>/best.pt SPLIT=$(SPLIT) (refine; default: refine.checkpoint, else best.pt of the"
 	@echo "             latest run in train.runs_dir of CONFIG, as evaluate)"
 	@echo "             GPU_PYTHON=python3 (gpu-check with a Python that has the packages, instead of .venv)"
+	@echo "             MODULES='geometry store' (make mutate: only these modules of bench/mutate/modules.toml)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +79,9 @@ test: $(STAMP) browser ## Run the whole test suite (what CI runs; installs chrom
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+mutate: $(STAMP) ## Mutation testing of the critical modules (cosmic-ray; ~1 h, not in CI) → bench/out/mutate/report.md
+	$(BIN)/python bench/mutate/mutate.py --out bench/out/mutate $(if $(MODULES),--only $(MODULES),) $(ARGS)
 
 bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG charts (BENCH_QUICK=1: the small size)
 	$(BIN)/python bench/step_profile.py --images $(BENCH_IMAGES) --repeats $(BENCH_REPEATS) --json bench/out/step_profile.json

@@ -10,6 +10,11 @@ the final epoch can be worse than coarse (−0.025 and −0.002: the head memori
 8 training images); the check is on best.pt, validated every 5 epochs, as a user gets it (+0.003,
 +0.004). The earlier box head
 (``refiner.head: box``) passes the signal cases with less margin (+0.08…+0.095).
+
+This test asks only whether the recipe learns; its margins tolerate a head that reads a strip
+backwards or moves a side the wrong way. The head's geometry (which features each side's strip reads,
+in which direction, where each side moves) is pinned exactly by fast unit tests,
+``tests/test_heads_geometry.py``.
 """
 
 from __future__ import annotations

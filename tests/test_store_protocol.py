@@ -1,0 +1,473 @@
+"""The store's integrity checks and row protocol on tiny stores made in the test: every row
+array's digest is checked (a missing or swapped chunk of ``gt_masks`` is damage, as one of the
+embeddings is), verify and repair, records that fail their checksum or are lost, generations, states,
+layout growth and stale rows, the storage dtypes and codecs. Behaviour only, through the store's
+public methods, so that a rewrite of the read path keeps these tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from boxrefine.shared.config import StoreConfig
+from boxrefine.shared.data.records import ImageRecord
+from boxrefine.shared.store.bad_images import bad_images, record_bad_images
+from boxrefine.shared.store.codecs import compressors, digest, from_storage, storage_numpy_dtype, to_storage
+from boxrefine.shared.store.feature_store import FeatureStore, open_store
+from boxrefine.shared.store.identity import StoreIdentity
+from boxrefine.shared.store.location import StoreError
+from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.schema import (
+    DIGEST,
+    FIELD,
+    ROW_ARRAYS,
+    ROW_FIELDS,
+    STATE_BAD,
+    STATE_COMPLETE,
+    STATE_DAMAGED,
+    STATE_EMPTY,
+    STATE_STALE,
+)
+from boxrefine.shared.store.split import RowBusy, StoreDamage
+from boxrefine.shared.store.verify import check_row, count_rows, lost_records, verify_store
+
+S, C = 16, 8  # GT mask size and interm channels: tiny rows
+
+
+def _identity(dtype: str = "float16") -> StoreIdentity:
+    return StoreIdentity(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
+                         pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375), dtype=dtype,
+                         encoder_precision="float32", gt_mask_size=S, intensity="percentile:0.5-99.5")
+
+
+def _images(n: int = 4, k: int = 3, first: int = 0) -> list[ImageRecord]:
+    return [ImageRecord(image_id=100 + i, file_name=f"img{i:03d}.png", key=5000 + i, height=48, width=64,
+                        instances=tuple(range(k)), ann_hash=7) for i in range(first, first + n)]
+
+
+def _store(tmp_path: Path, dtype: str = "float16", images: list[ImageRecord] | None = None,
+           codec: str = "zstd") -> tuple[FeatureStore, Any]:
+    path = str(tmp_path / "features.zarr")
+    store = FeatureStore.open_or_create(StoreConfig(path=path, dtype=dtype, gt_mask_size=S, codec=codec),
+                                        _identity(dtype), {"kind": "random-init", "seed": 0}, {"note": "test"})
+    split = store.layout_split("train", images or _images(), {"path": str(tmp_path / "none.json"), "sha256": "ab"},
+                               "/images", C)
+    return store, split
+
+
+def _row(seed: int, k: int = 2) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((k, S, S), np.uint8)
+    masks[:, 2 + seed % 5: 9, 3:12] = 1
+    return {"emb": torch.randn(256, 64, 64, generator=g), "interm": torch.randn(64, 64, C, generator=g),
+            "masks": masks, "boxes": rng.uniform(0, 40, (k, 4)).astype(np.float32),
+            "info": np.stack([np.arange(k) + 10 * seed, np.full(k, 1 + seed), np.zeros(k)], 1).astype(np.int64)}
+
+
+def _write(split: Any, i: int, row: dict[str, Any], generation: int = 1, dtype: str = "float16") -> np.ndarray:
+    k = len(row["boxes"])
+    split.clear_row(i, generation)
+    digests = split.write_features(i, to_storage(row["emb"], dtype), to_storage(row["interm"], dtype))
+    digests.update(split.write_gt(i, row["masks"], row["boxes"], row["info"]))
+    return split.commit_row(i, {"state": STATE_COMPLETE, "orig_h": 48, "orig_w": 64, "input_h": 768,
+                                "input_w": 1024, "n_instances": k, "generation": generation, **digests})
+
+
+def _chunk_files(store_path: Path, split: str, array: str, row: int) -> list[Path]:
+    """The files of row ``row``'s chunk of ``array`` (zarr v3, one chunk per row)."""
+    base = store_path / split / array / "c" / str(row)
+    return [p for p in base.rglob("*") if p.is_file()] if base.is_dir() else [p for p in [base] if p.is_file()]
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> tuple[Path, dict[int, dict[str, Any]]]:
+    """A store whose rows 0-2 are complete (row 3 empty)."""
+    _, split = _store(tmp_path)
+    rows = {i: _row(i) for i in range(3)}
+    for i, row in rows.items():
+        _write(split, i, row)
+    return tmp_path / "features.zarr", rows
+
+
+def _said(capsys: pytest.CaptureFixture) -> str:
+    """What the console printed (to stderr or stdout), on one line."""
+    c = capsys.readouterr()
+    return " ".join((c.out + c.err).split())
+
+
+def _read_all(split: Any, i: int) -> None:
+    split.read_features(i)
+    split.read_gt(i)
+
+
+# ----------------------------------------------------------------------------- row digests, every array
+
+
+@pytest.mark.parametrize("array", ROW_ARRAYS)
+def test_a_missing_chunk_of_any_row_array_is_damage_naming_it(filled, array: str) -> None:
+    """A missing chunk reads as the fill value, which no chunk checksum sees: the row's digest of that
+    array must (gt_masks as much as the embeddings)."""
+    path, _ = filled
+    files = _chunk_files(path, "train", array, 1)
+    assert files, f"no chunk file of {array} row 1"
+    for f in files:
+        f.unlink()
+    split = open_store(str(path)).split("train")
+    with pytest.raises(StoreDamage, match=f"row 1 .*array {array}: its values differ") as e:
+        _read_all(split, 1)
+    assert (e.value.split, e.value.row, e.value.array) == ("train", 1, array)
+    _read_all(split, 0)  # the other rows are fine
+    _read_all(split, 2)
+    report = verify_store(open_store(str(path)))
+    assert [(d.row, d.array) for d in report.damaged] == [(1, array)] and not report.clean
+    assert report.checked == 3
+
+
+@pytest.mark.parametrize("array", ROW_ARRAYS)
+def test_a_chunk_swapped_with_another_rows_is_damage(filled, array: str) -> None:
+    """Row 2's chunk copied over row 1's: valid bytes (its crc32c passes), wrong values."""
+    path, _ = filled
+    src, dst = _chunk_files(path, "train", array, 2), _chunk_files(path, "train", array, 1)
+    assert len(src) == len(dst) == 1
+    dst[0].write_bytes(src[0].read_bytes())
+    split = open_store(str(path)).split("train")
+    with pytest.raises(StoreDamage, match=f"array {array}"):
+        _read_all(split, 1)
+    record = split.read_record(1)
+    with pytest.raises(StoreDamage, match=f"array {array}"):
+        split.read_row(1, record)
+
+
+@pytest.mark.parametrize("array", ROW_ARRAYS)
+def test_a_flipped_byte_fails_the_chunk_checksum(filled, array: str) -> None:
+    path, _ = filled
+    f = _chunk_files(path, "train", array, 0)[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    split = open_store(str(path)).split("train")
+    with pytest.raises(StoreDamage, match="row 0 .*crc32c|row 0 .*cannot be decoded|row 0 .*values differ"):
+        _read_all(split, 0)
+
+
+def test_rows_read_back_exactly_with_their_instances_only(filled) -> None:
+    path, rows = filled
+    split = open_store(str(path)).split("train")
+    for i, row in rows.items():
+        emb, interm = split.read_features(i)
+        assert torch.equal(emb, row["emb"].half()) and torch.equal(interm, row["interm"].half())
+        masks, boxes, info = split.read_gt(i)
+        np.testing.assert_array_equal(masks, row["masks"])
+        np.testing.assert_array_equal(boxes, row["boxes"])
+        np.testing.assert_array_equal(info, row["info"])
+        assert boxes.dtype == np.float32 and info.dtype == np.int64 and boxes.shape == (2, 4)
+        none, b2, i2 = split.read_gt(i, masks=False)
+        assert none is None and np.array_equal(b2, boxes) and np.array_equal(i2, info)
+        record, parts = split.read_row(i, split.read_record(i), features=False)
+        assert parts[0] is None and parts[1] is None and np.array_equal(parts[2], row["masks"])
+        _, parts = split.read_row(i, split.read_record(i), masks=False)
+        assert parts[2] is None and torch.equal(parts[0], row["emb"].half())
+    # padding of the instances the row does not have: empty masks, NaN boxes, -1 info
+    raw = zarr.open_group(str(path), mode="r")["train"]
+    assert not raw["gt_masks"][0, 2:].any() and np.isnan(raw["gt_boxes"][0, 2:]).all()
+    assert (raw["gt_info"][0, 2:] == -1).all()
+
+
+def test_write_gt_digests_cover_the_instances_only(tmp_path: Path) -> None:
+    _, split = _store(tmp_path)
+    row = _row(1, k=2)
+    d = split.write_gt(0, row["masks"], row["boxes"], row["info"])
+    assert d == {DIGEST["gt_masks"]: digest(row["masks"]), DIGEST["gt_boxes"]: digest(row["boxes"]),
+                 DIGEST["gt_info"]: digest(row["info"])}
+    with pytest.raises(StoreError, match="row 1 has 4 instances, layout holds 3"):
+        split.write_gt(1, np.zeros((4, S, S), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 3), np.int64))
+    f = split.write_features(0, to_storage(row["emb"], "float16"), to_storage(row["interm"], "float16"))
+    assert f == {DIGEST["image_embeddings"]: digest(to_storage(row["emb"], "float16")),
+                 DIGEST["interm_embeddings"]: digest(to_storage(row["interm"], "float16"))}
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def test_a_record_failing_its_checksum_reads_as_damaged(filled) -> None:
+    path, _ = filled
+    f = _chunk_files(path, "train", "rows", 1)[0]
+    data = bytearray(f.read_bytes())
+    data[0] ^= 0xFF
+    f.write_bytes(bytes(data))
+    split = open_store(str(path)).split("train")
+    records = split.read_rows()
+    assert records[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_DAMAGED, STATE_COMPLETE, STATE_EMPTY]
+    assert list(split.damaged_records) == [1] and split.damaged_records[1].array == "rows"
+    only = split.read_rows(np.array([0, 1]))
+    assert only[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_DAMAGED, STATE_EMPTY, STATE_EMPTY]
+    np.testing.assert_array_equal(split.complete_indices(), [0, 2])
+    with pytest.raises(StoreDamage, match="row 1"):
+        split.usable_rows("error")
+    records, complete = split.usable_rows("skip")
+    assert complete.tolist() == [0, 2]
+    report = verify_store(open_store(str(path)))
+    assert [d.row for d in report.damaged] == [1] and report.checked == 3
+    # a clean read after a failed one forgets the failure
+    assert split.read_rows(np.array([0]))[0, FIELD["state"]] == STATE_COMPLETE and not split.damaged_records
+
+
+def test_verify_repair_marks_damaged_rows_with_a_new_generation(filled) -> None:
+    path, _ = filled
+    for f in _chunk_files(path, "train", "gt_masks", 2):
+        f.unlink()
+    report = verify_store(FeatureStore.open(str(path), "a"), repair=True)
+    assert report.repaired == 1 and [d.row for d in report.damaged] == [2]
+    split = open_store(str(path)).split("train")
+    rec = split.read_rows()
+    assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_COMPLETE, STATE_DAMAGED, STATE_EMPTY]
+    assert rec[2, FIELD["generation"]] == 2 and rec[0, FIELD["generation"]] == 1
+    assert split.records()[2, FIELD["state"]] == STATE_DAMAGED  # readers learn of it through the row index
+    again = verify_store(open_store(str(path)))
+    assert again.clean and again.checked == 2 and again.repaired == 0
+    assert count_rows(open_store(str(path))) == 2
+    assert check_row(split, 0) is None
+
+
+def test_verify_without_repair_changes_nothing_and_counts_progress(filled) -> None:
+    path, _ = filled
+    for f in _chunk_files(path, "train", "gt_boxes", 0):
+        f.unlink()
+    before = open_store(str(path)).split("train").read_rows()
+    calls = []
+    report = verify_store(open_store(str(path)), ["train"], on_row=lambda: calls.append(1))
+    assert len(calls) == 3 and report.repaired == 0 and [d.array for d in report.damaged] == ["gt_boxes"]
+    np.testing.assert_array_equal(open_store(str(path)).split("train").read_rows(), before)
+
+
+def test_verify_reports_a_damaged_index_array_of_the_split(filled) -> None:
+    path, _ = filled
+    f = [p for p in (path / "train" / "keys").rglob("*") if p.is_file() and p.name != "zarr.json"][0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    report = verify_store(open_store(str(path)))
+    assert len(report.split_problems) == 1 and not report.damaged and not report.clean
+    assert "array keys" in str(report.split_problems[0]) and "rebuild the store" in str(report.split_problems[0])
+
+
+def test_a_lost_record_is_damage_while_the_index_says_it_was_written(filled) -> None:
+    path, _ = filled
+    store = FeatureStore.open(str(path), "a")
+    split = store.split("train")
+    part = IndexPart(split, (0, 1))
+    part.load(split.read_rows())
+    part.flush()
+    known = split.records()[1].copy()
+    for f in _chunk_files(path, "train", "rows", 1):
+        f.unlink()
+    split = open_store(str(path)).split("train")
+    lost = lost_records(split, split.read_rows())
+    assert list(lost) == [1] and "record is missing" in str(lost[1]) and "complete, generation 1" in str(lost[1])
+    with pytest.raises(StoreDamage, match="record is missing"):
+        split.read_row(1, known)
+    report = verify_store(open_store(str(path)))
+    assert [d.row for d in report.damaged] == [1]
+    assert split.next_generation(1) == 2  # the index's generation counts when the record is gone
+
+
+def test_read_row_rereads_a_row_rewritten_meanwhile_and_never_serves_it_torn(filled) -> None:
+    path, rows = filled
+    split = FeatureStore.open(str(path), "a").split("train")
+    old = split.read_record(0)
+    new = _write(split, 0, _row(7), generation=2)  # rewritten after the reader took its record
+    record, parts = split.read_row(0, old)
+    np.testing.assert_array_equal(record, new)
+    assert torch.equal(parts[0], _row(7)["emb"].half())
+    split.clear_row(0, 3)  # a rewrite has begun: not complete now
+    with pytest.raises(RowBusy) as e:
+        split.read_row(0, new)
+    assert e.value.row == 0 and e.value.record[FIELD["state"]] == STATE_EMPTY
+    with pytest.raises(RowBusy):
+        split.read_row(0, new, retries=0)
+
+
+def test_generations_clear_mark_and_commit(tmp_path: Path) -> None:
+    _, split = _store(tmp_path)
+    assert split.next_generation(0) == 1
+    _write(split, 0, _row(0), generation=1)
+    assert split.next_generation(0) == 2
+    split.clear_row(0, 2)
+    rec = split.read_record(0)
+    assert rec[FIELD["state"]] == STATE_EMPTY and rec[FIELD["generation"]] == 2 and rec.sum() == 2
+    assert split.next_generation(0) == 3
+    marked = split.mark_damaged(0)
+    assert marked[FIELD["state"]] == STATE_DAMAGED and marked[FIELD["generation"]] == 3
+    seen = []
+    split.watch_records(lambda i, r: seen.append((i, r.copy())))
+    committed = split.commit_row(1, {"state": STATE_BAD, "src_size": 9, "generation": 4})
+    assert seen and seen[-1][0] == 1 and np.array_equal(seen[-1][1], committed)
+    assert committed[FIELD["src_size"]] == 9 and committed[FIELD["state"]] == STATE_BAD
+    assert len(committed) == len(ROW_FIELDS)
+    np.testing.assert_array_equal(split.read_record(1), committed)
+    split.clear_row(1)
+    assert split.read_record(1).sum() == 0
+
+
+
+def test_bad_image_reports_merge_shards_and_keep_only_rows_still_bad(tmp_path: Path) -> None:
+    _, split = _store(tmp_path)  # row keys 5000..5003
+    assert bad_images(split) == {}
+    record_bad_images(split, "shard-0-of-2", {5000: {"file": "img000.png", "reason": "truncated"}})
+    record_bad_images(split, "shard-1-of-2", {5001: {"file": "img001.png", "reason": "missing"},
+                                              5003: {"file": "img003.png", "reason": "corrupt"}})
+    assert bad_images(split) == {}  # no row is marked bad yet
+    split.commit_row(0, {"state": STATE_BAD, "generation": 1})
+    split.commit_row(1, {"state": STATE_BAD, "generation": 1})
+    _write(split, 3, _row(3))  # re-extracted since its report: no longer bad
+    assert bad_images(split) == {5000: {"file": "img000.png", "reason": "truncated"},
+                                 5001: {"file": "img001.png", "reason": "missing"}}
+    record_bad_images(split, "shard-1-of-2", {})  # a shard's reports are replaced whole
+    assert bad_images(split) == {5000: {"file": "img000.png", "reason": "truncated"}}
+
+
+# ------------------------------------------------------------------------------------ usable rows
+
+
+def test_usable_rows_refuse_an_empty_split_and_count_the_rest(tmp_path: Path, capsys) -> None:
+    _, split = _store(tmp_path)
+    with pytest.raises(StoreError, match=r"split 'train' has no complete rows \(0 of 4 images\); run extract"):
+        split.usable_rows()
+    split.commit_row(3, {"state": STATE_BAD, "generation": 1})
+    with pytest.raises(StoreError, match=r"0 of 4 images; 1 bad, listed by"):
+        split.usable_rows()
+    _write(split, 0, _row(0))
+    split.mark(2, STATE_STALE, 1)  # left the annotations: not counted as an image
+    records, complete = split.usable_rows()
+    assert complete.tolist() == [0] and len(records) == 4
+    assert "1 of 3 images complete; run extract (1 bad" in _said(capsys)
+    _write(split, 1, _row(1))
+    capsys.readouterr()
+    _, complete = split.usable_rows()
+    out = _said(capsys)
+    assert complete.tolist() == [0, 1] and "2 of 3 images complete (1 bad" in out and "run extract" not in out
+    split.commit_row(3, {"state": STATE_EMPTY, "generation": 2})
+    _write(split, 3, _row(3))
+    capsys.readouterr()
+    split.usable_rows()
+    assert "images complete" not in _said(capsys)
+
+
+def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
+    _, split = _store(tmp_path)
+    assert split.annotations_sha256 == "ab" and split.has_ground_truth
+    split.require_ground_truth()
+    ann = tmp_path / "ann.json"
+    ann.write_text("{}")
+    with pytest.raises(StoreError, match=r"annotations changed since extract .*has sha256 ab…"):
+        split.check_annotations(ann)
+    split.check_annotations(tmp_path / "missing.json")
+    assert "annotations not readable" in _said(capsys)
+    split.group.attrs["annotations"] = {"path": None, "sha256": "x", "ground_truth": False}
+    assert not split.has_ground_truth
+    with pytest.raises(StoreError, match="holds images only .*from /images"):
+        split.require_ground_truth()
+    import hashlib
+
+    split.group.attrs["annotations"] = {"path": str(ann), "sha256": hashlib.sha256(b"{}").hexdigest()}
+    split.check_annotations(ann)
+    assert split.has_ground_truth
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def test_layout_grows_marks_stale_and_rewrites_image_ids(tmp_path: Path) -> None:
+    store, split = _store(tmp_path, images=_images(3, k=2))
+    _write(split, 0, _row(0))
+    _write(split, 2, _row(2))
+    assert split.n_rows == 3 and split.max_instances == 2
+    digest_before = split.layout_digest()
+    # image 2 leaves, two new ones arrive (one with more instances), image 0 gets another id
+    images = _images(2, k=2)
+    images[0] = ImageRecord(999, images[0].file_name, images[0].key, 48, 64, (0, 1), 7)
+    images += _images(2, k=5, first=10)
+    grown = store.layout_split("train", images, {"path": "a.json", "sha256": "cd"}, "/images", C)
+    assert grown.n_rows == 5 and grown.max_instances == 5
+    assert grown.keys().tolist() == [5000, 5001, 5002, 5010, 5011]
+    assert grown.image_ids().tolist() == [999, 101, -1, 110, 111]
+    rec = grown.read_rows()
+    assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_EMPTY, STATE_STALE, STATE_EMPTY, STATE_EMPTY]
+    assert rec[2, FIELD["generation"]] == 2  # a stale mark is a write of the row
+    assert list(grown.marked_stale) == [2]
+    assert grown.layout_digest() != digest_before and grown.annotations_sha256 == "cd"
+    assert grown.group.attrs["layout"]["n_rows"] == 5 and grown.group.attrs["max_instances"] == 5
+    assert tuple(grown.array("gt_masks").shape) == (5, 5, S, S)
+    _read_all(grown, 0)  # the old row is intact and still checks out
+    # again: nothing to do, the stale row stays as it is (no new generation)
+    again = store.layout_split("train", images, {"path": "a.json", "sha256": "cd"}, "/images", C)
+    assert again.read_rows()[2, FIELD["generation"]] == 2 and not again.marked_stale
+    # a layout never shrinks the instance slots
+    fewer = store.layout_split("train", _images(2, k=1), {"path": "b.json", "sha256": "ef"}, "/images", C)
+    assert fewer.max_instances == 5
+
+
+def test_a_damaged_image_ids_chunk_is_rewritten_by_the_next_layout(tmp_path: Path) -> None:
+    store, split = _store(tmp_path)
+    path = tmp_path / "features.zarr"
+    f = [p for p in (path / "train" / "image_ids").rglob("*") if p.is_file() and p.name != "zarr.json"][0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreDamage, match="array image_ids: .*`boxrefine extract` rewrites it"):
+        open_store(str(path)).split("train").image_ids()
+    again = store.layout_split("train", _images(), {"path": "a.json", "sha256": "ab"}, "/images", C)
+    assert again.image_ids().tolist() == [100, 101, 102, 103]
+
+
+# ------------------------------------------------------------------------------------ codecs
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_every_storage_dtype_round_trips_and_reads_as_written(tmp_path: Path, dtype: str) -> None:
+    _, split = _store(tmp_path, dtype=dtype)
+    row = _row(3)
+    _write(split, 0, row, dtype=dtype)
+    emb, interm = open_store(str(tmp_path / "features.zarr")).split("train").read_features(0)
+    want = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    assert emb.dtype == want and torch.equal(emb, row["emb"].to(want)) and torch.equal(interm, row["interm"].to(want))
+    assert storage_numpy_dtype(dtype) == np.dtype({"bfloat16": "uint16"}.get(dtype, dtype))
+
+
+def test_storage_casts_and_digests() -> None:
+    t = torch.tensor([1.0, -2.5, 3.140625, 65504.0])
+    assert to_storage(t, "float16").dtype == np.float16 and to_storage(t, "float32").dtype == np.float32
+    bits = to_storage(t, "bfloat16")
+    assert bits.dtype == np.uint16 and bits.tolist() == t.to(torch.bfloat16).view(torch.int16).numpy().view(
+        np.uint16).tolist()
+    assert torch.equal(from_storage(bits, "bfloat16"), t.to(torch.bfloat16))
+    a = np.arange(12, dtype=np.int64).reshape(3, 4)
+    assert digest(a) == google_crc32c.value(a.tobytes()) and digest(a[:, ::2]) == google_crc32c.value(
+        np.ascontiguousarray(a[:, ::2]).tobytes())
+    assert digest(a) != digest(a[::-1]) and 0 <= digest(a) < 2**32
+
+
+def test_every_array_ends_its_codecs_with_crc32c(tmp_path: Path) -> None:
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+    assert [type(c) for c in compressors("none", 0, 8)] == [Crc32cCodec]
+    blosc, crc = compressors("zstd", 5, 2)
+    assert isinstance(crc, Crc32cCodec) and isinstance(blosc, BloscCodec)
+    assert blosc.cname.value == "zstd" and blosc.clevel == 5 and blosc.shuffle == BloscShuffle.shuffle
+    assert blosc.typesize == 2
+    assert compressors("lz4", 1, 1)[0].shuffle == BloscShuffle.bitshuffle
+    _, split = _store(tmp_path, codec="lz4")
+    for name in ("keys", "image_ids", "rows", *ROW_ARRAYS):
+        arr = split.array(name)
+        assert type(arr.compressors[-1]).__name__ == "Crc32cCodec", name
+    assert tuple(split.array("rows").chunks) == (1, len(ROW_FIELDS))
+    assert tuple(split.array("gt_masks").chunks) == (1, 3, S, S)
+    assert split.array("gt_boxes").fill_value is not None and np.isnan(split.array("gt_boxes").fill_value)
+    assert split.array("gt_info").fill_value == -1 and split.array("image_ids").fill_value == -1
