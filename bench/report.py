@@ -256,6 +256,41 @@ def loader_rows(res: dict) -> list[str]:
     return md + [""]
 
 
+def peers_section(peers: dict) -> list[str]:
+    """The caches-side-by-side section of the report."""
+    md: list[str] = []
+    pp = peers["peers"]
+    md += ["## Caches side by side", "",
+           f"{pp['images']} training images, vit_tiny (random init), encoder "
+           f"{pp['encoder_s_per_image']:.2f} s per image. npy: two `.npy` files per image (embedding and "
+           "early-layer feature). zarr float32: one chunk per image and array, zarr's default codecs "
+           f"(zarr {peers.get('zarr', '')}: {pp.get('zarr_default_codecs', '?')}). "
+           "boxrefine: the store `extract` wrote (float16, `store.codec` "
+           "none: no compressor, crc32c), read through `StoreRows` (every read checksum-verified); "
+           "its write time is the same arrays written with the store's codecs. Cold reads drop every "
+           "file of the cache with `posix_fadvise(DONTNEED)` first; reads are medians of "
+           f"{pp.get('read_repeats', '?')} shuffled epochs per cache, round robin over the caches. "
+           "The training epoch reads each batch's "
+           "features from the cache inside the loop (no DataLoader workers), same boxes and order.", "",
+           "| cache | MiB per image | write s per image | read warm img/s | read cold img/s | epoch s |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, v in pp["peers"].items():
+        cells = [f"{v['bytes_per_image'] / MIB:.2f}" if "bytes_per_image" in v else "–",
+                 f"{v['write_s_per_image']:.3f}" if "write_s_per_image" in v else "–"]
+        cells += [f"{v[k]:.1f}" if k in v else "–" for k in ("read_warm_img_s", "read_cold_img_s")]
+        cells.append(f"{v['epoch_s']:.2f}" if "epoch_s" in v else "–")
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    md += ["", "Training epochs per repeat (s): " + "; ".join(
+        f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in pp["train_runs_s"].items())
+        + f"; no cache (1 run) {pp['peers']['no cache']['epoch_s']:.1f}. Under this load the spread between "
+        "repeats is larger than the differences between caches: the epoch row compares the caches only "
+        "where they differ by more than that spread."]
+    md += ["", "*boxrefine, zarr read*: the same arrays with the store's codecs read as plain zarr arrays "
+           "(no GT, no row checksums): the codec's share of the store read. *boxrefine, zstd* / *lz4*: the "
+           "same with `store.codec: zstd` / `lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
+    return md
+
+
 def report(out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     peers, step = _load(out / "peers.json"), _load(out / "step_profile.json")
@@ -276,35 +311,7 @@ def report(out: Path) -> str:
               + ([f"step profile {step['repeats']}"] if step else [])) + ".", "",
           "## Summary", "", *summ, ""]
     if peers:
-        pp = peers["peers"]
-        md += ["## Caches side by side", "",
-               f"{pp['images']} training images, vit_tiny (random init), encoder "
-               f"{pp['encoder_s_per_image']:.2f} s per image. npy: two `.npy` files per image (embedding and "
-               "early-layer feature). zarr float32: one chunk per image and array, zarr's default codecs "
-               f"(zarr {peers.get('zarr', '')}: {pp.get('zarr_default_codecs', '?')}). "
-               "boxrefine: the store `extract` wrote (float16, `store.codec` "
-               "none: no compressor, crc32c), read through `StoreRows` (every read checksum-verified); "
-               "its write time is the same arrays written with the store's codecs. Cold reads drop every "
-               "file of the cache with `posix_fadvise(DONTNEED)` first; reads are medians of "
-               f"{pp.get('read_repeats', '?')} shuffled epochs per cache, round robin over the caches. "
-               "The training epoch reads each batch's "
-               "features from the cache inside the loop (no DataLoader workers), same boxes and order.", "",
-               "| cache | MiB per image | write s per image | read warm img/s | read cold img/s | epoch s |",
-               "|---|---:|---:|---:|---:|---:|"]
-        for name, v in pp["peers"].items():
-            cells = [f"{v['bytes_per_image'] / MIB:.2f}" if "bytes_per_image" in v else "–",
-                     f"{v['write_s_per_image']:.3f}" if "write_s_per_image" in v else "–"]
-            cells += [f"{v[k]:.1f}" if k in v else "–" for k in ("read_warm_img_s", "read_cold_img_s")]
-            cells.append(f"{v['epoch_s']:.2f}" if "epoch_s" in v else "–")
-            md.append(f"| {name} | " + " | ".join(cells) + " |")
-        md += ["", "Training epochs per repeat (s): " + "; ".join(
-            f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in pp["train_runs_s"].items())
-            + f"; no cache (1 run) {pp['peers']['no cache']['epoch_s']:.1f}. Under this load the spread between "
-            "repeats is larger than the differences between caches: the epoch row compares the caches only "
-            "where they differ by more than that spread."]
-        md += ["", "*boxrefine, zarr read*: the same arrays with the store's codecs read as plain zarr arrays "
-               "(no GT, no row checksums): the codec's share of the store read. *boxrefine, zstd* / *lz4*: the "
-               "same with `store.codec: zstd` / `lz4`.", "", "![epoch per peer](epoch_per_peer.png)", ""]
+        md += peers_section(peers)
     if step:
         from bench.step_profile import table
 
