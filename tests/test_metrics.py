@@ -86,3 +86,74 @@ def test_coco_box_ap_of_ground_truth_is_one(demo_root: Path) -> None:
                for r in perfect]
     assert coco_box_ap(ann, as_xyxy)["AP"] < 0.9  # the wrong box format is visible
     assert coco_box_ap(ann, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+
+
+def _size_case(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Two categories over three images: category 1 small and medium boxes (one image holds 12 small
+    ones, more than COCO's maxDets 10), category 2 large boxes only (no small or medium GT: those
+    precisions are -1 in COCOeval); detections with IoUs between 0.5 and 0.75 for some boxes, so AP50
+    and AP75 differ within a size, and two false positives."""
+    anns, dets = [], []
+
+    def add(img: int, cat: int, box: list[float], shift: float, score: float) -> None:
+        anns.append({"id": len(anns) + 1, "image_id": img, "category_id": cat, "bbox": box, "iscrowd": 0,
+                     "area": box[2] * box[3]})
+        dets.append({"image_id": img, "category_id": cat, "bbox": [box[0] + shift * box[2], *box[1:]],
+                     "score": score})
+
+    for k in range(12):  # small, 20×20: every other one shifted by 30 % (IoU ≈ 0.54)
+        add(1, 1, [10.0 + 30 * (k % 6), 10.0 + 40 * (k // 6), 20.0, 20.0], 0.3 * (k % 2), 0.9 - 0.01 * k)
+    for k in range(3):  # medium, 50×50
+        add(2, 1, [20.0 + 80 * k, 30.0, 50.0, 50.0], 0.2 * (k == 1), 0.8 - 0.1 * k)
+    for k in range(2):  # large, 120×120, category 2
+        add(3, 2, [10.0 + 150 * k, 20.0, 120.0, 120.0], 0.25 * k, 0.95 - 0.2 * k)
+    dets += [{"image_id": 2, "category_id": 1, "bbox": [300.0, 300.0, 50.0, 50.0], "score": 0.99},
+             {"image_id": 3, "category_id": 2, "bbox": [5.0, 300.0, 120.0, 120.0], "score": 0.3}]
+    doc = {"images": [{"id": i, "file_name": f"{i}.png", "width": 400, "height": 450} for i in (1, 2, 3)],
+           "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    path = tmp_path / "sizes.json"
+    path.write_text(json.dumps(doc))
+    return path, dets
+
+
+def _pycocotools_by_size(ann: Path, dets: list[dict], area: list[float]) -> list[float]:
+    """AP, AP50, AP75 from pycocotools with its area ranges replaced by the one given."""
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(dets)), iouType="bbox")
+        ev.params.areaRng, ev.params.areaRngLbl = [area], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(x) for x in ev.stats[:3]]
+
+
+def test_coco_box_ap_by_size_equals_pycocotools_per_area_range(tmp_path: Path) -> None:
+    ann, dets = _size_case(tmp_path)
+    ours = coco_box_ap(ann, dets, by_size=True)
+    assert [ours["AP"], ours["AP50"], ours["AP75"]] == pytest.approx(coco_stats(ann, dets), abs=1e-12)
+    ranges = {"small": [0, 32 ** 2], "medium": [32 ** 2, 96 ** 2], "large": [96 ** 2, 1e10]}
+    for name, area in ranges.items():
+        got = [ours[name]["AP"], ours[name]["AP50"], ours[name]["AP75"]]
+        assert got == pytest.approx(_pycocotools_by_size(ann, dets, area), abs=1e-12), name
+    # the case reaches what a slip would change: AP50 ≠ AP75 per size, the small image's 12 boxes
+    # (maxDets 100, not 10), category 2's missing small and medium GT left out of the mean
+    for name in ranges:
+        assert ours[name]["AP50"] > ours[name]["AP75"] >= 0, name
+    assert ours["small"]["AP50"] == pytest.approx(1.0)
+    assert ours["medium"]["AP50"] < 1.0  # its false positive outranks every true one
+
+
+def test_coco_box_ap_by_size_without_gt_of_a_size_is_minus_one(tmp_path: Path) -> None:
+    ann, dets = _size_case(tmp_path)
+    doc = json.loads(ann.read_text())
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != 3]  # no large GT at all
+    ann.write_text(json.dumps(doc))
+    ours = coco_box_ap(ann, [d for d in dets if d["image_id"] != 3], by_size=True)
+    assert ours["large"] == {"AP": -1.0, "AP50": -1.0, "AP75": -1.0}
+    assert ours["small"]["AP"] > 0 and ours["medium"]["AP"] > 0
+    none = coco_box_ap(ann, [], by_size=True)
+    assert none == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, **{s: {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+                                                          for s in ("small", "medium", "large")}}
