@@ -69,6 +69,9 @@ def test_clip_keeps_boxes_inside_and_at_least_min_size_on_every_side() -> None:
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(clip_boxes(boxes[3:4], hw, min_size=4.0), torch.tensor([[30.0, 30.0, 34.0, 34.0]]))
     torch.testing.assert_close(clip_boxes(boxes[:2][None], hw)[0], want[:2])  # any leading shape
+    # min_size 0: a box ending inside the first pixel keeps its end
+    torch.testing.assert_close(clip_boxes(torch.tensor([[-5.0, -5.0, 0.5, 0.25]]), hw, min_size=0.0),
+                               torch.tensor([[0.0, 0.0, 0.5, 0.25]]))
     geo = ImageGeometry.of(100, 200)
     torch.testing.assert_close(geo.clip_original(boxes), want)
 
@@ -117,6 +120,7 @@ def test_trainable_gt_needs_no_crowd_and_positive_width_and_height() -> None:
     assert trainable_gt(boxes, info).tolist() == [True, False, False, False, False, False, True]
     empty = trainable_gt(torch.zeros((0, 4)), torch.zeros((0, 3), dtype=torch.int64))
     assert empty.shape == (0,) and empty.dtype == torch.bool
+    assert trainable_gt(boxes[:1], info[:1]).tolist() == [True]  # one instance is not none
 
 
 def test_frame_constants() -> None:
@@ -196,6 +200,9 @@ def test_lowres_boxes_use_the_fallback_only_for_empty_masks() -> None:
     logits[0][logits[0] < 0] = 0.0
     zero_bg = geo.lowres_to_boxes(logits[:1], fallback[:1])
     assert (zero_bg - torch.tensor([[120.0, 40.0, 160.0, 80.0]])).abs().max() <= 3
+    # any positive logit is the mask, a weak one too
+    weak = geo.lowres_to_boxes(logits[:1] * 0.1, fallback[:1])
+    assert (weak - torch.tensor([[120.0, 40.0, 160.0, 80.0]])).abs().max() <= 3
 
 
 def test_an_image_geometry_is_an_immutable_value() -> None:
@@ -205,3 +212,9 @@ def test_an_image_geometry_is_an_immutable_value() -> None:
     assert geo == ImageGeometry((333, 500), (682, 1024)) and hash(geo) == hash(ImageGeometry.of(333, 500))
     with pytest.raises(dataclasses.FrozenInstanceError):
         geo.orig_hw = (1, 1)  # type: ignore[misc]
+
+
+def test_xywh_of_a_single_box_and_integrals_along_an_axis_of_one_cell() -> None:
+    assert xyxy_to_xywh(torch.tensor([1.0, 2.0, 4.0, 6.0])).tolist() == [1.0, 2.0, 3.0, 4.0]
+    got = _integrate(np.array([[2.0, 3.0, 4.0]]), np.array([0.0, 0.5, 1.0]), axis=0)
+    np.testing.assert_allclose(got, [[1.0, 1.5, 2.0], [1.0, 1.5, 2.0]])

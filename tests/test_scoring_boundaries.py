@@ -143,7 +143,7 @@ def test_detection_pairs_keep_matched_trainable_gt_only() -> None:
     boxes, idx = detection_pairs(dets, gt, info, 0.5)
     assert boxes.tolist() == [[12.0, 22.0, 108.0, 230.0]] and idx.tolist() == [0]
     for empty in (detection_pairs([], gt, info, 0.5), detection_pairs(dets, torch.zeros((0, 4)), info[:0], 0.5)):
-        assert empty[0].shape == (0, 4) and empty[1].dtype == torch.int64
+        assert empty[0].shape == (0, 4) and empty[1].shape == (0,) and empty[1].dtype == torch.int64
 
 
 def test_saved_boxes_round_trip_and_refuse_non_finite(tmp_path: Path) -> None:
