@@ -92,7 +92,7 @@ def _size_case(tmp_path: Path) -> tuple[Path, list[dict]]:
     """Two categories over three images: category 1 small and medium boxes (one image holds 12 small
     ones, more than COCO's maxDets 10), category 2 large boxes only (no small or medium GT: those
     precisions are -1 in COCOeval); detections with IoUs between 0.5 and 0.75 for some boxes, so AP50
-    and AP75 differ within a size, and two false positives."""
+    and AP75 differ within a size, one between 0.75 and 0.9, and two false positives."""
     anns, dets = [], []
 
     def add(img: int, cat: int, box: list[float], shift: float, score: float) -> None:
@@ -103,8 +103,8 @@ def _size_case(tmp_path: Path) -> tuple[Path, list[dict]]:
 
     for k in range(12):  # small, 20×20: every other one shifted by 30 % (IoU ≈ 0.54)
         add(1, 1, [10.0 + 30 * (k % 6), 10.0 + 40 * (k // 6), 20.0, 20.0], 0.3 * (k % 2), 0.9 - 0.01 * k)
-    for k in range(3):  # medium, 50×50
-        add(2, 1, [20.0 + 80 * k, 30.0, 50.0, 50.0], 0.2 * (k == 1), 0.8 - 0.1 * k)
+    for k in range(3):  # medium, 50×50: IoU 1, ≈ 0.67 and ≈ 0.82 (AP75 is not AP at 0.9)
+        add(2, 1, [20.0 + 80 * k, 30.0, 50.0, 50.0], (0.0, 0.2, 0.1)[k], 0.8 - 0.1 * k)
     for k in range(2):  # large, 120×120, category 2
         add(3, 2, [10.0 + 150 * k, 20.0, 120.0, 120.0], 0.25 * k, 0.95 - 0.2 * k)
     dets += [{"image_id": 2, "category_id": 1, "bbox": [300.0, 300.0, 50.0, 50.0], "score": 0.99},
