@@ -360,6 +360,15 @@ def test_usable_rows_refuse_an_empty_split_and_count_the_rest(tmp_path: Path, ca
     assert "images complete" not in _said(capsys)
 
 
+def test_a_store_path_is_printed_verbatim(tmp_path: Path, capsys) -> None:
+    where = tmp_path / "[bold]x"
+    where.mkdir()
+    _, split = _store(where)
+    _write(split, 0, _row(0))
+    split.usable_rows()
+    assert "[bold]x/features.zarr: split 'train': 1 of 4 images complete" in _said(capsys)
+
+
 def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
     _, split = _store(tmp_path)
     assert split.annotations_sha256 == "ab" and split.has_ground_truth
@@ -374,6 +383,9 @@ def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
     assert not split.has_ground_truth
     with pytest.raises(StoreError, match="holds images only .*from /images"):
         split.require_ground_truth()
+    split.group.attrs["annotations"] = {"path": "/data/photos.json", "sha256": "x", "ground_truth": False}
+    with pytest.raises(StoreError, match="holds images only .*from /data/photos.json"):
+        split.require_ground_truth()  # an images-only COCO file is named, not the image folder
     import hashlib
 
     split.group.attrs["annotations"] = {"path": str(ann), "sha256": hashlib.sha256(b"{}").hexdigest()}
@@ -471,3 +483,29 @@ def test_every_array_ends_its_codecs_with_crc32c(tmp_path: Path) -> None:
     assert tuple(split.array("gt_masks").chunks) == (1, 3, S, S)
     assert split.array("gt_boxes").fill_value is not None and np.isnan(split.array("gt_boxes").fill_value)
     assert split.array("gt_info").fill_value == -1 and split.array("image_ids").fill_value == -1
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4"])
+def test_each_array_is_laid_out_with_its_chunks_fill_and_codecs(tmp_path: Path, codec: str) -> None:
+    """What a reader of the zarr.json files finds: shape, chunks, fill value, Blosc settings (GT masks
+    and the index arrays always compressed: zstd when the features are stored without a compressor)."""
+    _, split = _store(tmp_path, codec=codec)
+    n, k = 4, 3
+    want = {"keys": ((n,), 0, "index"), "image_ids": ((n,), -1, "index"), "rows": ((1, len(ROW_FIELDS)), 0, None),
+            "image_embeddings": ((1, 256, 64, 64), 0, "features"), "interm_embeddings": ((1, 64, 64, C), 0, "features"),
+            "gt_masks": ((1, k, S, S), 0, "masks"), "gt_boxes": ((1, k, 4), None, None), "gt_info": ((1, k, 3), -1, None)}
+    blosc = {"index": ("zstd" if codec == "none" else codec, 8), "masks": ("zstd" if codec == "none" else codec, 1),
+             "features": (None if codec == "none" else codec, 2)}
+    for name, (chunks, fill, kind) in want.items():
+        arr = split.array(name)
+        if name not in ("keys", "image_ids"):
+            assert tuple(arr.chunks) == chunks, name
+        if fill is None:
+            assert np.isnan(arr.fill_value), name
+        else:
+            assert arr.fill_value == fill, name
+        comp = arr.compressors
+        cname, typesize = blosc.get(kind, (None, 0)) if kind else (None, 0)
+        assert [type(c).__name__ for c in comp] == (["BloscCodec"] if cname else []) + ["Crc32cCodec"], name
+        if cname:
+            assert (comp[0].cname.value, comp[0].typesize) == (cname, typesize), name
