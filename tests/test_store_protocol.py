@@ -493,7 +493,8 @@ def test_each_array_is_laid_out_with_its_chunks_fill_and_codecs(tmp_path: Path, 
     n, k = 4, 3
     want = {"keys": ((n,), 0, "index"), "image_ids": ((n,), -1, "index"), "rows": ((1, len(ROW_FIELDS)), 0, None),
             "image_embeddings": ((1, 256, 64, 64), 0, "features"), "interm_embeddings": ((1, 64, 64, C), 0, "features"),
-            "gt_masks": ((1, k, S, S), 0, "masks"), "gt_boxes": ((1, k, 4), None, None), "gt_info": ((1, k, 3), -1, None)}
+            "gt_masks": ((1, k, S, S), 0, "masks"), "gt_boxes": ((1, k, 4), None, None),
+            "gt_info": ((1, k, 3), -1, None)}
     blosc = {"index": ("zstd" if codec == "none" else codec, 8), "masks": ("zstd" if codec == "none" else codec, 1),
              "features": (None if codec == "none" else codec, 2)}
     for name, (chunks, fill, kind) in want.items():
