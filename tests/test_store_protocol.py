@@ -22,7 +22,7 @@ from boxrefine.shared.store.codecs import compressors, digest, from_storage, sto
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
 from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.location import StoreError
-from boxrefine.shared.store.row_index import IndexPart
+from boxrefine.shared.store.row_index import IndexPart, read_index
 from boxrefine.shared.store.schema import (
     DIGEST,
     FIELD,
@@ -34,7 +34,7 @@ from boxrefine.shared.store.schema import (
     STATE_EMPTY,
     STATE_STALE,
 )
-from boxrefine.shared.store.split import RowBusy, StoreDamage
+from boxrefine.shared.store.split import RowBusy, StoreDamage, _reason
 from boxrefine.shared.store.verify import check_row, count_rows, lost_records, verify_store
 
 S, C = 16, 8  # GT mask size and interm channels: tiny rows
@@ -215,6 +215,7 @@ def test_a_record_failing_its_checksum_reads_as_damaged(filled) -> None:
     assert complete.tolist() == [0, 2]
     report = verify_store(open_store(str(path)))
     assert [d.row for d in report.damaged] == [1] and report.checked == 3
+    assert split.next_generation(1) == 1  # an unreadable record counts as generation 0 (no row index here)
     # a clean read after a failed one forgets the failure
     assert split.read_rows(np.array([0]))[0, FIELD["state"]] == STATE_COMPLETE and not split.damaged_records
 
@@ -230,6 +231,8 @@ def test_verify_repair_marks_damaged_rows_with_a_new_generation(filled) -> None:
     assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_COMPLETE, STATE_DAMAGED, STATE_EMPTY]
     assert rec[2, FIELD["generation"]] == 2 and rec[0, FIELD["generation"]] == 1
     assert split.records()[2, FIELD["state"]] == STATE_DAMAGED  # readers learn of it through the row index
+    merged, covered = read_index(split)
+    assert covered[2] and merged[2, FIELD["state"]] == STATE_DAMAGED
     again = verify_store(open_store(str(path)))
     assert again.clean and again.checked == 2 and again.repaired == 0
     assert count_rows(open_store(str(path))) == 2
@@ -375,10 +378,11 @@ def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
     split.require_ground_truth()
     ann = tmp_path / "ann.json"
     ann.write_text("{}")
-    with pytest.raises(StoreError, match=r"annotations changed since extract .*has sha256 ab…"):
+    with pytest.raises(StoreError, match=r"annotations changed since extract .*has sha256 ab…, the file "
+                                         r"[0-9a-f]{12}…\)"):
         split.check_annotations(ann)
-    split.check_annotations(tmp_path / "missing.json")
-    assert "annotations not readable" in _said(capsys)
+    split.check_annotations(tmp_path / "[bold]missing.json")
+    assert "[bold]missing.json: annotations not readable" in _said(capsys)  # the path printed verbatim
     split.group.attrs["annotations"] = {"path": None, "sha256": "x", "ground_truth": False}
     assert not split.has_ground_truth
     with pytest.raises(StoreError, match="holds images only .*from /images"):
@@ -510,3 +514,31 @@ def test_each_array_is_laid_out_with_its_chunks_fill_and_codecs(tmp_path: Path, 
         assert [type(c).__name__ for c in comp] == (["BloscCodec"] if cname else []) + ["Crc32cCodec"], name
         if cname:
             assert (comp[0].cname.value, comp[0].typesize) == (cname, typesize), name
+
+
+def test_chunk_errors_are_named_and_environment_faults_are_one_line(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _reason(ValueError("Stored and computed checksum do not match")) == (
+        "the chunk fails its crc32c checksum (its stored bytes changed)")
+    assert _reason(RuntimeError("bad blosc header\nmore")) == (
+        "the chunk cannot be decoded (RuntimeError: bad blosc header)")
+    assert _reason(RuntimeError("")) == "the chunk cannot be decoded (RuntimeError: )"
+    _, split = _store(tmp_path)
+
+    class Unreadable:
+        def __getitem__(self, sel):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setitem(split._arrays, "image_ids", Unreadable())
+    with pytest.raises(StoreError, match=r"cannot read train/image_ids: .*ermission denied"):
+        split.image_ids()
+
+
+def test_local_rows_are_read_directly_not_through_zarr(filled, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, rows = filled
+    split = open_store(str(path)).split("train")
+    through_zarr: list[str] = []
+    get = split._get
+    monkeypatch.setattr(split, "_get", lambda name, sel, row: through_zarr.append(name) or get(name, sel, row))
+    split.read_row(0, split.read_record(0))
+    assert not set(through_zarr) & set(ROW_ARRAYS)
