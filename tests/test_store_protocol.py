@@ -252,12 +252,20 @@ def test_verify_without_repair_changes_nothing_and_counts_progress(filled) -> No
 
 def test_verify_reports_a_damaged_index_array_of_the_split(filled) -> None:
     path, _ = filled
+    val = FeatureStore.open(str(path), "a").layout_split("val", _images(2), {"path": "none.json", "sha256": "ab"},
+                                                         "/images", C)
+    _write(val, 1, _row(5))  # a later split: still walked after the first one's problem
+    for f in _chunk_files(path, "val", "gt_boxes", 1):
+        f.unlink()
     f = [p for p in (path / "train" / "keys").rglob("*") if p.is_file() and p.name != "zarr.json"][0]
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     report = verify_store(open_store(str(path)))
-    assert len(report.split_problems) == 1 and not report.damaged and not report.clean
+    assert len(report.split_problems) == 1 and not report.clean
+    assert [(d.split, d.row) for d in report.damaged] == [("val", 1)] and report.checked == 1
+    train = open_store(str(path)).split("train")
+    assert train.describe_row(0) == "image unknown: the split's index arrays are damaged"
     assert "array keys" in str(report.split_problems[0]) and "rebuild the store" in str(report.split_problems[0])
 
 
