@@ -18,7 +18,14 @@ import zarr
 from boxrefine.shared.config import StoreConfig
 from boxrefine.shared.data.records import ImageRecord
 from boxrefine.shared.store.bad_images import bad_images, record_bad_images
-from boxrefine.shared.store.codecs import compressors, digest, from_storage, storage_numpy_dtype, to_storage
+from boxrefine.shared.store.codecs import (
+    compressors,
+    digest,
+    from_storage,
+    require_group,
+    storage_numpy_dtype,
+    to_storage,
+)
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
 from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.location import StoreError
@@ -222,20 +229,21 @@ def test_a_record_failing_its_checksum_reads_as_damaged(filled) -> None:
 
 def test_verify_repair_marks_damaged_rows_with_a_new_generation(filled) -> None:
     path, _ = filled
-    for f in _chunk_files(path, "train", "gt_masks", 2):
-        f.unlink()
+    for row in (1, 2):
+        for f in _chunk_files(path, "train", "gt_masks", row):
+            f.unlink()
     report = verify_store(FeatureStore.open(str(path), "a"), repair=True)
-    assert report.repaired == 1 and [d.row for d in report.damaged] == [2]
+    assert report.repaired == 2 and [d.row for d in report.damaged] == [1, 2]
     split = open_store(str(path)).split("train")
     rec = split.read_rows()
-    assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_COMPLETE, STATE_DAMAGED, STATE_EMPTY]
+    assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_DAMAGED, STATE_DAMAGED, STATE_EMPTY]
     assert rec[2, FIELD["generation"]] == 2 and rec[0, FIELD["generation"]] == 1
     assert split.records()[2, FIELD["state"]] == STATE_DAMAGED  # readers learn of it through the row index
-    merged, covered = read_index(split)
-    assert covered[2] and merged[2, FIELD["state"]] == STATE_DAMAGED
+    merged, covered = read_index(split)  # every repaired row, odd and even
+    assert covered[1:3].all() and (merged[1:3, FIELD["state"]] == STATE_DAMAGED).all()
     again = verify_store(open_store(str(path)))
-    assert again.clean and again.checked == 2 and again.repaired == 0
-    assert count_rows(open_store(str(path))) == 2
+    assert again.clean and again.checked == 1 and again.repaired == 0
+    assert count_rows(open_store(str(path))) == 1
     assert check_row(split, 0) is None
 
 
@@ -438,6 +446,16 @@ def test_layout_grows_marks_stale_and_rewrites_image_ids(tmp_path: Path) -> None
     assert fewer.max_instances == 5
 
 
+def test_instance_slots_are_the_most_instances_of_any_image(tmp_path: Path) -> None:
+    store, split = _store(tmp_path, images=_images(3, k=1))
+    assert split.max_instances == 1 and tuple(split.array("gt_info").shape) == (3, 1, 3)
+    _write(split, 0, _row(0, k=1))
+    again = store.layout_split("train", _images(3, k=1), {"path": "a.json", "sha256": "cd"}, "/images", C)
+    assert again.max_instances == 1 and tuple(again.array("gt_masks").shape) == (3, 1, S, S)
+    _, none = _store(tmp_path / "none", images=_images(2, k=0))
+    assert none.max_instances == 1  # at least one slot
+
+
 def test_a_damaged_image_ids_chunk_is_rewritten_by_the_next_layout(tmp_path: Path) -> None:
     store, split = _store(tmp_path)
     path = tmp_path / "features.zarr"
@@ -550,3 +568,20 @@ def test_local_rows_are_read_directly_not_through_zarr(filled, monkeypatch: pyte
     monkeypatch.setattr(split, "_get", lambda name, sel, row: through_zarr.append(name) or get(name, sel, row))
     split.read_row(0, split.read_record(0))
     assert not set(through_zarr) & set(ROW_ARRAYS)
+
+
+def test_require_group_takes_the_group_another_process_created_meanwhile(tmp_path: Path) -> None:
+    from zarr.errors import ContainsGroupError
+
+    root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    made = root.create_group("row_index")
+
+    class Racing:  # another process created the group between the check and the create
+        def require_group(self, name: str) -> zarr.Group:
+            raise ContainsGroupError(name)
+
+        def __getitem__(self, name: str) -> zarr.Group:
+            return root[name]
+
+    assert require_group(Racing(), "row_index").path == made.path
+    assert require_group(root, "row_index").path == made.path
