@@ -198,7 +198,7 @@ def test_box_head_reads_its_context_and_the_box_geometry() -> None:
         seen["x"] = args[0].clone()
 
     refiner.mlp.register_forward_pre_hook(spy)
-    box = torch.tensor([[100.0, 200.0, 300.0, 300.0]])  # w 200, h 100
+    box = torch.tensor([[100.0, 200.0, 300.0, 320.0]])  # w 200, h 120 (no coordinate equals another)
     with torch.no_grad():
         for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
             p.zero_()
@@ -206,8 +206,8 @@ def test_box_head_reads_its_context_and_the_box_geometry() -> None:
     emb = _ramps()[:, :1].expand(1, 256, 64, 64).contiguous()  # channel 0: the column
     refiner(emb, torch.zeros(1, 64, 64, 8), [box])
     geom = seen["x"][0, -5:]
-    torch.testing.assert_close(geom, torch.tensor([200 / 1024, 250 / 1024, 200 / 1024, 100 / 1024,
-                                                   float(torch.log(torch.tensor(2.0)))]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(geom, torch.tensor([200 / 1024, 260 / 1024, 200 / 1024, 120 / 1024,
+                                                   float(torch.log(torch.tensor(200 / 120)))]), atol=1e-6, rtol=0)
     # the RoI: context 2 → x 0..400; what the convs see is the column ramp sampled there
     roi = {}
     refiner.convs.register_forward_pre_hook(lambda m, a: roi.setdefault("x", a[0].clone()))
@@ -246,6 +246,10 @@ def test_refine_loss_is_size_normalised_l1_plus_giou() -> None:
     tiny = torch.tensor([[0.0, 0.0, 0.5, 0.5]])  # sizes below 1 px count as 1
     _, t = refine_loss(tiny + 1, tiny, tiny)
     assert t["l1"] == pytest.approx(1.0)
+    # two boxes: each normalised by its own size, the terms averaged
+    pair = torch.cat([coarse, torch.tensor([[0.0, 0.0, 10.0, 20.0]])])
+    _, t2 = refine_loss(pair, torch.cat([target, torch.tensor([[0.0, 0.0, 10.0, 22.0]])]), pair)
+    assert t2["l1"] == pytest.approx((10 / 100 / 4 + 2 / 20 / 4) / 2)
 
 
 def test_heads_default_to_the_documented_sizes_and_name_their_health_modules() -> None:

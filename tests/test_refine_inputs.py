@@ -66,6 +66,8 @@ def test_entries_are_read_as_xyxy_with_their_image_reference(tmp_path: Path) -> 
     ("", "empty file"), ("  \n", "empty file"), ("{nope", "not valid JSON"), ('{"a": 1}', "must be a COCO results"),
     ('{"annotations": 3}', "must be a COCO results"), ("[3]", r"\[0\]: expected an object"),
     ('[{"bbox": [0, 0, 1, 1]}]', "needs an image_id .* or a file_name"),
+    ('[{"image_id": 4, "bbox": [0, 0, 1]}]', r"\[0\] \(image_id 4\): bbox must be"),
+    ('[{"file_name": "a.png", "bbox": [0, 0, 1]}]', r"\[0\] \(a.png\): bbox must be"),
     ('[{"image_id": 1.5, "bbox": [0, 0, 1, 1]}]', "needs an image_id"),
     ('[{"image_id": 1, "file_name": 3, "bbox": [0, 0, 1, 1]}]', None),
     ('[{"image_id": 1}]', "bbox must be"), ('[{"image_id": 1, "bbox": [0, 0, 1]}]', "bbox must be"),
@@ -91,10 +93,11 @@ def test_every_malformed_entry_is_one_error_naming_file_and_entry(tmp_path: Path
 
 
 def test_scores_outside_0_1_are_counted_once(tmp_path: Path, capsys) -> None:
-    p = _file(tmp_path, [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": s} for s in (0.0, 1.0, 1.5, -0.1, 0.5)])
+    p = _file(tmp_path, [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": s} for s in (0.0, 1.0, 1.5, -0.1, 0.5)],
+              "[bold]dets.json")
     read_detections(p)
     out = _said(capsys)
-    assert "2 detection(s) have a score outside [0, 1] (e.g. [2] score 1.5); used as given" in out
+    assert "[bold]dets.json: 2 detection(s) have a score outside [0, 1] (e.g. [2] score 1.5); used as given" in out
     read_detections(_file(tmp_path, [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}], "ok.json"))
     assert "outside" not in _said(capsys)
 
@@ -105,7 +108,7 @@ def test_load_detections_groups_by_image_and_drops_others_with_a_count(tmp_path:
                          {"image_id": 2, "bbox": [0, 0, 1, 1], "score": 0.3},
                          {"image_id": 9, "bbox": [0, 0, 1, 1], "score": 0.3},
                          {"image_id": 9, "bbox": [0, 0, 1, 1], "score": 0.3},
-                         {"image_id": 5, "bbox": [0, 0, 1, 1], "score": 0.3}])
+                         {"image_id": 5, "bbox": [0, 0, 1, 1], "score": 0.3}], "[i]dets.json")
     assert load_detections(p)[1] == [([0.0, 0.0, 2.0, 2.0], 0.5, 3), ([1.0, 1.0, 3.0, 3.0], 0.4, -1)]
     capsys.readouterr()
     got = load_detections(p, image_ids={1, 2}, split_ids={1, 2, 5})
@@ -113,6 +116,7 @@ def test_load_detections_groups_by_image_and_drops_others_with_a_count(tmp_path:
     out = _said(capsys)
     assert "1 detection(s) for 1 image(s) of the split without a usable row" in out and "(e.g. 5)" in out
     assert "2 detection(s) for 1 image id(s) not in the split (e.g. 9); ignored" in out
+    assert "[i]dets.json: 2 detection(s)" in out  # the path printed verbatim
     capsys.readouterr()
     load_detections(p, image_ids={1, 2, 5, 9})
     assert "ignored" not in _said(capsys)
@@ -146,7 +150,8 @@ def test_detections_name_images_by_path_base_name_id_or_stem() -> None:
     assert by_id.key_of(_det(file_name="dog.jpg", image_id=11)) == 4  # the file name wins
     assert by_id.key_of(_det(file_name="000042.png")) == 1  # a unique base name
     assert by_id.key_of(_det(file_name="../x.png")) is None and by_id.key_of(_det(file_name="/abs.png")) is None
-    with pytest.raises(DataError, match="ann.json: file_name 'cat.png' matches several images"):
+    with pytest.raises(DataError, match=r"ann.json: file_name 'cat.png' matches several images \((\S+cat.png), "
+                                        r"(?!\1)\S+cat.png\)"):  # two different files named
         by_id.key_of(_det(file_name="cat.png"))
     folder = ImageIndex(IMAGES, by_file=True, source="folder")
     assert folder.key_of(_det(image_id=42)) == 1 and folder.key_of(_det(image_id="000042")) == 1
@@ -226,6 +231,8 @@ def test_output_path_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         check_output(link, inputs)
     with pytest.raises(RefineError, match="the output is a folder"):
         check_output(tmp_path, inputs)
+    with pytest.raises(RefineError, match="the output is the detections"):  # inputs after an absent one count
+        check_output(dets, {"checkpoint": None, "detections": dets})
     with pytest.raises(RefineError, match="the folder .*missing does not exist"):
         check_output(tmp_path / "missing" / "out.json", inputs)
     with pytest.raises(RefineError, match="is not a folder"):

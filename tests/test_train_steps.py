@@ -180,6 +180,8 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero() -> None:
     assert [g(s) for s in range(5)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
                                                       0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
     assert lr_lambda(5, 5)(5) == pytest.approx(1.0)  # no steps left after warm-up: no division by zero
+    one = lr_lambda(total_steps=6, warmup_steps=5)  # one step after warm-up: it decays all the way
+    assert [one(5), one(6)] == pytest.approx([1.0, 0.0], abs=1e-12)
 
 
 def test_optimizer_step_clips_steps_and_schedules() -> None:
