@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import config_dict
 
 from boxrefine.shared.config import (
@@ -16,6 +17,7 @@ from boxrefine.shared.config import (
     apply_override,
     load_config,
     names_section,
+    parse_set_option,
     parse_shard,
     validate_config,
 )
@@ -96,6 +98,17 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert (cfg.refine.min_score, cfg.refine.low_score, cfg.refine.vis_count) == (0.0, "keep", 10)
     assert (cfg.model.type, cfg.model.seed, cfg.model.device) == ("vit_tiny", 0, "auto")
     assert cfg.data.intensity.mode == "percentile" and cfg.data.intensity.percentiles == (0.5, 99.5)
+    e = cfg.extract
+    assert (e.strict, e.overwrite, e.watch, e.shard, e.reuse_features) == (False, False, False, None, None)
+    assert (t.use_detections, t.resample_each_epoch, t.follow, t.l1_weight, t.giou_weight) == (
+        True, False, False, 1.0, 1.0)
+    assert (t.num_workers, t.prefetch_batches) == (2, 2)
+    r = cfg.refine
+    assert (r.masks, r.vis, r.vis_count, r.batch_images, r.checkpoint) == (False, False, 10, 2, None)
+    v = cfg.evaluate
+    assert (v.batch_images, v.vis, v.vis_count, v.gallery, v.noise, v.split, v.checkpoint) == (
+        2, False, 6, 8, [], None, None)
+    assert cfg.fast_applied == {}  # fast mode only when asked for
 
 
 @pytest.mark.parametrize("percentiles,ok", [((0.0, 100.0), True), ((0.0, 0.1), True), ((-0.1, 50.0), False),
@@ -197,6 +210,11 @@ def test_fast_block_is_validated_and_applied_only_with_fast(tmp_path: Path) -> N
     fast = {"train": {"epochs": 2, "sample_ratio": 0.5}}
     cfg = _validate(tmp_path, apply_fast=False, fast=fast)
     assert cfg.train.epochs == 20 and cfg.fast_applied == {}
+    plain = validate_config(config_dict(tmp_path, tmp_path / "s.zarr", fast=fast), "<test>", tmp_path)
+    assert plain.train.epochs == 20 and plain.fast_applied == {}  # by default too
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config_dict(tmp_path, tmp_path / "s.zarr", fast=fast)))
+    assert load_config(path).train.epochs == 20 and load_config(path, fast=True).train.epochs == 2
     cfg = _validate(tmp_path, apply_fast=True, fast=fast)
     assert cfg.train.epochs == 2 and cfg.train.sample_ratio == 0.5
     assert cfg.fast_applied == {"train.epochs": 2, "train.sample_ratio": 0.5}
@@ -253,3 +271,35 @@ def test_a_file_that_is_not_a_mapping_or_has_errors_names_them(tmp_path: Path) -
         load_config(p)
     assert e.value.errors == [("store.nope", "unknown key")] and e.value.exit_code == 2
     assert str(e.value).startswith(f"{p}: 1 config error(s):\n  store.nope: unknown key")
+
+
+def test_noise_levels_are_in_0_1_sorted_and_unique(tmp_path: Path) -> None:
+    assert _validate(tmp_path, evaluate={"noise": [0.3, 1.0, 0.1, 0.3]}).evaluate.noise == [0.1, 0.3, 1.0]
+    assert _validate(tmp_path, evaluate={"noise": [1e-6]}).evaluate.noise == [1e-6]
+    for bad in ([0.0], [1.0001], [-0.1], [0.2, 1.5]):
+        assert list(_error_keys(tmp_path, evaluate={"noise": bad})) == ["evaluate.noise"], bad
+    assert _validate(tmp_path, evaluate={"gallery": 0}).evaluate.gallery == 0  # no gallery, no image opened
+
+
+def test_a_config_is_checked_again_when_assigned(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    cfg = _validate(tmp_path)
+    with pytest.raises(ValidationError):
+        cfg.train.lr = -1.0
+    with pytest.raises(ValidationError):
+        cfg.train.no_such_key = 1
+
+
+def test_file_and_value_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read: Is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError,
+                       match=r"not a valid YAML value \(duplicate key 'a' \(lines 1 and 1\)\): '\{a: 1, a: 2\}'"):
+        parse_set_option("train.lr={a: 1, a: 2}")
+    with pytest.raises(ConfigError, match=r"not a valid YAML value \(expected ',' or '\]', but got '<stream end>'\)"):
+        parse_set_option("train.lr=[1, 2")
+    with pytest.raises(ConfigError, match="cannot be set to null"):
+        apply_override({}, "train", None, "--set")
+    with pytest.raises(ConfigError, match="cannot be set to 3:"):
+        apply_override({}, "train", 3, "--set")
