@@ -17,6 +17,7 @@ import zarr
 
 from boxrefine.shared.config import StoreConfig
 from boxrefine.shared.data.records import ImageRecord
+from boxrefine.shared.store import direct
 from boxrefine.shared.store.bad_images import bad_images, record_bad_images
 from boxrefine.shared.store.codecs import (
     compressors,
@@ -164,7 +165,10 @@ def test_a_flipped_byte_fails_the_chunk_checksum(filled, array: str) -> None:
         _read_all(split, 0)
 
 
-def test_rows_read_back_exactly_with_their_instances_only(filled) -> None:
+@pytest.mark.parametrize("direct_reads", [True, False])
+def test_rows_read_back_exactly_with_their_instances_only(filled, direct_reads: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct, "ENABLED", direct_reads)  # False: every read through zarr's indexing
     path, rows = filled
     split = open_store(str(path)).split("train")
     for i, row in rows.items():
@@ -386,6 +390,31 @@ def test_a_store_path_is_printed_verbatim(tmp_path: Path, capsys) -> None:
     _write(split, 0, _row(0))
     split.usable_rows()
     assert "[bold]x/features.zarr: split 'train': 1 of 4 images complete" in _said(capsys)
+    f = _chunk_files(where / "features.zarr", "train", "rows", 0)[0]
+    f.write_bytes(bytes([f.read_bytes()[0] ^ 0xFF]) + f.read_bytes()[1:])
+    with pytest.raises(StoreError):
+        open_store(str(where / "features.zarr")).split("train").usable_rows("skip")  # no complete row left
+    said = _said(capsys)
+    assert "skipped (store.on_damage: skip): " in said and said.count("[bold]x/features.zarr") >= 2
+
+
+def test_an_environment_fault_of_a_direct_read_is_one_line(filled, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = filled
+    split = open_store(str(path)).split("train")
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(split.direct, "read", refused)
+    with pytest.raises(StoreError, match=r"cannot read train/(rows|image_embeddings): .*ermission denied"):
+        split.read_features(0)
+
+
+def test_arrays_left_by_an_unpublished_layout_are_laid_out_anew(tmp_path: Path) -> None:
+    store, split = _store(tmp_path, images=_images(2, k=2))
+    split.group.attrs.__delitem__("layout")  # a layout that stopped before publishing itself
+    again = store.layout_split("train", _images(3, k=2), {"path": "a.json", "sha256": "cd"}, "/images", C)
+    assert again.keys().tolist() == [5000, 5001, 5002] and again.group.attrs["layout"]["n_rows"] == 3
 
 
 def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
