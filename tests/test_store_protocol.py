@@ -426,6 +426,10 @@ def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
     with pytest.raises(StoreError, match=r"annotations changed since extract .*has sha256 ab…, the file "
                                          r"[0-9a-f]{12}…\)"):
         split.check_annotations(ann)
+    long = {**split.group.attrs["annotations"], "sha256": "0123456789abcdef" * 4}
+    split.group.attrs["annotations"] = long
+    with pytest.raises(StoreError, match=r"has sha256 0123456789ab…, the file"):
+        split.check_annotations(ann)
     split.check_annotations(tmp_path / "[bold]missing.json")
     assert "[bold]missing.json: annotations not readable" in _said(capsys)  # the path printed verbatim
     split.group.attrs["annotations"] = {"path": None, "sha256": "x", "ground_truth": False}
