@@ -50,6 +50,17 @@ def test_strips_run_from_inside_the_box_outwards_on_every_side(reach: float, alo
     for side in (2, 3):
         torch.testing.assert_close(f[side, 0].mean(1), bin_centres_x * scale - 0.5, atol=1e-4, rtol=0)
 
+def _pass_channel_0(refiner: BoxRefiner, interm: bool = False) -> None:
+    """Projections that pass channel 0 of the embedding (and of the HQ feature) to their channel 0 and
+    nothing else: what the head reads is then the test's own pattern."""
+    with torch.no_grad():
+        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
+            p.zero_()
+        refiner.proj_emb.weight[0, 0] = 1.0
+        if interm:
+            refiner.proj_interm.weight[0, 0] = 1.0
+
+
 
 def test_strips_of_several_boxes_keep_their_order_and_images() -> None:
     """(4n) strips: left of every box, then right, top, bottom; each box read from its own image."""
@@ -124,10 +135,7 @@ def _edge_refiner(head: str = "sides", context: float = 1.5) -> BoxRefiner:
     """A side refiner that reads embedding channel 0 and scores each position by it (× 50): every side
     moves to the strongest value of channel 0 near it."""
     refiner = build_refiner(8, roi_size=7, hidden=8, context=context, use_mask=False, head=head).eval()
-    with torch.no_grad():
-        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
-            p.zero_()
-        refiner.proj_emb.weight[0, 0] = 1.0
+    _pass_channel_0(refiner)
     refiner.sides.trunk = nn.Identity()
 
     class Channel0(nn.Module):
@@ -199,10 +207,7 @@ def test_box_head_reads_its_context_and_the_box_geometry() -> None:
 
     refiner.mlp.register_forward_pre_hook(spy)
     box = torch.tensor([[100.0, 200.0, 300.0, 320.0]])  # w 200, h 120 (no coordinate equals another)
-    with torch.no_grad():
-        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
-            p.zero_()
-        refiner.proj_emb.weight[0, 0] = 1.0
+    _pass_channel_0(refiner)
     emb = _ramps()[:, :1].expand(1, 256, 64, 64).contiguous()  # channel 0: the column
     refiner(emb, torch.zeros(1, 64, 64, 8), [box])
     geom = seen["x"][0, -5:]
@@ -277,11 +282,7 @@ def test_the_three_inputs_are_sampled_at_the_same_place() -> None:
     """The embedding and the HQ feature (16 px a cell) and the mask logits (4 px a pixel, through
     tanh(x / 4)) are read at the same input-frame points."""
     refiner = BoxHeadRefiner(1, roi_size=3, hidden=8, context=1.0, use_mask=True).eval()
-    with torch.no_grad():
-        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
-            p.zero_()
-        refiner.proj_emb.weight[0, 0] = 1.0
-        refiner.proj_interm.weight[0, 0] = 1.0
+    _pass_channel_0(refiner, interm=True)
     seen = {}
     refiner.convs.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
     box = torch.tensor([[96.0, 160.0, 288.0, 352.0]])  # 192 px square: bins 64 px, centres 128, 192, 256 (x)
@@ -335,11 +336,7 @@ def test_rois_are_read_with_two_aligned_samples_per_bin() -> None:
     torch.testing.assert_close(f, torch.cat([want_x[:1].flip(-1), want_x[1:], want_y[:1].flip(-1), want_y[1:]]))
 
     refiner = BoxHeadRefiner(3, roi_size=3, hidden=8, context=1.5, use_mask=True).eval()
-    with torch.no_grad():
-        for p in [*refiner.proj_emb.parameters(), *refiner.proj_interm.parameters()]:
-            p.zero_()
-        refiner.proj_emb.weight[0, 0] = 1.0
-        refiner.proj_interm.weight[0, 0] = 1.0
+    _pass_channel_0(refiner, interm=True)
     seen = {}
     refiner.convs.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
     emb = torch.randn(1, 256, 64, 64, generator=g)
