@@ -80,7 +80,7 @@ test: $(STAMP) browser ## Run the whole test suite (what CI runs; installs chrom
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-mutate: $(STAMP) ## Mutation testing of the critical modules (cosmic-ray; ~1 h, not in CI) → bench/out/mutate/report.md
+mutate: $(STAMP) ## Mutation testing of the critical modules (cosmic-ray; ~50 min, not in CI) → bench/out/mutate/report.md
 	$(BIN)/python bench/mutate/mutate.py --out bench/out/mutate $(if $(MODULES),--only $(MODULES),) $(ARGS)
 
 bench: $(STAMP) ## Benchmarks beside the peers → bench/out/report.md + PNG charts (BENCH_QUICK=1: the small size)
