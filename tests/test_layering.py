@@ -4,7 +4,7 @@ the folders are installed under (docs/architecture.md, "Layering and the import 
 
 * the library (``shared``) is a stack of named sub-packages, each importing only its own floor and
   the floors below (:data:`FLOORS`); no module imports its own package (``__init__`` re-exports);
-* there is no import loop anywhere in the package;
+* there is no import loop anywhere in the package (here ``TYPE_CHECKING`` imports count too);
 * ``shared`` never imports a stage, except the composition root ``shared/cli/main.py``; library code
   never imports the CLI plumbing (``shared/cli``, typer); no stage imports another stage;
 * only ``extract`` opens images (``cv2``, ``shared/data/imageio.py``), checked through every import
@@ -62,10 +62,11 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return out
 
 
-def imports_of(path: Path, root: Path = REPO) -> set[str]:
-    """Absolute names of every module ``path`` imports (``from a.b import c`` gives a.b and a.b.c)."""
+def imports_of(path: Path, root: Path = REPO, type_checking: bool = False) -> set[str]:
+    """Absolute names of every module ``path`` imports (``from a.b import c`` gives a.b and a.b.c);
+    those under ``if TYPE_CHECKING:`` only with ``type_checking``."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skip = _type_checking_nodes(tree)
+    skip = set() if type_checking else _type_checking_nodes(tree)
     is_pkg = path.name == "__init__.py"
     package = _module_name(path, root).split(".")
     if not is_pkg:
@@ -116,9 +117,10 @@ def _rel(p: Path) -> str:
     return p.relative_to(REPO).as_posix()
 
 
-def graph() -> dict[str, set[str]]:
+def graph(type_checking: bool = False) -> dict[str, set[str]]:
     """boxrefine module → the boxrefine modules it imports (a name imported from a module is the module)."""
-    return {m: {i for i in imports_of(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+    return {m: {i for i in imports_of(p, type_checking=type_checking) if i in MODULES and i != m}
+            for m, p in MODULES.items()}
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -194,6 +196,7 @@ def test_import_collector_sees_nested_relative_and_dynamic_imports(tmp_path: Pat
     assert {"os", "boxrefine.extract.run", "cv2", "boxrefine.train.cli", "boxrefine.train.sub.mod",
             "boxrefine.shared.data.imageio", "evaluate.cli"} <= got
     assert "boxrefine.evaluate.run" not in got
+    assert "boxrefine.evaluate.run" in imports_of(fake, root=tmp_path, type_checking=True)
 
 
 def test_the_cycle_finder_finds_a_loop() -> None:
@@ -202,8 +205,9 @@ def test_the_cycle_finder_finds_a_loop() -> None:
 
 
 def test_no_import_loop_in_the_package() -> None:
-    found = cycles(graph())
-    assert not found, f"import loops (function-local imports included): {found}"
+    """No loop, counting function-local imports and those made only for type annotations."""
+    found = cycles(graph(type_checking=True))
+    assert not found, f"import loops (function-local and TYPE_CHECKING imports included): {found}"
 
 
 def test_every_library_module_has_a_floor() -> None:

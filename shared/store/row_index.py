@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import zarr
@@ -35,8 +35,20 @@ from boxrefine.shared.store.codecs import compressors, require_group
 from boxrefine.shared.store.location import store_access
 from boxrefine.shared.store.schema import FIELD, INDEX_CHUNK, ROW_FIELDS
 
-if TYPE_CHECKING:
-    from boxrefine.shared.store.split import SplitStore
+
+class IndexedSplit(Protocol):
+    """What the row index needs of a split: ``shared/store/split.py``'s SplitStore has this shape (it
+    reads its records through this module, so this module does not import it)."""
+
+    group: zarr.Group
+    name: str
+    store_path: str
+
+    @property
+    def n_rows(self) -> int: ...
+
+    def read_rows(self, rows: np.ndarray | None = None) -> np.ndarray: ...
+
 
 INDEX = "row_index"
 FLUSH_S = 30.0  # a running extract rewrites its part at least this often (when it committed rows)
@@ -51,7 +63,7 @@ def _covered(shard: tuple[int, int], n_rows: int, n: int) -> np.ndarray:
     return (rows < n_rows) & (rows % shard[1] == shard[0])
 
 
-def read_index(split: SplitStore) -> tuple[np.ndarray, np.ndarray] | None:
+def read_index(split: IndexedSplit) -> tuple[np.ndarray, np.ndarray] | None:
     """(merged records N×F, covered N bool) from the split's index parts, or None when it has none.
     A part that cannot be read is ignored (its rows are then read from their records)."""
     try:
@@ -86,7 +98,7 @@ def read_index(split: SplitStore) -> tuple[np.ndarray, np.ndarray] | None:
 class IndexPart:
     """What one process knows of the records of the rows it covers (``shard``): set from the records it
     read, updated on every commit (thread-safe), written as its part of the index by :meth:`flush`."""
-    def __init__(self, split: SplitStore, shard: tuple[int, int], name: str | None = None):
+    def __init__(self, split: IndexedSplit, shard: tuple[int, int], name: str | None = None):
         self.split, self.shard, self.name = split, shard, name or part_name(shard)
         self.known = np.zeros((split.n_rows, len(ROW_FIELDS)), np.int64)
         self.dirty, self.last_flush = False, time.monotonic()
@@ -99,7 +111,7 @@ class IndexPart:
         index = read_index(self.split)
         self.dirty = index is None or not (index[1][cov].all() and np.array_equal(index[0][cov], self.known[cov]))
 
-    def grow(self, split: SplitStore, marked: dict[int, np.ndarray]) -> np.ndarray:
+    def grow(self, split: IndexedSplit, marked: dict[int, np.ndarray]) -> np.ndarray:
         """Bring what this process knows up to date with ``split`` (laid out again): rows added since are
         read from their records, ``marked`` records (rows the layout marked stale) taken, and records of
         the index with a newer generation (another process marked the row: ``store verify --repair``)
@@ -149,7 +161,7 @@ class IndexPart:
         self.last_flush = time.monotonic()
 
 
-def write_part(split: SplitStore, name: str, shard: tuple[int, int], records: np.ndarray) -> None:
+def write_part(split: IndexedSplit, name: str, shard: tuple[int, int], records: np.ndarray) -> None:
 
     n, width = records.shape
     grp = require_group(split.group, INDEX)  # safe when another shard creates it at the same moment
