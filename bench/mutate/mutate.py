@@ -40,6 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+from bench.machine import load  # noqa: E402
 
 KEEP_BINARY = {("Add", "Sub"), ("Sub", "Add"), ("Mul", "Div"), ("Div", "Mul"), ("FloorDiv", "Div"),
                ("Mod", "FloorDiv"), ("Pow", "Mul"), ("LShift", "RShift"), ("RShift", "LShift"),
@@ -259,13 +261,6 @@ def write_report(results: list[ModuleResult], out: Path, started: float, load: t
                      for r in results]}, indent=1))
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default=str(HERE / "modules.toml"), help="module table (default: %(default)s)")
@@ -287,7 +282,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     known = load_equivalent(Path(a.equivalent))
-    started, load0 = time.time(), loadavg()
+    started, load0 = time.time(), load()
     files = [REPO / f for s in table for f in s["files"]]
     originals = {f: f.read_bytes() for f in files}  # put back whatever an interrupted run leaves mutated
     server = ForkServer(out / "forkserver.sock")
@@ -298,7 +293,7 @@ def main() -> None:
             results.append(r)
             print(f"{r.name}: {r.total} mutants, " + ", ".join(f"{k} {r.counts.get(k, 0)}" for k in COLUMNS)
                   + f" ({100 * r.share_survived():.1f} % survived, {r.seconds / 60:.1f} min)", flush=True)
-            write_report(results, out, started, (load0, loadavg()))
+            write_report(results, out, started, (load0, load()))
     finally:
         server.close()
         for f, text in originals.items():
