@@ -32,7 +32,7 @@ from boxrefine.shared.runtime.console import console, progress
 from boxrefine.shared.runtime.device import encoder_precision_note, resolve_device
 from boxrefine.shared.runtime.signals import StopSignals
 from boxrefine.shared.runtime.workers import worker_init
-from boxrefine.shared.store.bad_images import bad_images, record_bad_images
+from boxrefine.shared.store.bad_images import bad_images, record_bad_images, shard_reports
 from boxrefine.shared.store.codecs import to_storage
 from boxrefine.shared.store.identity import identity_for
 from boxrefine.shared.store.location import StoreError, store_access
@@ -326,12 +326,7 @@ class Extractor:
     def _record_bad(self, split: SplitStore, summary: SplitSummary) -> None:
         if not summary.bad:
             return
-        try:
-            previous = dict(split.group["bad_images"][self.shard_name].attrs.asdict())
-        except KeyError:
-            previous = {}
-        merged = {int(k): v for k, v in previous.items()}
-        merged.update(summary.bad)
+        merged = {**shard_reports(split, self.shard_name), **summary.bad}
         with store_access(split.store_path, f"record the bad images of {split.name}"):
             record_bad_images(split, self.shard_name, merged)
 

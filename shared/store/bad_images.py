@@ -29,6 +29,14 @@ def bad_images(split: SplitStore) -> dict[int, dict[str, str]]:
     return {k: v for k, v in reports.items() if k in bad_keys}
 
 
+def shard_reports(split: SplitStore, shard: str) -> dict[int, dict[str, str]]:
+    """The bad-image reports ``shard`` recorded for ``split`` (all of them, whatever the rows say now)."""
+    try:
+        return {int(k): v for k, v in split.group["bad_images"][shard].attrs.asdict().items()}
+    except KeyError:
+        return {}
+
+
 def record_bad_images(split: SplitStore, shard: str, reports: dict[int, dict[str, str]]) -> None:
     """Replace ``shard``'s bad-image reports of ``split`` with ``reports``."""
     sub = require_group(require_group(split.group, "bad_images"), shard)
