@@ -1,34 +1,28 @@
 """The store's integrity checks and row protocol on tiny stores made in the test: every row
 array's digest is checked (a missing or swapped chunk of ``gt_masks`` is damage, as one of the
 embeddings is), verify and repair, records that fail their checksum or are lost, generations, states,
-layout growth and stale rows, the storage dtypes and codecs. Behaviour only, through the store's
-public methods, so that a rewrite of the read path keeps these tests."""
+bad-image reports, usable rows (layout growth and the codecs: ``test_store_layout.py``). Behaviour
+only, through the store's public methods, so that a rewrite of the read path keeps these tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import pytest
 import torch
 import zarr
+from tiny_store import C, S, make_images, make_row, new_store, read_all, write_row
 
-from boxrefine.shared.config import StoreConfig
-from boxrefine.shared.data.records import ImageRecord
 from boxrefine.shared.store import direct
 from boxrefine.shared.store.bad_images import bad_images, record_bad_images
 from boxrefine.shared.store.codecs import (
-    compressors,
     digest,
-    from_storage,
     require_group,
-    storage_numpy_dtype,
     to_storage,
 )
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
-from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.location import StoreError
 from boxrefine.shared.store.row_index import IndexPart, read_index
 from boxrefine.shared.store.schema import (
@@ -42,50 +36,8 @@ from boxrefine.shared.store.schema import (
     STATE_EMPTY,
     STATE_STALE,
 )
-from boxrefine.shared.store.split import RowBusy, StoreDamage, _reason
+from boxrefine.shared.store.split import RowBusy, StoreDamage
 from boxrefine.shared.store.verify import check_row, count_rows, lost_records, verify_store
-
-S, C = 16, 8  # GT mask size and interm channels: tiny rows
-
-
-def _identity(dtype: str = "float16") -> StoreIdentity:
-    return StoreIdentity(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
-                         pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375), dtype=dtype,
-                         encoder_precision="float32", gt_mask_size=S, intensity="percentile:0.5-99.5")
-
-
-def _images(n: int = 4, k: int = 3, first: int = 0) -> list[ImageRecord]:
-    return [ImageRecord(image_id=100 + i, file_name=f"img{i:03d}.png", key=5000 + i, height=48, width=64,
-                        instances=tuple(range(k)), ann_hash=7) for i in range(first, first + n)]
-
-
-def _store(tmp_path: Path, dtype: str = "float16", images: list[ImageRecord] | None = None,
-           codec: str = "zstd") -> tuple[FeatureStore, Any]:
-    path = str(tmp_path / "features.zarr")
-    store = FeatureStore.open_or_create(StoreConfig(path=path, dtype=dtype, gt_mask_size=S, codec=codec),
-                                        _identity(dtype), {"kind": "random-init", "seed": 0}, {"note": "test"})
-    split = store.layout_split("train", images or _images(), {"path": str(tmp_path / "none.json"), "sha256": "ab"},
-                               "/images", C)
-    return store, split
-
-
-def _row(seed: int, k: int = 2) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((k, S, S), np.uint8)
-    masks[:, 2 + seed % 5: 9, 3:12] = 1
-    return {"emb": torch.randn(256, 64, 64, generator=g), "interm": torch.randn(64, 64, C, generator=g),
-            "masks": masks, "boxes": rng.uniform(0, 40, (k, 4)).astype(np.float32),
-            "info": np.stack([np.arange(k) + 10 * seed, np.full(k, 1 + seed), np.zeros(k)], 1).astype(np.int64)}
-
-
-def _write(split: Any, i: int, row: dict[str, Any], generation: int = 1, dtype: str = "float16") -> np.ndarray:
-    k = len(row["boxes"])
-    split.clear_row(i, generation)
-    digests = split.write_features(i, to_storage(row["emb"], dtype), to_storage(row["interm"], dtype))
-    digests.update(split.write_gt(i, row["masks"], row["boxes"], row["info"]))
-    return split.commit_row(i, {"state": STATE_COMPLETE, "orig_h": 48, "orig_w": 64, "input_h": 768,
-                                "input_w": 1024, "n_instances": k, "generation": generation, **digests})
 
 
 def _chunk_files(store_path: Path, split: str, array: str, row: int) -> list[Path]:
@@ -97,10 +49,10 @@ def _chunk_files(store_path: Path, split: str, array: str, row: int) -> list[Pat
 @pytest.fixture
 def filled(tmp_path: Path) -> tuple[Path, dict[int, dict[str, Any]]]:
     """A store whose rows 0-2 are complete (row 3 empty)."""
-    _, split = _store(tmp_path)
-    rows = {i: _row(i) for i in range(3)}
+    _, split = new_store(tmp_path)
+    rows = {i: make_row(i) for i in range(3)}
     for i, row in rows.items():
-        _write(split, i, row)
+        write_row(split, i, row)
     return tmp_path / "features.zarr", rows
 
 
@@ -108,11 +60,6 @@ def _said(capsys: pytest.CaptureFixture) -> str:
     """What the console printed (to stderr or stdout), on one line."""
     c = capsys.readouterr()
     return " ".join((c.out + c.err).split())
-
-
-def _read_all(split: Any, i: int) -> None:
-    split.read_features(i)
-    split.read_gt(i)
 
 
 # ----------------------------------------------------------------------------- row digests, every array
@@ -129,10 +76,10 @@ def test_a_missing_chunk_of_any_row_array_is_damage_naming_it(filled, array: str
         f.unlink()
     split = open_store(str(path)).split("train")
     with pytest.raises(StoreDamage, match=f"row 1 .*array {array}: its values differ") as e:
-        _read_all(split, 1)
+        read_all(split, 1)
     assert (e.value.split, e.value.row, e.value.array) == ("train", 1, array)
-    _read_all(split, 0)  # the other rows are fine
-    _read_all(split, 2)
+    read_all(split, 0)  # the other rows are fine
+    read_all(split, 2)
     report = verify_store(open_store(str(path)))
     assert [(d.row, d.array) for d in report.damaged] == [(1, array)] and not report.clean
     assert report.checked == 3
@@ -147,7 +94,7 @@ def test_a_chunk_swapped_with_another_rows_is_damage(filled, array: str) -> None
     dst[0].write_bytes(src[0].read_bytes())
     split = open_store(str(path)).split("train")
     with pytest.raises(StoreDamage, match=f"array {array}"):
-        _read_all(split, 1)
+        read_all(split, 1)
     record = split.read_record(1)
     with pytest.raises(StoreDamage, match=f"array {array}"):
         split.read_row(1, record)
@@ -162,7 +109,7 @@ def test_a_flipped_byte_fails_the_chunk_checksum(filled, array: str) -> None:
     f.write_bytes(bytes(data))
     split = open_store(str(path)).split("train")
     with pytest.raises(StoreDamage, match="row 0 .*crc32c|row 0 .*cannot be decoded|row 0 .*values differ"):
-        _read_all(split, 0)
+        read_all(split, 0)
 
 
 @pytest.mark.parametrize("direct_reads", [True, False])
@@ -192,8 +139,8 @@ def test_rows_read_back_exactly_with_their_instances_only(filled, direct_reads: 
 
 
 def test_write_gt_digests_cover_the_instances_only(tmp_path: Path) -> None:
-    _, split = _store(tmp_path)
-    row = _row(1, k=2)
+    _, split = new_store(tmp_path)
+    row = make_row(1, k=2)
     d = split.write_gt(0, row["masks"], row["boxes"], row["info"])
     assert d == {DIGEST["gt_masks"]: digest(row["masks"]), DIGEST["gt_boxes"]: digest(row["boxes"]),
                  DIGEST["gt_info"]: digest(row["info"])}
@@ -264,9 +211,9 @@ def test_verify_without_repair_changes_nothing_and_counts_progress(filled) -> No
 
 def test_verify_reports_a_damaged_index_array_of_the_split(filled) -> None:
     path, _ = filled
-    val = FeatureStore.open(str(path), "a").layout_split("val", _images(2), {"path": "none.json", "sha256": "ab"},
+    val = FeatureStore.open(str(path), "a").layout_split("val", make_images(2), {"path": "none.json", "sha256": "ab"},
                                                          "/images", C)
-    _write(val, 1, _row(5))  # a later split: still walked after the first one's problem
+    write_row(val, 1, make_row(5))  # a later split: still walked after the first one's problem
     for f in _chunk_files(path, "val", "gt_boxes", 1):
         f.unlink()
     f = [p for p in (path / "train" / "keys").rglob("*") if p.is_file() and p.name != "zarr.json"][0]
@@ -305,10 +252,10 @@ def test_read_row_rereads_a_row_rewritten_meanwhile_and_never_serves_it_torn(fil
     path, rows = filled
     split = FeatureStore.open(str(path), "a").split("train")
     old = split.read_record(0)
-    new = _write(split, 0, _row(7), generation=2)  # rewritten after the reader took its record
+    new = write_row(split, 0, make_row(7), generation=2)  # rewritten after the reader took its record
     record, parts = split.read_row(0, old)
     np.testing.assert_array_equal(record, new)
-    assert torch.equal(parts[0], _row(7)["emb"].half())
+    assert torch.equal(parts[0], make_row(7)["emb"].half())
     split.clear_row(0, 3)  # a rewrite has begun: not complete now
     with pytest.raises(RowBusy) as e:
         split.read_row(0, new)
@@ -318,9 +265,9 @@ def test_read_row_rereads_a_row_rewritten_meanwhile_and_never_serves_it_torn(fil
 
 
 def test_generations_clear_mark_and_commit(tmp_path: Path) -> None:
-    _, split = _store(tmp_path)
+    _, split = new_store(tmp_path)
     assert split.next_generation(0) == 1
-    _write(split, 0, _row(0), generation=1)
+    write_row(split, 0, make_row(0), generation=1)
     assert split.next_generation(0) == 2
     split.clear_row(0, 2)
     rec = split.read_record(0)
@@ -341,7 +288,7 @@ def test_generations_clear_mark_and_commit(tmp_path: Path) -> None:
 
 
 def test_bad_image_reports_merge_shards_and_keep_only_rows_still_bad(tmp_path: Path) -> None:
-    _, split = _store(tmp_path)  # row keys 5000..5003
+    _, split = new_store(tmp_path)  # row keys 5000..5003
     assert bad_images(split) == {}
     record_bad_images(split, "shard-0-of-2", {5000: {"file": "img000.png", "reason": "truncated"}})
     record_bad_images(split, "shard-1-of-2", {5001: {"file": "img001.png", "reason": "missing"},
@@ -349,7 +296,7 @@ def test_bad_image_reports_merge_shards_and_keep_only_rows_still_bad(tmp_path: P
     assert bad_images(split) == {}  # no row is marked bad yet
     split.commit_row(0, {"state": STATE_BAD, "generation": 1})
     split.commit_row(1, {"state": STATE_BAD, "generation": 1})
-    _write(split, 3, _row(3))  # re-extracted since its report: no longer bad
+    write_row(split, 3, make_row(3))  # re-extracted since its report: no longer bad
     assert bad_images(split) == {5000: {"file": "img000.png", "reason": "truncated"},
                                  5001: {"file": "img001.png", "reason": "missing"}}
     record_bad_images(split, "shard-1-of-2", {})  # a shard's reports are replaced whole
@@ -360,24 +307,24 @@ def test_bad_image_reports_merge_shards_and_keep_only_rows_still_bad(tmp_path: P
 
 
 def test_usable_rows_refuse_an_empty_split_and_count_the_rest(tmp_path: Path, capsys) -> None:
-    _, split = _store(tmp_path)
+    _, split = new_store(tmp_path)
     with pytest.raises(StoreError, match=r"split 'train' has no complete rows \(0 of 4 images\); run extract"):
         split.usable_rows()
     split.commit_row(3, {"state": STATE_BAD, "generation": 1})
     with pytest.raises(StoreError, match=r"0 of 4 images; 1 bad, listed by"):
         split.usable_rows()
-    _write(split, 0, _row(0))
+    write_row(split, 0, make_row(0))
     split.mark(2, STATE_STALE, 1)  # left the annotations: not counted as an image
     records, complete = split.usable_rows()
     assert complete.tolist() == [0] and len(records) == 4
     assert "1 of 3 images complete; run extract (1 bad" in _said(capsys)
-    _write(split, 1, _row(1))
+    write_row(split, 1, make_row(1))
     capsys.readouterr()
     _, complete = split.usable_rows()
     out = _said(capsys)
     assert complete.tolist() == [0, 1] and "2 of 3 images complete (1 bad" in out and "run extract" not in out
     split.commit_row(3, {"state": STATE_EMPTY, "generation": 2})
-    _write(split, 3, _row(3))
+    write_row(split, 3, make_row(3))
     capsys.readouterr()
     split.usable_rows()
     assert "images complete" not in _said(capsys)
@@ -386,8 +333,8 @@ def test_usable_rows_refuse_an_empty_split_and_count_the_rest(tmp_path: Path, ca
 def test_a_store_path_is_printed_verbatim(tmp_path: Path, capsys) -> None:
     where = tmp_path / "[bold]x"
     where.mkdir()
-    _, split = _store(where)
-    _write(split, 0, _row(0))
+    _, split = new_store(where)
+    write_row(split, 0, make_row(0))
     split.usable_rows()
     assert "[bold]x/features.zarr: split 'train': 1 of 4 images complete" in _said(capsys)
     f = _chunk_files(where / "features.zarr", "train", "rows", 0)[0]
@@ -411,14 +358,14 @@ def test_an_environment_fault_of_a_direct_read_is_one_line(filled, monkeypatch: 
 
 
 def test_arrays_left_by_an_unpublished_layout_are_laid_out_anew(tmp_path: Path) -> None:
-    store, split = _store(tmp_path, images=_images(2, k=2))
+    store, split = new_store(tmp_path, images=make_images(2, k=2))
     split.group.attrs.__delitem__("layout")  # a layout that stopped before publishing itself
-    again = store.layout_split("train", _images(3, k=2), {"path": "a.json", "sha256": "cd"}, "/images", C)
+    again = store.layout_split("train", make_images(3, k=2), {"path": "a.json", "sha256": "cd"}, "/images", C)
     assert again.keys().tolist() == [5000, 5001, 5002] and again.group.attrs["layout"]["n_rows"] == 3
 
 
 def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
-    _, split = _store(tmp_path)
+    _, split = new_store(tmp_path)
     assert split.annotations_sha256 == "ab" and split.has_ground_truth
     split.require_ground_truth()
     ann = tmp_path / "ann.json"
@@ -444,153 +391,6 @@ def test_ground_truth_and_annotation_checks(tmp_path: Path, capsys) -> None:
     split.group.attrs["annotations"] = {"path": str(ann), "sha256": hashlib.sha256(b"{}").hexdigest()}
     split.check_annotations(ann)
     assert split.has_ground_truth
-
-
-# ------------------------------------------------------------------------------------ layout
-
-
-def test_layout_grows_marks_stale_and_rewrites_image_ids(tmp_path: Path) -> None:
-    store, split = _store(tmp_path, images=_images(3, k=2))
-    _write(split, 0, _row(0))
-    _write(split, 2, _row(2))
-    assert split.n_rows == 3 and split.max_instances == 2
-    digest_before = split.layout_digest()
-    # image 2 leaves, two new ones arrive (one with more instances), image 0 gets another id
-    images = _images(2, k=2)
-    images[0] = ImageRecord(999, images[0].file_name, images[0].key, 48, 64, (0, 1), 7)
-    images += _images(2, k=5, first=10)
-    grown = store.layout_split("train", images, {"path": "a.json", "sha256": "cd"}, "/images", C)
-    assert grown.n_rows == 5 and grown.max_instances == 5
-    assert grown.keys().tolist() == [5000, 5001, 5002, 5010, 5011]
-    assert grown.image_ids().tolist() == [999, 101, -1, 110, 111]
-    rec = grown.read_rows()
-    assert rec[:, FIELD["state"]].tolist() == [STATE_COMPLETE, STATE_EMPTY, STATE_STALE, STATE_EMPTY, STATE_EMPTY]
-    assert rec[2, FIELD["generation"]] == 2  # a stale mark is a write of the row
-    assert list(grown.marked_stale) == [2]
-    assert grown.layout_digest() != digest_before and grown.annotations_sha256 == "cd"
-    assert grown.group.attrs["layout"]["n_rows"] == 5 and grown.group.attrs["max_instances"] == 5
-    assert tuple(grown.array("gt_masks").shape) == (5, 5, S, S)
-    _read_all(grown, 0)  # the old row is intact and still checks out
-    # again: nothing to do, the stale row stays as it is (no new generation)
-    again = store.layout_split("train", images, {"path": "a.json", "sha256": "cd"}, "/images", C)
-    assert again.read_rows()[2, FIELD["generation"]] == 2 and not again.marked_stale
-    # a layout never shrinks the instance slots
-    fewer = store.layout_split("train", _images(2, k=1), {"path": "b.json", "sha256": "ef"}, "/images", C)
-    assert fewer.max_instances == 5
-
-
-def test_instance_slots_are_the_most_instances_of_any_image(tmp_path: Path) -> None:
-    store, split = _store(tmp_path, images=_images(3, k=1))
-    assert split.max_instances == 1 and tuple(split.array("gt_info").shape) == (3, 1, 3)
-    _write(split, 0, _row(0, k=1))
-    again = store.layout_split("train", _images(3, k=1), {"path": "a.json", "sha256": "cd"}, "/images", C)
-    assert again.max_instances == 1 and tuple(again.array("gt_masks").shape) == (3, 1, S, S)
-    _, none = _store(tmp_path / "none", images=_images(2, k=0))
-    assert none.max_instances == 1  # at least one slot
-
-
-def test_a_damaged_image_ids_chunk_is_rewritten_by_the_next_layout(tmp_path: Path) -> None:
-    store, split = _store(tmp_path)
-    path = tmp_path / "features.zarr"
-    f = [p for p in (path / "train" / "image_ids").rglob("*") if p.is_file() and p.name != "zarr.json"][0]
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    f.write_bytes(bytes(data))
-    with pytest.raises(StoreDamage, match="array image_ids: .*`boxrefine extract` rewrites it"):
-        open_store(str(path)).split("train").image_ids()
-    again = store.layout_split("train", _images(), {"path": "a.json", "sha256": "ab"}, "/images", C)
-    assert again.image_ids().tolist() == [100, 101, 102, 103]
-
-
-# ------------------------------------------------------------------------------------ codecs
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_every_storage_dtype_round_trips_and_reads_as_written(tmp_path: Path, dtype: str) -> None:
-    _, split = _store(tmp_path, dtype=dtype)
-    row = _row(3)
-    _write(split, 0, row, dtype=dtype)
-    emb, interm = open_store(str(tmp_path / "features.zarr")).split("train").read_features(0)
-    want = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    assert emb.dtype == want and torch.equal(emb, row["emb"].to(want)) and torch.equal(interm, row["interm"].to(want))
-    assert storage_numpy_dtype(dtype) == np.dtype({"bfloat16": "uint16"}.get(dtype, dtype))
-
-
-def test_storage_casts_and_digests() -> None:
-    t = torch.tensor([1.0, -2.5, 3.140625, 65504.0])
-    assert to_storage(t, "float16").dtype == np.float16 and to_storage(t, "float32").dtype == np.float32
-    bits = to_storage(t, "bfloat16")
-    assert bits.dtype == np.uint16 and bits.tolist() == t.to(torch.bfloat16).view(torch.int16).numpy().view(
-        np.uint16).tolist()
-    assert torch.equal(from_storage(bits, "bfloat16"), t.to(torch.bfloat16))
-    a = np.arange(12, dtype=np.int64).reshape(3, 4)
-    assert digest(a) == google_crc32c.value(a.tobytes()) and digest(a[:, ::2]) == google_crc32c.value(
-        np.ascontiguousarray(a[:, ::2]).tobytes())
-    assert digest(a) != digest(a[::-1]) and 0 <= digest(a) < 2**32
-
-
-def test_every_array_ends_its_codecs_with_crc32c(tmp_path: Path) -> None:
-    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
-
-    assert [type(c) for c in compressors("none", 0, 8)] == [Crc32cCodec]
-    blosc, crc = compressors("zstd", 5, 2)
-    assert isinstance(crc, Crc32cCodec) and isinstance(blosc, BloscCodec)
-    assert blosc.cname.value == "zstd" and blosc.clevel == 5 and blosc.shuffle == BloscShuffle.shuffle
-    assert blosc.typesize == 2
-    assert compressors("lz4", 1, 1)[0].shuffle == BloscShuffle.bitshuffle
-    _, split = _store(tmp_path, codec="lz4")
-    for name in ("keys", "image_ids", "rows", *ROW_ARRAYS):
-        arr = split.array(name)
-        assert type(arr.compressors[-1]).__name__ == "Crc32cCodec", name
-    assert tuple(split.array("rows").chunks) == (1, len(ROW_FIELDS))
-    assert tuple(split.array("gt_masks").chunks) == (1, 3, S, S)
-    assert split.array("gt_boxes").fill_value is not None and np.isnan(split.array("gt_boxes").fill_value)
-    assert split.array("gt_info").fill_value == -1 and split.array("image_ids").fill_value == -1
-
-
-@pytest.mark.parametrize("codec", ["none", "lz4"])
-def test_each_array_is_laid_out_with_its_chunks_fill_and_codecs(tmp_path: Path, codec: str) -> None:
-    """What a reader of the zarr.json files finds: shape, chunks, fill value, Blosc settings (GT masks
-    and the index arrays always compressed: zstd when the features are stored without a compressor)."""
-    _, split = _store(tmp_path, codec=codec)
-    n, k = 4, 3
-    want = {"keys": ((n,), 0, "index"), "image_ids": ((n,), -1, "index"), "rows": ((1, len(ROW_FIELDS)), 0, None),
-            "image_embeddings": ((1, 256, 64, 64), 0, "features"), "interm_embeddings": ((1, 64, 64, C), 0, "features"),
-            "gt_masks": ((1, k, S, S), 0, "masks"), "gt_boxes": ((1, k, 4), None, None),
-            "gt_info": ((1, k, 3), -1, None)}
-    blosc = {"index": ("zstd" if codec == "none" else codec, 8), "masks": ("zstd" if codec == "none" else codec, 1),
-             "features": (None if codec == "none" else codec, 2)}
-    for name, (chunks, fill, kind) in want.items():
-        arr = split.array(name)
-        if name not in ("keys", "image_ids"):
-            assert tuple(arr.chunks) == chunks, name
-        if fill is None:
-            assert np.isnan(arr.fill_value), name
-        else:
-            assert arr.fill_value == fill, name
-        comp = arr.compressors
-        cname, typesize = blosc.get(kind, (None, 0)) if kind else (None, 0)
-        assert [type(c).__name__ for c in comp] == (["BloscCodec"] if cname else []) + ["Crc32cCodec"], name
-        if cname:
-            assert (comp[0].cname.value, comp[0].typesize) == (cname, typesize), name
-
-
-def test_chunk_errors_are_named_and_environment_faults_are_one_line(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _reason(ValueError("Stored and computed checksum do not match")) == (
-        "the chunk fails its crc32c checksum (its stored bytes changed)")
-    assert _reason(RuntimeError("bad blosc header\nmore")) == (
-        "the chunk cannot be decoded (RuntimeError: bad blosc header)")
-    assert _reason(RuntimeError("")) == "the chunk cannot be decoded (RuntimeError: )"
-    _, split = _store(tmp_path)
-
-    class Unreadable:
-        def __getitem__(self, sel):
-            raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setitem(split._arrays, "image_ids", Unreadable())
-    with pytest.raises(StoreError, match=r"cannot read train/image_ids: .*ermission denied"):
-        split.image_ids()
 
 
 def test_local_rows_are_read_directly_not_through_zarr(filled, monkeypatch: pytest.MonkeyPatch) -> None:
