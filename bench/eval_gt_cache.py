@@ -118,7 +118,7 @@ def gt_step_times(cfg: PipelineConfig, split: str, repeats: int) -> dict[str, fl
     return {"cached_ms": 1e3 * statistics.median(cached), "recomputed_ms": 1e3 * statistics.median(recomputed)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "data" / "demo")
     ap.add_argument("--store", type=Path, help="default: DATA/features.zarr")
@@ -128,7 +128,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     args.store = args.store or args.data / "features.zarr"
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     if not (args.data / "annotations" / f"instances_{args.split}.json").exists():
         generate_demo(args.data)
     cfg = make_config(args)

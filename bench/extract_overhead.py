@@ -37,7 +37,7 @@ from boxrefine.shared.dev.demo import generate_demo  # noqa: E402
 from boxrefine.shared.model.sam import build_hq_sam, encode, encoder_input  # noqa: E402
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "data" / "demo")
     ap.add_argument("--repeats", type=int, default=3)
@@ -45,8 +45,11 @@ def main() -> None:
     ap.add_argument("--num-workers", default="2,0",
                     help="comma-separated DataLoader worker counts, each timed in every repeat")
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     if not (args.data / "annotations" / "instances_train.json").exists():
         generate_demo(args.data)
     splits = {s: {"images": str(args.data / "images" / s),

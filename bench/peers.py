@@ -4,8 +4,8 @@ Peers (features = HQ-SAM ``image_embeddings`` 256×64×64 + the early-layer ``in
 
 * **npy float32**: one ``.npy`` file per image and feature (what MedSAM-style scripts do);
 * **zarr float32**: micro-sam style, one chunk per image, zarr's default compression;
-* **boxrefine**: the store ``boxrefine extract`` writes (float16, Blosc zstd, checksums), read
-  through ``StoreRows`` (every read verified);
+* **boxrefine**: the store ``boxrefine extract`` writes (float16, ``store.codec: none`` by default,
+  crc32c per chunk), read through ``StoreRows`` (every read verified);
 * **no cache**: decode, resize and encode every image inside the training loop (the naive baseline).
 
 Per peer: bytes per image, write time per image, read throughput of one shuffled epoch warm (page
@@ -202,6 +202,31 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def train_epochs(cfg, store: StorePeer, peers: dict, keys: list[int], naive: Naive,
+                 repeats: int) -> tuple[dict[str, list[float]], float]:
+    """Seconds of training epochs (same order and boxes) reading from each cache, and of one no-cache epoch."""
+    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU).dtype
+    heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
+    order = list(range(len(keys)))
+    random.Random(0).shuffle(order)
+    bs = cfg.train.batch_images
+    batches = [collate_rows([store.ds[i] for i in order[s:s + bs]]) for s in range(0, len(order), bs)]
+    index = {k: i for i, k in enumerate(keys)}
+
+    def reader(p) -> Callable[[dict], Feats]:
+        def feats_of(batch: dict) -> Feats:
+            got = [p.read(index[k]) for k in batch["key"]]
+            return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+        return feats_of
+
+    trained = ("npy float32", "zarr float32", "boxrefine")
+    runs: dict[str, list[float]] = {name: [] for name in trained}
+    for r in range(repeats):
+        for name in trained[r % 3:] + trained[:r % 3]:  # each cache goes first in turn (load drifts)
+            runs[name].append(train_epoch(batches, reader(peers[name]), cfg, heads, amp_dtype))
+    return runs, train_epoch(batches, lambda b: naive(b["key"]), cfg, heads, amp_dtype)
+
+
 def peers_section(cfg, work: Path, repeats: int, read_repeats: int) -> dict:
     split = cfg.train.train_split
     run_extract(cfg, announce=False)
@@ -245,29 +270,9 @@ def peers_section(cfg, work: Path, repeats: int, read_repeats: int) -> dict:
         out["peers"][name].update(read_warm_img_s=med(reads[name]["warm"]), read_cold_img_s=med(reads[name]["cold"]))
     out["read_repeats"] = read_repeats
     # a training epoch reading from each (same order and boxes); no cache = the encoder in the loop
-    amp_dtype = amp_setting(cfg.train.amp, cfg.train.amp_dtype, CPU).dtype
-    heads = build_sam_heads(cfg.model.type, cfg.model.checkpoint, cfg.model.seed, CPU, announce=False)
-    order = list(range(n))
-    random.Random(0).shuffle(order)
-    bs = cfg.train.batch_images
-    batches = [collate_rows([store.ds[i] for i in order[s:s + bs]]) for s in range(0, n, bs)]
-    index = {k: i for i, k in enumerate(keys)}
-
-    def reader(p) -> Callable[[dict], Feats]:
-        def feats_of(batch: dict) -> Feats:
-            got = [p.read(index[k]) for k in batch["key"]]
-            return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
-        return feats_of
-
-    trained = ("npy float32", "zarr float32", "boxrefine")
-    runs: dict[str, list[float]] = {name: [] for name in trained}
-    for r in range(repeats):
-        for name in trained[r % 3:] + trained[:r % 3]:  # each cache goes first in turn (load drifts)
-            p = peers[name]
-            runs[name].append(train_epoch(batches, reader(p), cfg, heads, amp_dtype))
-    for name in trained:
-        out["peers"][name]["epoch_s"] = med(runs[name])
-    naive_s = train_epoch(batches, lambda b: naive(b["key"]), cfg, heads, amp_dtype)
+    runs, naive_s = train_epochs(cfg, store, peers, keys, naive, repeats)
+    for name, epochs in runs.items():
+        out["peers"][name]["epoch_s"] = med(epochs)
     out["peers"]["no cache"] = {"epoch_s": naive_s}
     out["train_runs_s"] = runs
     return out

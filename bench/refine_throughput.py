@@ -105,7 +105,7 @@ def one_run(cfg: PipelineConfig, store: Path, ckpt: Path, dets: Path, images: Pa
                      announce=False).setup().run()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8, help="images in the folder (demo train images)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -114,8 +114,30 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained refiner (default: untrained)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "refine_throughput.json")
-    a = ap.parse_args()
+    return ap.parse_args()
 
+
+def summarize(rows: list[dict], a: argparse.Namespace, n_boxes: int) -> dict:
+    """The medians of the repeats and the throughputs they give (the JSON the bench writes)."""
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
+    boxes, images = rows[0]["boxes"], rows[0]["images"]
+    return {
+        "machine": machine(), "device": a.device, "torch_threads": torch.get_num_threads(),
+        "model": "vit_tiny, random init", "refiner_use_mask": a.use_mask, "images": images, "boxes": boxes,
+        "detections": n_boxes, "repeats": a.repeats, "medians_s": med, "runs": rows,
+        "uncached": {"boxes_per_s": boxes / med["uncached_wall_s"], "images_per_s": images / med["uncached_wall_s"]},
+        "cached": {"boxes_per_s": boxes / med["cached_wall_s"], "images_per_s": images / med["cached_wall_s"]},
+        "refinement_alone": {"boxes_per_s": boxes / med["cached_refine_s"],
+                             "images_per_s": images / med["cached_refine_s"]},
+        "uncached_over_cached_wall": med["uncached_wall_s"] / med["cached_wall_s"],
+        "encoder_share_of_uncached": statistics.median(r["encoder_s"] / r["uncached_wall_s"] for r in rows),
+        "refinement_over_decoder_alone": (statistics.median(r["cached_refine_s"] / r["decoder_alone_s"] for r in rows)
+                                          if a.use_mask else None),
+    }
+
+
+def main() -> None:
+    a = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="refine-bench-"))
     try:
         generate_demo(tmp / "data", num_train=a.images, num_val=1, seed=0)
@@ -148,21 +170,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
-    boxes, images = rows[0]["boxes"], rows[0]["images"]
-    summary = {
-        "machine": machine(), "device": a.device, "torch_threads": torch.get_num_threads(),
-        "model": "vit_tiny, random init", "refiner_use_mask": a.use_mask, "images": images, "boxes": boxes,
-        "detections": n_boxes, "repeats": a.repeats, "medians_s": med, "runs": rows,
-        "uncached": {"boxes_per_s": boxes / med["uncached_wall_s"], "images_per_s": images / med["uncached_wall_s"]},
-        "cached": {"boxes_per_s": boxes / med["cached_wall_s"], "images_per_s": images / med["cached_wall_s"]},
-        "refinement_alone": {"boxes_per_s": boxes / med["cached_refine_s"],
-                             "images_per_s": images / med["cached_refine_s"]},
-        "uncached_over_cached_wall": med["uncached_wall_s"] / med["cached_wall_s"],
-        "encoder_share_of_uncached": statistics.median(r["encoder_s"] / r["uncached_wall_s"] for r in rows),
-        "refinement_over_decoder_alone": (statistics.median(r["cached_refine_s"] / r["decoder_alone_s"] for r in rows)
-                                          if a.use_mask else None),
-    }
+    summary = summarize(rows, a, n_boxes)
+    med, boxes, images = summary["medians_s"], summary["boxes"], summary["images"]
     a.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.json, summary, indent=1)
     print(f"machine: {summary['machine']} (torch threads {summary['torch_threads']}; shared machines: medians)")

@@ -182,7 +182,7 @@ def variant_line(report: dict[str, Any]) -> str:
               f"{report['oracle']['acc@0.75']:.3f} | {report['seconds']:.0f} s |")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "refiner_learning")
     ap.add_argument("--num-train", type=int, default=16)
@@ -205,6 +205,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.num_train, args.num_val, args.epochs, args.eval_every, args.lrs = 4, 2, 2, 1, [1e-3]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     t0 = time.perf_counter()
     work = args.out.resolve()
     if work.exists() and not args.reuse:

@@ -61,12 +61,31 @@ def run_epoch(batches, cfg, heads, device, amp_dtype) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=REPO / "pipeline.yaml")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def summarize(rows: list[dict], t_naive: float, n: int, nf: int, cfg, json_path: Path | None) -> None:
+    """Prints the medians of the repeats (and writes them to ``json_path`` when given)."""
+    med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
+    print(f"\n{n} training images ({nf} in FAST), batch {cfg.train.batch_images}, {cfg.train.boxes_per_image} "
+          f"boxes/image, use_mask={cfg.refiner.use_mask}, {torch.get_num_threads()} torch threads")
+    print(f"(a) store vs in-memory throughput: {statistics.median(x['memory_s'] / x['store_s'] for x in rows):.3f}"
+          f"  (median of {len(rows)}; target ≥ 0.9)")
+    print(f"(b) naive epoch with the encoder in the loop: {t_naive:.1f}s; cached epoch, same images: "
+          f"{med['store_s']:.1f}s → {t_naive / med['store_s']:.1f}x; cached FAST epoch: {med['fast_s']:.2f}s → "
+          f"{t_naive / med['fast_s']:.1f}x")
+    if json_path:
+        json_path.write_text(json.dumps({"repeats": rows, "naive_s": t_naive, "images": n, "fast_images": nf,
+                                         "median": med}, indent=1))
+
+
+def main() -> None:
+    args = parse_args()
     cfg = load_config(args.config)
     fast = load_config(args.config, fast=True)
     split = cfg.train.train_split
@@ -115,18 +134,7 @@ def main() -> None:
         print(f"repeat {r}: epoch from store {t_store:.2f}s, from memory {t_mem:.2f}s "
               f"(store throughput = {t_mem / t_store:.3f}x memory), FAST epoch {t_fast:.2f}s", flush=True)
     t_naive = run_epoch(naive_batches(), cfg, heads, device, amp_dtype)
-    med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-    n, nf = len(ds), len(fast_ds)
-    print(f"\n{n} training images ({nf} in FAST), batch {bs}, {cfg.train.boxes_per_image} boxes/image, "
-          f"use_mask={cfg.refiner.use_mask}, {torch.get_num_threads()} torch threads")
-    print(f"(a) store vs in-memory throughput: {statistics.median(x['memory_s'] / x['store_s'] for x in rows):.3f}"
-          f"  (median of {len(rows)}; target ≥ 0.9)")
-    print(f"(b) naive epoch with the encoder in the loop: {t_naive:.1f}s; cached epoch, same images: "
-          f"{med['store_s']:.1f}s → {t_naive / med['store_s']:.1f}x; cached FAST epoch: {med['fast_s']:.2f}s → "
-          f"{t_naive / med['fast_s']:.1f}x")
-    if args.json:
-        args.json.write_text(json.dumps({"repeats": rows, "naive_s": t_naive, "images": n, "fast_images": nf,
-                                         "median": med}, indent=1))
+    summarize(rows, t_naive, len(ds), len(fast_ds), cfg, args.json)
 
 
 if __name__ == "__main__":
