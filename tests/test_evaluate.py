@@ -226,6 +226,39 @@ def test_predict_keeps_metrics_when_an_image_has_no_boxes(demo_root: Path, refer
 
 
 # ------------------------------------------------------------------------------------ evaluate
+def _check_scores_against_the_files(res, cfg, ann: Path, small_dets: Path, out: Path) -> None:
+    """Box metrics equal an independent computation from the files evaluate wrote (the refined JSON is
+    rounded to 0.01 px) and the annotation file; mask IoU and COCO AP likewise."""
+    base = res.baselines
+    coarse_xywh = [d["bbox"] for d in json.loads(small_dets.read_text())]
+    for r, boxes in ((base["coarse"], coarse_xywh),
+                     *((r, [d["bbox"] for d in json.loads(Path(r["refined_json"]).read_text())]) for r in res.rows)):
+        mean_iou, side = _box_metrics(boxes, out / "eval_boxes_val.json", ann)
+        assert r["mean_iou"] == pytest.approx(mean_iou, abs=1e-3) and r["side_err_px"] == pytest.approx(side, abs=0.01)
+    assert base["zero_shot"]["mask_iou"] is None and base["zero_shot"]["mean_iou"] is not None
+    # mask IoU of the coarse prompt: HQ-SAM's own mask vs the stored GT masks, recomputed here
+    assert base["coarse"]["mask_iou"] == pytest.approx(_coarse_mask_iou(cfg, out / "eval_boxes_val.json"), abs=1e-6)
+
+    # COCO AP: ours == pycocotools on the same files, for the input detections and a refined file
+    assert [base["coarse"][k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
+        coco_stats(ann, small_dets, [1]), abs=1e-9)
+    row = res.rows[1]
+    assert [row[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
+        coco_stats(ann, out / "refined_val_epoch_10.json", [1]), abs=1e-9)
+
+
+def _check_refined_results_load(ann: Path, small_dets: Path, out: Path) -> None:
+    """loadRes accepts the refined results; xywh; scores and categories carried over from the detections."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        dt = gt.loadRes(str(out / "refined_val.json"))
+    anns = dt.loadAnns(dt.getAnnIds())
+    dets = json.loads(small_dets.read_text())
+    assert len(anns) == len(dets)
+    assert sorted((a["score"], a["category_id"]) for a in anns) == sorted((d["score"], d["category_id"]) for d in dets)
+    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns)
+
+
 def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
         demo_root: Path, reference_store: Path, trained: Path, small_dets: Path, tmp_path: Path,
         monkeypatch, capsys) -> None:
@@ -269,36 +302,8 @@ def test_folder_natural_order_bad_checkpoints_skipped_ap_and_results(
     best_file = out / f"refined_val_{res.best}.json"
     assert json.loads((out / "refined_val.json").read_text()) == json.loads(best_file.read_text())
 
-    # box metrics equal an independent computation from the files evaluate wrote (the refined JSON is
-    # rounded to 0.01 px) and the annotation file
-    base = res.baselines
-    ann = demo_root / "annotations" / "instances_val.json"
-    coarse_xywh = [d["bbox"] for d in json.loads(small_dets.read_text())]
-    for r, boxes in ((base["coarse"], coarse_xywh),
-                     *((r, [d["bbox"] for d in json.loads(Path(r["refined_json"]).read_text())]) for r in res.rows)):
-        mean_iou, side = _box_metrics(boxes, out / "eval_boxes_val.json", ann)
-        assert r["mean_iou"] == pytest.approx(mean_iou, abs=1e-3) and r["side_err_px"] == pytest.approx(side, abs=0.01)
-    assert base["zero_shot"]["mask_iou"] is None and base["zero_shot"]["mean_iou"] is not None
-    # mask IoU of the coarse prompt: HQ-SAM's own mask vs the stored GT masks, recomputed here
-    assert base["coarse"]["mask_iou"] == pytest.approx(_coarse_mask_iou(cfg, out / "eval_boxes_val.json"), abs=1e-6)
-
-    # COCO AP: ours == pycocotools on the same files, for the input detections and a refined file
-    ann = demo_root / "annotations" / "instances_val.json"
-    assert [base["coarse"][k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
-        coco_stats(ann, small_dets, [1]), abs=1e-9)
-    row = res.rows[1]
-    assert [row[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
-        coco_stats(ann, out / "refined_val_epoch_10.json", [1]), abs=1e-9)
-
-    # refined results: loadRes accepts them; xywh; scores and categories carried over from the detections
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann))
-        dt = gt.loadRes(str(out / "refined_val.json"))
-    anns = dt.loadAnns(dt.getAnnIds())
-    dets = json.loads(small_dets.read_text())
-    assert len(anns) == len(dets)
-    assert sorted((a["score"], a["category_id"]) for a in anns) == sorted((d["score"], d["category_id"]) for d in dets)
-    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns)
+    _check_scores_against_the_files(res, cfg, demo_root / "annotations" / "instances_val.json", small_dets, out)
+    _check_refined_results_load(demo_root / "annotations" / "instances_val.json", small_dets, out)
 
 
 @pytest.fixture(scope="module")
