@@ -7,6 +7,8 @@ record still says bad (a row re-extracted since is no longer reported).
 
 from __future__ import annotations
 
+import zarr
+
 from boxrefine.shared.store.codecs import require_group
 from boxrefine.shared.store.schema import FIELD, STATE_BAD
 from boxrefine.shared.store.split import SplitStore
@@ -20,8 +22,7 @@ def bad_images(split: SplitStore) -> dict[int, dict[str, str]]:
         return {}
     reports: dict[int, dict[str, str]] = {}
     for _, sub in sorted(grp.groups()):
-        for k, v in sub.attrs.asdict().items():
-            reports[int(k)] = v
+        reports.update(_reports(sub))
     if not reports:
         return {}
     rows, keys = split.records(), split.keys()
@@ -32,9 +33,14 @@ def bad_images(split: SplitStore) -> dict[int, dict[str, str]]:
 def shard_reports(split: SplitStore, shard: str) -> dict[int, dict[str, str]]:
     """The bad-image reports ``shard`` recorded for ``split`` (all of them, whatever the rows say now)."""
     try:
-        return {int(k): v for k, v in split.group["bad_images"][shard].attrs.asdict().items()}
+        return _reports(split.group["bad_images"][shard])
     except KeyError:
         return {}
+
+
+def _reports(shard_group: zarr.Group) -> dict[int, dict[str, str]]:
+    """One shard's reports by row key (the attrs keep the keys as strings)."""
+    return {int(k): v for k, v in shard_group.attrs.asdict().items()}
 
 
 def record_bad_images(split: SplitStore, shard: str, reports: dict[int, dict[str, str]]) -> None:
