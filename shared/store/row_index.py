@@ -162,7 +162,6 @@ class IndexPart:
 
 
 def write_part(split: IndexedSplit, name: str, shard: tuple[int, int], records: np.ndarray) -> None:
-
     n, width = records.shape
     grp = require_group(split.group, INDEX)  # safe when another shard creates it at the same moment
     try:
