@@ -12,28 +12,20 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr.storage
+from tiny_store import S, tiny_identity
 
 from boxrefine.shared.config import StoreConfig
 from boxrefine.shared.data.records import ImageRecord
 from boxrefine.shared.store.feature_store import FeatureStore, open_store
-from boxrefine.shared.store.identity import StoreIdentity
 from boxrefine.shared.store.row_index import INDEX, IndexPart, read_index
 from boxrefine.shared.store.schema import FIELD, ROW_FIELDS, STATE_COMPLETE, STATE_DAMAGED
 from boxrefine.shared.store.split import SplitStore
-
-S = 16
-
-
-def _identity() -> StoreIdentity:
-    return StoreIdentity(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
-                         pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375), dtype="float16",
-                         encoder_precision="float32", gt_mask_size=S, intensity="percentile:0.5-99.5")
 
 
 def synthetic_split(path: Path, n: int, index: bool = True) -> SplitStore:
     """A split of ``n`` rows whose records say complete (no chunks: only the records are read here),
     with the row index extract writes (part ``shard-0-of-1``) unless ``index`` is False."""
-    store = FeatureStore.open_or_create(StoreConfig(path=str(path), gt_mask_size=S), _identity(),
+    store = FeatureStore.open_or_create(StoreConfig(path=str(path), gt_mask_size=S), tiny_identity(),
                                         {"kind": "random-init", "seed": 0}, {"note": "row index test"})
     recs = [ImageRecord(image_id=i + 1, file_name=f"img_{i:06d}.jpg", key=1000 + i, height=480, width=640,
                         instances=(), ann_hash=7) for i in range(n)]

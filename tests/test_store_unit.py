@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tiny_store import S, tiny_identity  # S: gt_mask_size (smallest allowed), tiny GT arrays
 
 from boxrefine.shared.config import StoreConfig
 from boxrefine.shared.data.records import SplitRecords, load_coco
@@ -24,23 +25,13 @@ from boxrefine.shared.store.location import StoreError
 from boxrefine.shared.store.schema import DIGEST, FIELD, ROW_FIELDS, STATE_COMPLETE, STATE_EMPTY, STATE_STALE
 from boxrefine.shared.store.split import SplitStore
 
-S = 16  # gt_mask_size (smallest allowed): keeps the GT arrays tiny
 C = 8  # interm channels: the layout takes any count; small keeps rows cheap
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _identity(dtype: str = "float16", **changes: Any) -> StoreIdentity:
-    values: dict[str, Any] = dict(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
-                                  pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
-                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S,
-                                  intensity="percentile:0.5-99.5")
-    values.update(changes)
-    return StoreIdentity(**values)
-
-
 def _create(path: str, dtype: str = "float16", identity: StoreIdentity | None = None, **cfg: Any) -> FeatureStore:
     return FeatureStore.open_or_create(StoreConfig(path=path, dtype=dtype, gt_mask_size=S, **cfg),
-                                       identity or _identity(dtype), {"kind": "random-init", "seed": 0},
+                                       identity or tiny_identity(dtype), {"kind": "random-init", "seed": 0},
                                        {"note": "unit test"})
 
 
@@ -140,7 +131,7 @@ def test_row_round_trip(store_path: str, records: SplitRecords, dtype: str) -> N
 
     # a fresh read-only open sees exactly what was written
     ro = open_store(store_path)
-    assert ro.identity == _identity(dtype)
+    assert ro.identity == tiny_identity(dtype)
     assert ro.attrs["storage"]["dtype"] == dtype
     sp = ro.split("train")
     assert sp.array("image_embeddings").dtype == np.dtype({"bfloat16": "uint16"}.get(dtype, dtype))
@@ -304,20 +295,20 @@ def test_other_identity_refused_naming_both_values(store_path: str, records: Spl
     assert msg.startswith(f"{store_path}: ")
     assert "dtype: store has 'float16', config gives 'float32'" in msg
     with pytest.raises(StoreError) as ei:
-        _create(store_path, identity=_identity(checkpoint="sha256:abc", model_type="vit_b"))
+        _create(store_path, identity=tiny_identity(checkpoint="sha256:abc", model_type="vit_b"))
     msg = str(ei.value)
     assert "checkpoint: store has 'random-init:seed=0', config gives 'sha256:abc'" in msg
     assert "model_type: store has 'vit_tiny', config gives 'vit_b'" in msg
     assert "dtype" not in msg
     # the same identity still opens, and the store is unchanged
-    assert _create(store_path).identity == _identity()
+    assert _create(store_path).identity == tiny_identity()
 
 
 def test_overwrite_replaces_a_store(tmp_path: Path, records: SplitRecords) -> None:
     path = str(tmp_path / "s.zarr")
     _layout(_create(path, "float16"), records)
-    store = FeatureStore.open_or_create(StoreConfig(path=path, dtype="float32", gt_mask_size=S), _identity("float32"),
-                                        {}, {}, overwrite=True)
+    store = FeatureStore.open_or_create(StoreConfig(path=path, dtype="float32", gt_mask_size=S),
+                                        tiny_identity("float32"), {}, {}, overwrite=True)
     assert store.identity.dtype == "float32"
     assert store.splits == []
 

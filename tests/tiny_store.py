@@ -20,10 +20,13 @@ from boxrefine.shared.store.schema import STATE_COMPLETE
 S, C = 16, 8  # GT mask size and interm channels: tiny rows
 
 
-def identity(dtype: str = "float16") -> StoreIdentity:
-    return StoreIdentity(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
-                         pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375), dtype=dtype,
-                         encoder_precision="float32", gt_mask_size=S, intensity="percentile:0.5-99.5")
+def tiny_identity(dtype: str = "float16", **changes: Any) -> StoreIdentity:
+    """The identity of a random-init vit_tiny store with S×S GT masks (``changes`` replace its fields)."""
+    values: dict[str, Any] = dict(model_type="vit_tiny", checkpoint="random-init:seed=0", img_size=1024,
+                                  pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
+                                  dtype=dtype, encoder_precision="float32", gt_mask_size=S,
+                                  intensity="percentile:0.5-99.5")
+    return StoreIdentity(**{**values, **changes})
 
 
 def make_images(n: int = 4, k: int = 3, first: int = 0) -> list[ImageRecord]:
@@ -35,7 +38,7 @@ def new_store(tmp_path: Path, dtype: str = "float16", images: list[ImageRecord] 
            codec: str = "zstd") -> tuple[FeatureStore, Any]:
     path = str(tmp_path / "features.zarr")
     store = FeatureStore.open_or_create(StoreConfig(path=path, dtype=dtype, gt_mask_size=S, codec=codec),
-                                        identity(dtype), {"kind": "random-init", "seed": 0}, {"note": "test"})
+                                        tiny_identity(dtype), {"kind": "random-init", "seed": 0}, {"note": "test"})
     split = store.layout_split("train", images or make_images(), {"path": str(tmp_path / "none.json"), "sha256": "ab"},
                                "/images", C)
     return store, split
