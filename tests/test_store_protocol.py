@@ -16,7 +16,7 @@ import zarr
 from tiny_store import C, S, make_images, make_row, new_store, read_all, write_row
 
 from boxrefine.shared.store import direct
-from boxrefine.shared.store.bad_images import bad_images, record_bad_images
+from boxrefine.shared.store.bad_images import bad_images, record_bad_images, shard_reports
 from boxrefine.shared.store.codecs import (
     digest,
     require_group,
@@ -301,6 +301,16 @@ def test_bad_image_reports_merge_shards_and_keep_only_rows_still_bad(tmp_path: P
                                  5001: {"file": "img001.png", "reason": "missing"}}
     record_bad_images(split, "shard-1-of-2", {})  # a shard's reports are replaced whole
     assert bad_images(split) == {5000: {"file": "img000.png", "reason": "truncated"}}
+
+
+def test_a_shards_own_reports_are_all_it_recorded_and_none_before(tmp_path: Path) -> None:
+    """What extract merges a shard's new bad images into: every report that shard recorded, whatever the
+    rows say now; nothing for a shard (or a split) that has recorded none."""
+    _, split = new_store(tmp_path)
+    assert shard_reports(split, "shard-0-of-2") == {}  # no report of any shard yet
+    record_bad_images(split, "shard-1-of-2", {5001: {"file": "img001.png", "reason": "missing"}})
+    assert shard_reports(split, "shard-0-of-2") == {}  # another shard's reports are not this one's
+    assert shard_reports(split, "shard-1-of-2") == {5001: {"file": "img001.png", "reason": "missing"}}
 
 
 # ------------------------------------------------------------------------------------ usable rows
